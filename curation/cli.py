@@ -1,0 +1,112 @@
+"""The `spacetime` command. Each subcommand takes --config FILE, repeated --set key=value and
+--print-config; heavy imports happen inside the handlers so `spacetime --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from curation.config import ConfigError, dump_config, load_config
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_args(parser: argparse.ArgumentParser, default: Path | None) -> None:
+    parser.add_argument("--config", type=Path, default=default,
+                        help=f"YAML config file (default: {default})" if default else "YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value by dotted key, e.g. --set split.max_duration=8 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _resolve(args: argparse.Namespace, model):
+    cfg = load_config(model, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ handlers
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"spacetime {metadata.version('spacetime')}")
+    return 0
+
+
+def cmd_models_build_tiny(args: argparse.Namespace) -> int:
+    from curation.tiny_models import build_all, default_tiny_dir
+
+    out = args.out or default_tiny_dir()
+    info = build_all(Path(out))
+    print(f"tiny random models (untrained stand-ins, NOT real weights) in {out}")
+    for name, value in info.items():
+        print(f"  {name}: {value}")
+    return 0
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from curation.pipeline import run_curation
+    from curation.settings import CurateConfig
+
+    cfg = _resolve(args, CurateConfig)
+    if not args.input:
+        raise ConfigError("spacetime curate: give at least one --input URI")
+    if args.output is None:
+        raise ConfigError("spacetime curate: give --output DIR")
+    summary = run_curation(args.input, str(args.output), cfg, ray_address=args.ray_address)
+    print(f"curated {summary['sources']['ok']}/{summary['sources']['total']} sources: "
+          f"{summary['clips']['kept']} clips kept of {summary['clips']['total']} "
+          f"in {summary['shards']} shards -> {args.output}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spacetime",
+        description="Video data engine and DiT trainer: curate raw video into native-resolution "
+                    "captioned WebDataset shards, and train on them.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("version", help="print the installed version")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("models", help="model utilities (tiny random stand-ins for offline use)")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    b = msub.add_parser("build-tiny", help="build tiny RANDOM models (VLM, open_clip + aesthetic head, "
+                                           "text encoder) loadable offline; untrained stand-ins")
+    b.add_argument("--out", type=Path, default=None,
+                   help="folder (default: $SPACETIME_TINY_MODELS or ~/.cache/spacetime/tiny-models)")
+    b.set_defaults(func=cmd_models_build_tiny)
+
+    p = sub.add_parser("curate", help="raw videos -> scenes -> filtered native-resolution WebDataset shards",
+                       description="Split raw videos into scene clips, filter, caption and write "
+                                   "WebDataset shards plus Parquet manifests. Rerunning on the same "
+                                   "--output resumes.")
+    p.add_argument("--input", action="append", default=[], metavar="URI",
+                   help="file, folder, glob, s3://bucket/prefix, or a .txt file listing URIs (repeatable)")
+    p.add_argument("--output", type=Path, default=None, metavar="DIR", help="output folder")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (default: $RAY_ADDRESS, else a local embedded Ray)")
+    _config_args(p, CONFIG_DIR / "curate" / "default.yaml")
+    p.set_defaults(func=cmd_curate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"spacetime: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Stage 2, probe: what each source is, or a readable reason why it is not a usable video.
+
+Rejection is by checks, not by waiting for a decoder to fail (facts in ../shared/ENVIRONMENT.md):
+PyAV opens a PNG named .mp4 as a one-frame `png_pipe` "video", an audio-only file opens with zero
+video streams, and a header can claim dimensions that FFmpeg would try to decode (GBs of RAM).
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+
+from curation.settings import ProbeConfig, S3Config
+from curation.sources import digest_source, open_source
+
+# FFmpeg demuxers that read single still images; a source read by one is an image.
+IMAGE_FORMATS = {"png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif", "image2", "gif_pipe"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+class ProbeError(ValueError):
+    """The source is not a usable video; str() is the manifest's `error`."""
+
+
+def _is_vfr(container, stream, packets: int) -> bool:
+    """Variable frame rate: PTS steps of the first `packets` packets are not all equal."""
+    pts = []
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            pts.append(packet.pts)
+        if len(pts) >= packets:
+            break
+    steps = {b - a for a, b in zip(sorted(pts), sorted(pts)[1:])}
+    return len(steps) > 1
+
+
+def probe(uri: str, cfg: ProbeConfig, s3: S3Config) -> dict:
+    """Probe `uri`. Returns the sources.parquet fields; raises ProbeError with a readable reason."""
+    digest, digest_kind, size = digest_source(uri, s3)
+    info = {"uri": uri, "digest": digest, "digest_kind": digest_kind, "size_bytes": size}
+    if size == 0:
+        raise ProbeError("empty file (0 bytes)")
+    try:
+        container = av.open(open_source(uri, s3), metadata_errors="ignore")
+    except av.error.FFmpegError as err:
+        raise ProbeError(f"not a readable media file ({err.strerror or err}); "
+                         "truncated, missing its index (moov atom) or not a video") from None
+    with container:
+        fmt = container.format.name
+        ext = Path(uri).suffix.lower()
+        is_image = fmt in IMAGE_FORMATS
+        if is_image and ext not in IMAGE_EXTENSIONS:
+            raise ProbeError(f"a still image ({fmt.replace('_pipe', '').upper()}) named {ext or 'without extension'}, "
+                             "not a video; rename it with its image extension to curate it as a 1-frame clip")
+        if not container.streams.video:
+            kind = "audio only" if container.streams.audio else "no streams of any kind"
+            raise ProbeError(f"no video stream ({kind})")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        width, height = ctx.width, ctx.height
+        if width <= 0 or height <= 0:
+            raise ProbeError(f"video stream has no dimensions ({width}x{height})")
+        if width * height > cfg.max_pixels:
+            raise ProbeError(f"header claims {width}x{height}, above probe.max_pixels={cfg.max_pixels}; "
+                             "raise that limit if the file is genuine")
+        duration = float(stream.duration * stream.time_base) if stream.duration else (
+            container.duration / av.time_base if container.duration else 0.0)
+        if duration > cfg.max_duration:
+            raise ProbeError(f"duration {duration:.0f}s is above probe.max_duration={cfg.max_duration:.0f}s")
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate or Fraction(25)
+        stream.thread_type = "AUTO"
+        first = None
+        try:
+            for first in container.decode(stream):
+                break
+        except av.error.FFmpegError as err:
+            raise ProbeError(f"first frame does not decode ({err.strerror or err})") from None
+        if first is None:
+            raise ProbeError("no decodable video frame")
+        rotation = int(first.rotation or 0) % 360
+        vfr = False if is_image else _is_vfr(container, stream, cfg.vfr_packets)
+    if rotation in (90, 270):
+        width, height = height, width
+    info.update(
+        status="ok", error=None, container=fmt, codec=ctx.name, width=width, height=height,
+        rotation=rotation, fps=float(rate), vfr=vfr, duration=duration, pix_fmt=ctx.format.name if ctx.format else None,
+        has_audio=bool(container.streams.audio), is_image=is_image, time_base=str(stream.time_base),
+    )
+    return info

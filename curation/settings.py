@@ -1,0 +1,100 @@
+"""Typed config of `spacetime curate` (configs/curate/*.yaml). Unknown keys are errors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from curation.config import StrictModel
+
+
+class Resources(StrictModel):
+    """How Ray runs a stage. actors=0 runs it as tasks; actors>0 as an actor pool of that size.
+    On 2 cores keep num_cpus fractional for actor pools, or the read/write tasks can starve."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    actors: int = 0
+    batch_size: int = 1
+
+
+class RayConfig(StrictModel):
+    address: str | None = None  # None: $RAY_ADDRESS, else a local embedded Ray
+    num_cpus: int | None = None  # local Ray only; None: all cores
+    object_store_memory: int | None = 512 * 1024**2  # local Ray only (bytes)
+    progress_bars: bool = False  # Ray's own bars; spacetime shows one bar per run
+
+
+class S3Config(StrictModel):
+    """s3:// inputs through pyarrow's S3FileSystem. Credentials come from the usual AWS environment
+    variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and are never written to config or logs."""
+
+    endpoint: str | None = None  # e.g. http://127.0.0.1:9000; default: $AWS_ENDPOINT_URL or AWS
+    region: str = "us-east-1"
+    anonymous: bool = False
+
+
+class SourcesConfig(StrictModel):
+    extensions: list[str] = Field(default_factory=lambda: [
+        ".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".ts", ".mpg", ".mpeg", ".flv", ".3gp"])
+    s3: S3Config = Field(default_factory=S3Config)
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5))
+
+
+class ProbeConfig(StrictModel):
+    max_pixels: int = 8192 * 8192  # a header claiming more is refused before any decode
+    max_duration: float = 6 * 3600.0  # seconds
+    vfr_packets: int = 240  # packets inspected for variable frame rate
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5))
+
+
+class AnalyzeConfig(StrictModel):
+    height: int = 144  # decode height of the analysis pass (width keeps the aspect, even)
+    threads: int = 0  # decoder threads, 0 = FFmpeg auto
+    detector: Literal["content", "adaptive"] = "content"  # hard cuts (scenedetect)
+    content_threshold: float = 27.0  # scenedetect ContentDetector default
+    adaptive_threshold: float = 3.0  # scenedetect AdaptiveDetector default
+    min_scene_frames: int = 8  # scenedetect min_scene_len
+    # Gradual transitions (dissolves/fades) by twin comparison: a run of moderate frame differences
+    # whose end frames differ like a cut and whose middle frame is a blend of them.
+    dissolve: bool = True
+    dissolve_low: float = 2.0  # mean abs luma difference (0-255) that starts a candidate run
+    dissolve_high: float = 25.0  # accumulated end-to-end difference that makes it a transition
+    dissolve_min_frames: int = 4
+    dissolve_max_frames: int = 60
+    dissolve_blend_error: float = 0.35  # residual of the blend fit / end-to-end difference
+    sample_fps: float = 2.0  # frames kept per second for filters and captioning
+    max_sampled_per_clip: int = 16
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1.0))
+
+
+class SplitConfig(StrictModel):
+    min_duration: float = 1.0  # seconds; shorter clips are rejected as too_short
+    max_duration: float = 10.0  # seconds; longer shots are split into windows of at most this
+    trim_frames: int = 1  # frames dropped next to a transition on each side
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25))
+
+
+class ExtractConfig(StrictModel):
+    stream_copy: bool = True  # copy packets when the span starts on a keyframe and decodes exactly
+    codec: str = "libx264"
+    crf: int = 18
+    preset: str = "veryfast"
+    pix_fmt: str = "yuv420p"
+    threads: int = 2  # fixed, so re-encodes are byte-identical across machines and runs
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1.0))
+
+
+class WriteConfig(StrictModel):
+    shard_size_mb: float = 256.0  # target tar size per shard
+
+
+class CurateConfig(StrictModel):
+    ray: RayConfig = Field(default_factory=RayConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    write: WriteConfig = Field(default_factory=WriteConfig)

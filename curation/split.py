@@ -1,0 +1,65 @@
+"""Stage 4, split: segments from the analysis pass -> clip candidates.
+
+A clip runs between transitions, minus `split.trim_frames` next to each transition; a segment longer
+than `split.max_duration` is cut into equal windows no longer than it; a clip shorter than
+`split.min_duration` stays in the manifest as rejected (`too_short`). Images (1-frame sources) are
+one 1-frame clip. Times come from PTS, so they are right on variable-frame-rate files.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+
+from curation.analyze import decode_frames, encode_frames
+from curation.settings import AnalyzeConfig, SplitConfig
+from curation.shards import clip_id
+
+
+def _times(seg: dict, time_base: Fraction, first_pts: int | None):
+    """Seconds from the source start of frame i of the segment (by PTS)."""
+    base = first_pts if first_pts is not None else 0
+    return lambda i: float((seg["pts"][i - seg["start_frame"]] - base) * time_base)
+
+
+def split_segment(source: dict, seg: dict, cfg: SplitConfig, analyze: AnalyzeConfig) -> list[dict]:
+    """Clip candidates (dicts) of one segment; `status` is `candidate` or `rejected`."""
+    fps = source["fps"]
+    time_base = Fraction(source["time_base"])
+    start = seg["start_frame"] + (cfg.trim_frames if seg["start_transition"] else 0)
+    end = seg["end_frame"] - (cfg.trim_frames if seg["end_transition"] else 0)
+    if end <= start:
+        return []
+    max_frames = max(1, int(cfg.max_duration * fps))
+    pieces = math.ceil((end - start) / max_frames)
+    bounds = [start + round(k * (end - start) / pieces) for k in range(pieces + 1)]
+    time_of = _times(seg, time_base, seg.get("first_pts"))
+    frames = decode_frames(seg["sampled"]) if seg["sampled"] else np.zeros((0,))
+    clips = []
+    for a, b in zip(bounds, bounds[1:]):
+        n = b - a
+        start_time = time_of(a)
+        end_pts = seg["pts"][b - seg["start_frame"]] if b - seg["start_frame"] < len(seg["pts"]) else seg["end_pts"]
+        last_time = time_of(b - 1)
+        end_time = float((end_pts - (seg.get("first_pts") or 0)) * time_base) if end_pts is not None else last_time + 1 / fps
+        duration = end_time - start_time
+        too_short = duration < cfg.min_duration and not source.get("is_image")
+        picked = [k for k, i in enumerate(seg["sampled_idx"]) if a <= i < b]
+        if len(picked) > analyze.max_sampled_per_clip:
+            picked = [picked[round(j)] for j in np.linspace(0, len(picked) - 1, analyze.max_sampled_per_clip)]
+        lo, hi = a - seg["start_frame"], b - seg["start_frame"]
+        clips.append(dict(
+            clip_id=clip_id(source["digest"], a, b), source_uri=source["uri"],
+            start_frame=a, end_frame=b, num_frames=n, start_time=start_time, end_time=end_time,
+            start_pts=seg["pts"][lo], end_pts=end_pts, fps=fps,
+            width=source["width"], height=source["height"], rotation=source["rotation"],
+            start_is_keyframe=a in set(seg["keyframes"]),
+            status="rejected" if too_short else "candidate",
+            reason=f"too_short: {duration:.2f}s < split.min_duration={cfg.min_duration}s" if too_short else None,
+            scores={}, signals={"diff": seg["diff"][lo:hi], "luma": seg["luma"][lo:hi]},
+            sampled_idx=[seg["sampled_idx"][k] for k in picked],
+            sampled=encode_frames([frames[k] for k in picked]) if picked else b"",
+        ))
+    return clips

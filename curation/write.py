@@ -1,0 +1,188 @@
+"""Stage 6, write: per-source completion records, then shards, index, manifests and summary.
+
+Exactly once. Workers stage each extracted clip as OUT/.work/clips/<clip_id>.mp4 (temp name +
+rename). When every row of a source has come back, the driver writes OUT/.work/done/<source>.json:
+from then on a rerun skips that source. When all sources are done, shards are assembled from the
+records alone in a fixed order (bucket, source order, start frame) with fixed tar metadata, so a
+killed-and-rerun job writes the same bytes as an uninterrupted one. Every output is written to a
+temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from curation import shards
+from curation.sources import source_key
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_parquet(path: Path, table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Paths and resumable state of one output directory."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.work = out / shards.WORK_DIR
+        self.staging = self.work / "clips"
+        self.done = self.work / "done"
+        self.fingerprint = self.work / "run.json"
+
+    def done_path(self, uri: str) -> Path:
+        return self.done / f"{source_key(uri)}.json"
+
+    def is_done(self, uri: str) -> bool:
+        return self.done_path(uri).exists()
+
+    def claim(self, fingerprint: dict) -> None:
+        """Start or resume a run; refuse an output made with other inputs or config."""
+        if self.fingerprint.exists():
+            old = json.loads(self.fingerprint.read_text())
+            if old != fingerprint:
+                changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                raise RuntimeError(
+                    f"{self.out} holds a run with different {', '.join(changed)}; rerunning resumes only "
+                    "the same command. Use a new --output, or delete this one to start over.")
+        elif (self.out / shards.SUMMARY_PATH).exists():
+            raise RuntimeError(f"{self.out}: finished output without run state; use a new --output")
+        atomic_write(self.fingerprint, json.dumps(fingerprint, sort_keys=True, indent=1).encode())
+
+
+class CompletionTracker:
+    """Collects result rows in any order; a source is complete when the rows of each of its
+    segments, up to its final segment, have all arrived."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.rows: dict[str, list[dict]] = defaultdict(list)
+        self.seen: dict[str, Counter] = defaultdict(Counter)
+        self.need: dict[str, dict[int, int]] = defaultdict(dict)
+        self.final: dict[str, int] = {}
+
+    def add(self, meta: dict) -> bool:
+        """Record one row; returns True (and writes the completion record) if its source is done."""
+        uri = meta["source"]["uri"]
+        seg = meta["seg_index"]
+        self.rows[uri].append(meta)
+        self.seen[uri][seg] += 1
+        self.need[uri][seg] = meta["rows_in_segment"]
+        if meta.get("final"):
+            self.final[uri] = seg
+        last = self.final.get(uri)
+        if last is None or any(self.seen[uri][i] != self.need[uri].get(i, -1) for i in range(last + 1)):
+            return False
+        self._complete(uri)
+        return True
+
+    def _complete(self, uri: str) -> None:
+        rows = self.rows.pop(uri)
+        source = next((r["source"] for r in rows if r.get("final")), rows[0]["source"])
+        clips = sorted((r["clip"] for r in rows if r.get("clip")), key=lambda c: c["start_frame"])
+        timings: Counter = Counter()
+        for r in rows:
+            timings.update(r.get("timings", {}))
+        source = dict(source, num_clips=len(clips), num_kept=sum(c["status"] == "kept" for c in clips))
+        record = {"source": source, "clips": clips, "timings": dict(timings)}
+        atomic_write(self.run.done_path(uri), json.dumps(record, sort_keys=True).encode())
+
+
+def _pack_shards(kept: list[dict], target_bytes: int) -> dict[str, list[dict]]:
+    """Deterministic assignment of kept clips to shard paths: per bucket, in the given order,
+    a new shard whenever adding a clip would pass the target size."""
+    by_bucket: dict[str, list[dict]] = defaultdict(list)
+    for clip in kept:
+        by_bucket[clip["bucket"]].append(clip)
+    layout: dict[str, list[dict]] = {}
+    for bucket in sorted(by_bucket):
+        number, size = 0, 0
+        for clip in by_bucket[bucket]:
+            if size and size + clip["bytes"] > target_bytes:
+                number, size = number + 1, 0
+            layout.setdefault(shards.shard_path(bucket, number), []).append(clip)
+            size += clip["bytes"]
+    return layout
+
+
+def shard_record(clip: dict, source: dict) -> dict:
+    """The <key>.json of a sample: everything known about the clip, and its provenance."""
+    drop = {"path", "bytes", "status", "reason", "shard"}
+    record = {k: v for k, v in clip.items() if k not in drop}
+    record.update(source_digest=source["digest"], source_digest_kind=source["digest_kind"],
+                  duration=clip["end_time"] - clip["start_time"])
+    return record
+
+
+def finalize(run: RunDir, uris: list[str], target_mb: float, wall_start: float, versions: dict) -> dict:
+    """Assemble shards, index, manifests and summary from the completion records of `uris`."""
+    records = [json.loads(run.done_path(u).read_text()) for u in uris]
+    sources = [r["source"] for r in records]
+    clips = [c for r in records for c in r["clips"]]
+    kept = [c for c in clips if c["status"] == "kept"]
+    by_source = {s["uri"]: s for s in sources}
+    layout = _pack_shards(kept, int(target_mb * 1024**2))
+    index = []
+    for rel, members in layout.items():
+        path = run.out / rel
+        if not path.exists():  # shards are complete under their final name, or absent
+            shards.write_shard(path, [(c["clip_id"], Path(c["path"]).read_bytes(),
+                                       shard_record(c, by_source[c["source_uri"]]), c.get("caption") or "")
+                                      for c in members])
+        for c in members:
+            c["shard"] = rel
+            index.append(dict(shard=rel, key=c["clip_id"], clip_id=c["clip_id"], source_uri=c["source_uri"],
+                              width=c["width"], height=c["height"], num_frames=c["num_frames"], fps=c["fps"],
+                              duration=c["end_time"] - c["start_time"], bucket=c["bucket"],
+                              has_caption=bool(c.get("caption"))))
+    for c in clips:
+        c["scores_json"] = json.dumps(c.get("scores") or {}, sort_keys=True)
+    write_parquet(run.out / shards.INDEX_PATH, shards.table(index, shards.INDEX_SCHEMA))
+    write_parquet(run.out / shards.SOURCES_MANIFEST, shards.table(sources, shards.SOURCES_SCHEMA))
+    write_parquet(run.out / shards.CLIPS_MANIFEST, shards.table(
+        [dict(c, scores=c["scores_json"]) for c in clips], shards.CLIPS_SCHEMA))
+    summary = _summary(records, clips, kept, len(layout), time.time() - wall_start, versions)
+    atomic_write(run.out / shards.SUMMARY_PATH, json.dumps(summary, indent=1, sort_keys=True).encode())
+    shutil.rmtree(run.staging, ignore_errors=True)  # everything staged now lives in the shards
+    return summary
+
+
+def _summary(records, clips, kept, num_shards, wall, versions) -> dict:
+    sources = [r["source"] for r in records]
+    ok = [s for s in sources if s["status"] == "ok"]
+    hours_in = sum(s.get("duration") or 0 for s in ok) / 3600
+    hours_out = sum(c["end_time"] - c["start_time"] for c in kept) / 3600
+    timings: Counter = Counter()
+    for r in records:
+        timings.update(r.get("timings", {}))
+    reasons = Counter((c.get("reason") or "").split(":")[0] for c in clips if c["status"] != "kept")
+    return {
+        "sources": {"total": len(sources), "ok": len(ok), "failed": len(sources) - len(ok)},
+        "clips": {"total": len(clips), "kept": len(kept),
+                  "rejected": sum(c["status"] == "rejected" for c in clips),
+                  "failed": sum(c["status"] == "failed" for c in clips), "reasons": dict(reasons)},
+        "shards": num_shards,
+        "buckets": dict(Counter(c["bucket"] for c in kept)),
+        "hours_in": hours_in, "hours_out": hours_out,
+        "stage_seconds": {k: round(v, 3) for k, v in sorted(timings.items())},
+        "wall_seconds_this_invocation": round(wall, 3),
+        "source_hours_per_wall_hour": round(hours_in * 3600 / wall, 3) if wall > 0 else None,
+        "versions": versions,
+    }
