@@ -1,7 +1,7 @@
 """Stage 3, analyze: ONE threaded decode pass per source at reduced resolution.
 
 Every frame-level consumer is fed from this loop: scenedetect's detector (hard cuts, through
-`process_frame`), a twin-comparison detector for gradual transitions (dissolves and fades), per-frame
+`process_frame`), a blend-fitting detector for gradual transitions (dissolves and fades), per-frame
 signals (luma difference = motion proxy, mean luma), keyframe flags and PTS, and frames sampled at
 `analyze.sample_fps` for the filter and caption stages. Nothing else decodes the source before
 extraction.
@@ -67,53 +67,78 @@ class _Segment:
     sampled: list[np.ndarray] = field(default_factory=list)
 
 
-class TwinComparison:
-    """Gradual-transition detector (Zhang et al., 1993, twin comparison) with a blend check.
+class DissolveDetector:
+    """Gradual transitions (dissolves, fades) by blend fitting, on small grey thumbnails.
 
-    A candidate is a run of consecutive frame differences above `low` (and below a hard cut) lasting
-    `min_frames`..`max_frames`, whose two outer frames differ by at least `high`. A camera pan also
-    makes such runs, so the middle frame must be a blend a*A + (1-a)*B of the outer frames, with a
-    residual below `blend_error` of their difference; dissolves and fades are, pans are not.
-    Known limit: a dissolve between two shots that are themselves in strong motion is missed.
+    For a window of L blended frames ending at the current frame, with A = the frame before the
+    window and B = the current frame: A and B must differ like a cut (>= `dissolve_high`), and the
+    frames at 1/4, 1/2 and 3/4 of the window must each be a blend a*A + (1-a)*B (residual below
+    `dissolve_blend_error` of |A-B|) with a falling from A to B. A hard cut fails the blend (its
+    middle frame is pure A or B), and so does a pan or moving content (not a blend); a fade is a
+    blend with black. Window lengths are tried on a geometric grid between `dissolve_min_frames` and
+    `dissolve_max_frames`. Sub-windows of a dissolve fit too, with a smaller |A-B|, and windows
+    overhanging it by a few frames fit with about the same |A-B|: of the fitting windows around one
+    transition, the shortest within 5% of the largest |A-B| is the transition.
+    (The classic twin-comparison run of moderate frame differences was tried first: on moving
+    footage the within-shot differences are as large as the dissolve's, so runs never isolate it.)
     """
 
     def __init__(self, cfg: AnalyzeConfig):
         self.cfg = cfg
         self.thumbs: deque[tuple[int, np.ndarray]] = deque(maxlen=cfg.dissolve_max_frames + 2)
-        self.run_start: int | None = None
+        lengths = np.geomspace(cfg.dissolve_min_frames, cfg.dissolve_max_frames, num=10)
+        self.lengths = sorted({int(round(x)) for x in lengths})
+        self.fits: list[tuple[float, int, int]] = []  # (|A-B|, start, end) around one transition
 
-    def _is_blend(self, first: int, last: int) -> bool:
-        frames = dict(self.thumbs)
-        a, b, mid = frames.get(first - 1), frames.get(last), frames.get((first + last) // 2)
-        if a is None or b is None or mid is None:
-            return False
+    def _fits(self, frames: dict, first: int, end: int) -> float:
+        """|A-B| if frames first..end-1 are blends of A=frame first-1 and B=frame end, else 0."""
+        a, b = frames[first - 1], frames[end]
         ends = float(np.abs(a - b).mean())
         if ends < self.cfg.dissolve_high:
-            return False
+            return 0.0
         d = (a - b).ravel()
-        alpha = float(np.clip(np.dot(mid.ravel() - b.ravel(), d) / max(np.dot(d, d), 1e-6), 0, 1))
-        residual = float(np.abs(mid - (alpha * a + (1 - alpha) * b)).mean())
-        return 0.15 < alpha < 0.85 and residual / ends <= self.cfg.dissolve_blend_error
+        dd = max(float(np.dot(d, d)), 1e-6)
+        alphas = []
+        for q in (0.25, 0.5, 0.75):
+            mid = frames[first + int((end - first - 1) * q + 0.5)]
+            alpha = float(np.dot(mid.ravel() - b.ravel(), d) / dd)
+            residual = float(np.abs(mid - (alpha * a + (1 - alpha) * b)).mean())
+            if residual > self.cfg.dissolve_blend_error * ends:
+                return 0.0
+            alphas.append(alpha)
+        # a ramp from A to B (eased dissolves allowed): a(q) near 1 - q at each quarter point
+        ramp = all(abs(alpha - (1 - q)) <= 0.25 for alpha, q in zip(alphas, (0.25, 0.5, 0.75)))
+        return ends if ramp and alphas[0] > alphas[1] > alphas[2] else 0.0
 
-    def update(self, index: int, thumb: np.ndarray, diff: float, is_cut: bool) -> tuple[int, int] | None:
+    def update(self, index: int, thumb: np.ndarray, is_cut: bool) -> tuple[int, int] | None:
         """Feed frame `index`; returns a finished transition [start, end) or None."""
+        if is_cut:  # a hard cut ends the pending transition and breaks every window through it
+            self.thumbs.clear()
+            self.thumbs.append((index, thumb))
+            return self._finish()
         self.thumbs.append((index, thumb))
-        moving = self.cfg.dissolve_low <= diff and not is_cut
-        if moving:
-            if self.run_start is None:
-                self.run_start = index
-            return None
-        if self.run_start is None:
-            return None
-        first, last, self.run_start = self.run_start, index - 1, None
-        length = last - first + 1
-        if self.cfg.dissolve_min_frames <= length <= self.cfg.dissolve_max_frames and self._is_blend(first, last):
-            return first, last + 1
+        frames = dict(self.thumbs)
+        for length in self.lengths:
+            first = index - length
+            if first - 1 in frames:
+                ends = self._fits(frames, first, index)
+                if ends:
+                    self.fits.append((ends, first, index))
+        if self.fits and index - self.fits[-1][2] > self.cfg.dissolve_max_frames // 2:
+            return self._finish()
         return None
+
+    def _finish(self) -> tuple[int, int] | None:
+        if not self.fits:
+            return None
+        top = max(f[0] for f in self.fits)
+        _, first, end = min((f for f in self.fits if f[0] >= 0.95 * top), key=lambda f: (f[2] - f[1], f[1]))
+        self.fits = []
+        return first, end
 
     @property
     def pending_since(self) -> int | None:
-        return self.run_start
+        return min(f[1] for f in self.fits) if self.fits else None
 
 
 def _make_detector(cfg: AnalyzeConfig):
@@ -144,7 +169,7 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
     rotation = source["rotation"]
     fps = Fraction(source["fps"]).limit_denominator(1001000)
     detector = _make_detector(cfg)
-    twin = TwinComparison(cfg) if cfg.dissolve else None
+    twin = DissolveDetector(cfg) if cfg.dissolve else None
     lookahead = (cfg.dissolve_max_frames + 2 if twin else 0) + detector.event_buffer_length + 1
     cuts: list[tuple[int, int]] = []
     seg = _Segment(start=0)
@@ -210,16 +235,15 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
                 seg.sampled.append(upright(np.ascontiguousarray(bgr[..., ::-1]), rotation))
 
             hard = [tc.frame_num for tc in detector.process_frame(FrameTimecode(index, fps), bgr)]
+            if twin is not None:  # first: a hard cut flushes a pending dissolve that precedes it
+                found = twin.update(index, gray[::4, ::4].copy(), is_cut=bool(hard))  # ~48x36 thumbs
+                if found and found[0] > seg.start:
+                    cuts.append(found)
+                    yield close(found[0], found, found[1])
             for cut in hard:
                 if cut > seg.start:
                     cuts.append((cut, cut + 1))
                     yield close(cut, (cut, cut + 1), cut)
-            if twin is not None:
-                thumb = gray[::4, ::4].copy()
-                found = twin.update(index, thumb, diff, is_cut=bool(hard) or diff > 4 * cfg.dissolve_high)
-                if found and found[0] > seg.start:
-                    cuts.append(found)
-                    yield close(found[0], found, found[1])
             # Flush a long shot in windows, never inside a transition that may still be confirmed.
             pending = twin.pending_since if twin else None
             window_end = seg.start + window_frames

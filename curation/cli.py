@@ -48,6 +48,14 @@ def cmd_models_build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    from curation.samples import copy_samples
+
+    for path in copy_samples(args.out):
+        print(path)
+    return 0
+
+
 def cmd_curate(args: argparse.Namespace) -> int:
     from curation.pipeline import run_curation
     from curation.settings import CurateConfig
@@ -82,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=None,
                    help="folder (default: $SPACETIME_TINY_MODELS or ~/.cache/spacetime/tiny-models)")
     b.set_defaults(func=cmd_models_build_tiny)
+
+    p = sub.add_parser("samples", help="copy the bundled real sample videos (and a generated multi-shot "
+                                       "video with known cuts) into a folder, for demos")
+    p.add_argument("--out", type=Path, default=Path("samples"), help="destination folder (default: ./samples)")
+    p.set_defaults(func=cmd_samples)
 
     p = sub.add_parser("curate", help="raw videos -> scenes -> filtered native-resolution WebDataset shards",
                        description="Split raw videos into scene clips, filter, caption and write "

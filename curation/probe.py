@@ -33,8 +33,11 @@ def _is_vfr(container, stream, packets: int) -> bool:
             pts.append(packet.pts)
         if len(pts) >= packets:
             break
-    steps = {b - a for a, b in zip(sorted(pts), sorted(pts)[1:])}
-    return len(steps) > 1
+    # Packets come in decode order: with B-frames the highest PTS read so far can sit ahead of
+    # frames not yet demuxed, so the top of the sorted list (the reorder depth) is left out.
+    pts = sorted(pts)[: max(2, len(pts) - 16)]
+    steps = [b - a for a, b in zip(pts, pts[1:])]
+    return bool(steps) and max(steps) - min(steps) > 1  # 1 tick of rounding is still constant
 
 
 def probe(uri: str, cfg: ProbeConfig, s3: S3Config) -> dict:

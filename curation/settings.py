@@ -56,14 +56,13 @@ class AnalyzeConfig(StrictModel):
     content_threshold: float = 27.0  # scenedetect ContentDetector default
     adaptive_threshold: float = 3.0  # scenedetect AdaptiveDetector default
     min_scene_frames: int = 8  # scenedetect min_scene_len
-    # Gradual transitions (dissolves/fades) by twin comparison: a run of moderate frame differences
-    # whose end frames differ like a cut and whose middle frame is a blend of them.
+    # Gradual transitions (dissolves/fades): windows whose frames are blends of the frames around
+    # them (curation.analyze.DissolveDetector).
     dissolve: bool = True
-    dissolve_low: float = 2.0  # mean abs luma difference (0-255) that starts a candidate run
-    dissolve_high: float = 25.0  # accumulated end-to-end difference that makes it a transition
+    dissolve_high: float = 25.0  # mean abs luma difference (0-255) of the frames around the window
     dissolve_min_frames: int = 4
     dissolve_max_frames: int = 60
-    dissolve_blend_error: float = 0.35  # residual of the blend fit / end-to-end difference
+    dissolve_blend_error: float = 0.25  # residual of the blend fit / end-to-end difference
     sample_fps: float = 2.0  # frames kept per second for filters and captioning
     max_sampled_per_clip: int = 16
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1.0))

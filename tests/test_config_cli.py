@@ -1,0 +1,58 @@
+"""Typed configs reject unknown keys by name; --set and --print-config work on the CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from curation.config import ConfigError, load_config
+from curation.settings import CurateConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spacetime(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "curation.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, check=check)
+
+
+def test_misspelt_key_is_named(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("split:\n  max_duraton: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(CurateConfig, cfg)
+    assert "split.max_duraton" in str(err.value) and str(cfg) in str(err.value)
+
+
+def test_overrides_are_typed_and_validated():
+    cfg = load_config(CurateConfig, ROOT / "configs/curate/tiny.yaml", ["split.max_duration=3.5", "analyze.dissolve=false"])
+    assert cfg.split.max_duration == 3.5 and cfg.analyze.dissolve is False
+    with pytest.raises(ConfigError, match="analyze.heigth"):
+        load_config(CurateConfig, None, ["analyze.heigth=10"])
+    with pytest.raises(ConfigError, match="split.min_duration"):
+        load_config(CurateConfig, None, ["split.min_duration=abc"])
+
+
+def test_all_shipped_configs_validate():
+    for path in sorted((ROOT / "configs/curate").glob("*.yaml")):
+        load_config(CurateConfig, path)
+
+
+def test_cli_help_lists_subcommands():
+    out = spacetime("--help").stdout
+    for name in ("version", "models", "samples", "curate"):
+        assert name in out
+    assert "--set" in spacetime("curate", "--help").stdout
+
+
+def test_cli_print_config_and_bad_key():
+    out = spacetime("curate", "--config", "configs/curate/tiny.yaml", "--set", "split.max_duration=7", "--print-config")
+    assert yaml.safe_load(out.stdout)["split"]["max_duration"] == 7
+    bad = spacetime("curate", "--set", "splitt.max_duration=7", "--print-config", check=False)
+    assert bad.returncode == 2 and "splitt" in bad.stderr
+
+
+def test_version():
+    assert spacetime("version").stdout.startswith("spacetime ")
