@@ -40,6 +40,16 @@ def _is_vfr(container, stream, packets: int) -> bool:
     return bool(steps) and max(steps) - min(steps) > 1  # 1 tick of rounding is still constant
 
 
+def _looks_like_text(uri: str, s3: S3Config) -> bool:
+    source = open_source(uri, s3)
+    with (open(source, "rb") if isinstance(source, str) else source) as f:
+        head = f.read(4096)
+    try:
+        return b"\0" not in head and bool(head.decode("utf-8").strip())
+    except UnicodeDecodeError:
+        return False
+
+
 def probe(uri: str, cfg: ProbeConfig, s3: S3Config) -> dict:
     """Probe `uri`. Returns the sources.parquet fields; raises ProbeError with a readable reason."""
     digest, digest_kind, size = digest_source(uri, s3)
@@ -49,6 +59,8 @@ def probe(uri: str, cfg: ProbeConfig, s3: S3Config) -> dict:
     try:
         container = av.open(open_source(uri, s3), metadata_errors="ignore")
     except av.error.FFmpegError as err:
+        if _looks_like_text(uri, s3):
+            raise ProbeError(f"a text file named {Path(uri).suffix or 'without extension'}, not a video") from None
         raise ProbeError(f"not a readable media file ({err.strerror or err}); "
                          "truncated, missing its index (moov atom) or not a video") from None
     with container:

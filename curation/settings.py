@@ -37,7 +37,8 @@ class S3Config(StrictModel):
 
 class SourcesConfig(StrictModel):
     extensions: list[str] = Field(default_factory=lambda: [
-        ".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".ts", ".mpg", ".mpeg", ".flv", ".3gp"])
+        ".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".ts", ".mpg", ".mpeg", ".flv", ".3gp",
+        ".png", ".jpg", ".jpeg", ".webp"])  # images are 1-frame videos
     s3: S3Config = Field(default_factory=S3Config)
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5))
 

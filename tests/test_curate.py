@@ -1,0 +1,190 @@
+"""End-to-end curation on an embedded Ray: transitions, native resolution, shards, bad inputs.
+
+One curation run over generated media with known ground truth, real footage and every kind of bad
+input (module fixture); the tests below assert on what it wrote.
+"""
+
+import json
+import shutil
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from curation import shards
+from curation import testmedia as tm
+from curation.config import load_config
+from curation.pipeline import run_curation
+from curation.settings import CurateConfig
+
+HARD_CUT_TOLERANCE = 1  # frames
+DISSOLVE_TOLERANCE = 2  # frames, on each end of the transition
+
+
+def tiny_config(**overrides):
+    from tests.helpers import CONFIGS
+
+    return load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()])
+
+
+def make_good_media(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = {
+        "multishot.mp4": tm.make_multishot(folder / "multishot.mp4"),
+        "portrait.mp4": tm.make_portrait_rotated(folder / "portrait.mp4", num_frames=40),
+        "square.mp4": tm.make_square(folder / "square.mp4", num_frames=40),
+        "still.png": tm.make_image(folder / "still.png"),
+    }
+    shutil.copyfile(tm.real_footage("bikes.mp4"), folder / "bikes.mp4")
+    return truth
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from tests.helpers import start_local_ray
+
+    ray = start_local_ray()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("curate")
+    truth = make_good_media(root / "good")
+    bad = tm.make_bad_inputs(root / "bad")
+    listing = root / "bad-list.txt"  # a text file listing URIs is an input too
+    listing.write_text("# bad inputs\n" + "\n".join(str(p) for p in bad.values()) + "\n")
+    out = root / "out"
+    summary = run_curation([str(root / "good"), str(listing)], str(out), tiny_config())
+    return {"root": root, "out": out, "truth": truth, "bad": bad, "summary": summary,
+            "sources": {r["uri"]: r for r in pq.read_table(out / shards.SOURCES_MANIFEST).to_pylist()},
+            "clips": pq.read_table(out / shards.CLIPS_MANIFEST).to_pylist(),
+            "index": pq.read_table(out / shards.INDEX_PATH).to_pylist()}
+
+
+def _source(curated, name):
+    return next(r for uri, r in curated["sources"].items() if uri.endswith("/" + name))
+
+
+def _match(found, truth):
+    """Pairs of (found, truth) transitions within tolerance (hard cuts by start frame)."""
+    pairs = []
+    for t in truth:
+        tol = HARD_CUT_TOLERANCE if t[1] - t[0] == 1 else DISSOLVE_TOLERANCE
+        hits = [f for f in found if abs(f[0] - t[0]) <= tol and abs(f[1] - t[1]) <= tol]
+        if hits:
+            pairs.append((hits[0], t))
+    return pairs
+
+
+def test_transitions_precision_recall(curated):
+    gt = curated["truth"]["multishot.mp4"]
+    found = [tuple(c) for c in _source(curated, "multishot.mp4")["cuts"]]
+    pairs = _match(found, gt.cuts)
+    assert len(gt.dissolves) == 1 and len(gt.hard_cuts) >= 3
+    assert len(pairs) == len(gt.cuts), f"recall: found {found}, truth {gt.cuts}"
+    assert len(found) == len(gt.cuts), f"precision: found {found}, truth {gt.cuts}"
+    # real footage with real hard cuts
+    bikes = [c[0] for c in _source(curated, "bikes.mp4")["cuts"]]
+    expected = tm.REAL_FOOTAGE_CUTS["bikes.mp4"]
+    assert len(bikes) == len(expected) and all(abs(a - b) <= HARD_CUT_TOLERANCE for a, b in zip(bikes, expected))
+
+
+def test_clips_lie_between_transitions(curated):
+    gt = curated["truth"]["multishot.mp4"]
+    clips = [c for c in curated["clips"] if c["source_uri"].endswith("/multishot.mp4")]
+    for clip in clips:
+        shot = [s for s in gt.shots if s[0] <= clip["start_frame"] and clip["end_frame"] <= s[1] + 1]
+        assert shot, f"clip {clip['start_frame']}-{clip['end_frame']} straddles a transition {gt.cuts}"
+    kept = [c for c in clips if c["status"] == "kept"]
+    assert len(kept) == len(gt.shots)
+
+
+@pytest.mark.parametrize("name,size", [("multishot.mp4", (320, 240)), ("portrait.mp4", (180, 320)),
+                                       ("square.mp4", (240, 240)), ("bikes.mp4", (640, 272)),
+                                       ("still.png", (320, 240))])
+def test_native_resolution(curated, name, size):
+    rows = [r for r in curated["index"] if r["source_uri"].endswith("/" + name)]
+    assert rows, f"no clip of {name} in the index"
+    for row in rows:
+        assert (row["width"], row["height"]) == size
+        assert row["bucket"] == shards.bucket_for(*size, row["num_frames"]).name
+    if name == "still.png":
+        assert [r["num_frames"] for r in rows] == [1]
+
+
+def test_portrait_pixels_are_upright(curated):
+    gt = curated["truth"]["portrait.mp4"]
+    row = next(r for r in curated["index"] if r["source_uri"].endswith("/portrait.mp4"))
+    sample = next(s for s in wds.WebDataset(str(curated["out"] / row["shard"]), shardshuffle=False)
+                  if s["__key__"] == row["key"])
+    with av.open(__import__("io").BytesIO(sample["mp4"])) as c:
+        clip_first = next(c.decode(video=0)).to_ndarray(format="rgb24").astype(np.float32)
+    with av.open(str(gt.path)) as c:
+        frames = list(c.decode(video=0))
+    start = json.loads(sample["json"])["start_frame"]
+    expected = tm.display_rotate(frames[start].to_ndarray(format="rgb24"), frames[start].rotation).astype(np.float32)
+    assert clip_first.shape == expected.shape
+    assert np.abs(clip_first - expected).mean() < 6.0  # same picture, upright (only coding loss)
+    wrong = np.rot90(expected, 2)
+    assert np.abs(clip_first - wrong).mean() > 3 * np.abs(clip_first - expected).mean()
+
+
+def test_every_sample_decodes_and_matches_index(curated):
+    index = {r["key"]: r for r in curated["index"]}
+    seen = set()
+    for shard in sorted({r["shard"] for r in index.values()}):
+        for sample in wds.WebDataset(str(curated["out"] / shard), shardshuffle=False):
+            key = sample["__key__"]
+            row, record = index[key], shards.read_sample_record(sample)
+            for field in ("clip_id", "width", "height", "num_frames", "fps", "bucket", "source_uri"):
+                assert record[field] == row[field], (key, field)
+            with av.open(__import__("io").BytesIO(sample[shards.VIDEO_EXT])) as c:
+                frames = [f for f in c.decode(video=0)]
+            assert len(frames) == row["num_frames"]
+            assert (frames[0].width, frames[0].height) == (row["width"], row["height"])
+            assert frames[0].key_frame
+            seen.add(key)
+    assert seen == set(index)
+
+
+def test_manifest_accounts_for_everything(curated):
+    clips, index = curated["clips"], curated["index"]
+    assert {c["clip_id"] for c in clips if c["status"] == "kept"} == {r["clip_id"] for r in index}
+    assert all(c["reason"] for c in clips if c["status"] != "kept")
+    assert len({c["clip_id"] for c in clips}) == len(clips)
+    summary = curated["summary"]
+    assert summary["clips"]["kept"] == len(index) and summary["sources"]["total"] == len(curated["sources"])
+    assert not (curated["out"] / shards.WORK_DIR / "clips").exists()
+
+
+EXPECTED_ERRORS = {
+    "zero_byte.mp4": "empty file",
+    "no_moov.mp4": "not a readable media file",
+    "random_bytes.mp4": "not a readable media file",
+    "png_as.mp4": "still image (PNG) named .mp4",
+    "text.mp4": "a text file named .mp4",
+    "audio_only.m4a": "no video stream (audio only)",
+    "audio_only.mp4": "no video stream (audio only)",
+    "huge_dims.mp4": "above probe.max_pixels",
+    "huge_dims.png": "above probe.max_pixels",
+}
+SALVAGED = {"corrupt_middle.mp4", "truncated.mp4"}  # decodable frames before/after damage are kept
+
+
+def test_bad_inputs_are_recorded_and_the_run_goes_on(curated):
+    assert set(EXPECTED_ERRORS) | SALVAGED == set(curated["bad"])
+    for name in EXPECTED_ERRORS:
+        row = _source(curated, name)
+        assert row["status"] == "failed" and EXPECTED_ERRORS[name] in row["error"], (name, row["error"])
+    for name in SALVAGED:
+        row = _source(curated, name)
+        assert row["status"] == "ok", (name, row["error"])
+        assert 0 < row["num_frames"] <= 100
+    corrupt = _source(curated, "corrupt_middle.mp4")
+    assert corrupt["num_frames"] > 60  # frames after the damaged packets were recovered
+    for name in curated["truth"]:
+        assert _source(curated, name)["status"] == "ok"

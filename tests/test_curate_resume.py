@@ -1,0 +1,75 @@
+"""Exactly once: a SIGKILLed `spacetime curate`, rerun, writes the same bytes as an uninterrupted
+run; a rerun with another config is refused. Runs the real CLI in subprocesses."""
+
+import filecmp
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+
+from curation import shards
+from curation import testmedia as tm
+from tests.helpers import CONFIGS, ROOT
+from tests.test_curate import make_good_media
+
+
+def curate_cmd(inputs, out, *extra):
+    cmd = [sys.executable, "-m", "curation.cli", "curate", "--config", str(CONFIGS / "curate/tiny.yaml"),
+           "--output", str(out), *extra]
+    for i in inputs:
+        cmd += ["--input", str(i)]
+    return cmd
+
+
+def run(cmd):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def files_under(out):
+    return sorted(p.relative_to(out) for p in (out / shards.SHARDS_DIR).rglob("*.tar"))
+
+
+def test_kill_and_resume_gives_identical_shards(tmp_path):
+    media = tmp_path / "media"
+    make_good_media(media)
+    for name in ("bigbuckbunny.mp4", "carphone_pristine.mp4"):
+        (media / name).write_bytes(tm.real_footage(name).read_bytes())
+    tm.make_multishot(media / "multishot2.mp4", fps=30)
+
+    clean = tmp_path / "clean"
+    done = run(curate_cmd([media], clean))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(curate_cmd([media], killed), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    records = killed / shards.WORK_DIR / "done"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (records.exists() and len(list(records.glob("*.json"))) >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    finished_before_kill = len(list(records.glob("*.json")))
+    assert not (killed / shards.SUMMARY_PATH).exists(), "the run finished before it could be killed"
+    assert 2 <= finished_before_kill < len(list(media.iterdir()))
+
+    resumed = run(curate_cmd([media], killed))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{finished_before_kill} already done" in resumed.stderr
+
+    assert files_under(clean) == files_under(killed) and files_under(clean)
+    match, mismatch, errors = filecmp.cmpfiles(clean, killed, [str(p) for p in files_under(clean)], shallow=False)
+    assert not mismatch and not errors
+    for table in (shards.INDEX_PATH, shards.CLIPS_MANIFEST):
+        assert pq.read_table(clean / table).equals(pq.read_table(killed / table)), table
+    ids = pq.read_table(killed / shards.INDEX_PATH).column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids))  # nothing duplicated
+
+    # rerunning a finished output is a no-op; another config on it is refused with a clear message
+    again = run(curate_cmd([media], killed))
+    assert again.returncode == 0 and f"{len(list(media.iterdir()))} already done" in again.stderr
+    other = run(curate_cmd([media], killed, "--set", "split.max_duration=4"))
+    assert other.returncode != 0 and "different config" in other.stderr
