@@ -91,7 +91,8 @@ def digest_source(uri: str, cfg: S3Config) -> tuple[str, str, int]:
         with s3.open_input_file(uri[len("s3://"):]) as f:
             meta = f.metadata()
             size = f.size()
-        etag = (meta.get(b"ETag") or meta.get(b"etag") or b"").decode().strip('"')
+        raw = next((v for k, v in meta.items() if (k.decode() if isinstance(k, bytes) else k).lower() == "etag"), b"")
+        etag = (raw.decode() if isinstance(raw, bytes) else raw).strip('"')
         if not etag:  # no ETag: fall back to hashing the object
             h = hashlib.sha256()
             with s3.open_input_stream(uri[len("s3://"):]) as f:
