@@ -149,6 +149,37 @@ def _make_detector(cfg: AnalyzeConfig):
     return ContentDetector(threshold=cfg.content_threshold, min_scene_len=cfg.min_scene_frames)
 
 
+def _plane(plane, width: int, height: int) -> np.ndarray:
+    return np.frombuffer(plane, np.uint8).reshape(height, plane.line_size)[:, :width]
+
+
+def small_bgr_and_luma(frame: av.VideoFrame, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The analysis-size BGR frame (for scenedetect) and its luma (float32), cheaply.
+
+    For 8-bit 4:2:0 frames (nearly all sources) the Y/U/V planes are resized with OpenCV
+    (bilinear) and converted at the small size: ~0.35 ms for 1080p, where swscale's full-frame
+    conversion takes 1.4-2 ms, which on 2 cores shares the CPU with the decoder threads (see
+    benchmarks/analysis_vs_decode.py). Detection does not need exact colours; the sampled frames
+    that models see are converted by swscale (`sample_frame`).
+    """
+    import cv2
+
+    if frame.format.name in ("yuv420p", "yuvj420p") and frame.width % 2 == 0 and frame.height % 2 == 0:
+        w, h = frame.width, frame.height
+        y = cv2.resize(_plane(frame.planes[0], w, h), size, interpolation=cv2.INTER_LINEAR)
+        u = cv2.resize(_plane(frame.planes[1], w // 2, h // 2), size, interpolation=cv2.INTER_LINEAR)
+        v = cv2.resize(_plane(frame.planes[2], w // 2, h // 2), size, interpolation=cv2.INTER_LINEAR)
+        return cv2.cvtColor(cv2.merge([y, u, v]), cv2.COLOR_YUV2BGR), y.astype(np.float32)
+    bgr = frame.reformat(width=size[0], height=size[1], format="bgr24").to_ndarray()
+    return bgr, cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY).astype(np.float32)
+
+
+def sample_frame(frame: av.VideoFrame, height: int, rotation: int) -> np.ndarray:
+    """An upright RGB frame of the given height (never upscaled) for filters and captioning."""
+    w, h = analysis_size(frame.width, frame.height, height)
+    return upright(frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray(), rotation)
+
+
 def analysis_size(width: int, height: int, target_height: int) -> tuple[int, int]:
     """Decode size of the analysis pass for a coded width x height: height `target_height` (never
     upscaled), width keeping the aspect; both even."""
@@ -218,8 +249,7 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
             last_pts = pts
             if first_pts is None:
                 first_pts = int(pts)
-            bgr = frame.reformat(width=size[0], height=size[1], format="bgr24").to_ndarray()
-            gray = bgr.mean(axis=2, dtype=np.float32)
+            bgr, gray = small_bgr_and_luma(frame, size)
             diff = float(np.abs(gray - prev_gray).mean()) if prev_gray is not None else 0.0
             prev_gray = gray
             seg.pts.append(int(pts))
@@ -232,7 +262,7 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
             if slot > sample_slot:
                 sample_slot = slot
                 seg.sampled_idx.append(index)
-                seg.sampled.append(upright(np.ascontiguousarray(bgr[..., ::-1]), rotation))
+                seg.sampled.append(sample_frame(frame, cfg.sample_height, rotation))
 
             hard = [tc.frame_num for tc in detector.process_frame(FrameTimecode(index, fps), bgr)]
             if twin is not None:  # first: a hard cut flushes a pending dissolve that precedes it

@@ -65,6 +65,7 @@ class AnalyzeConfig(StrictModel):
     dissolve_max_frames: int = 60
     dissolve_blend_error: float = 0.25  # residual of the blend fit / end-to-end difference
     sample_fps: float = 2.0  # frames kept per second for filters and captioning
+    sample_height: int = 224  # their height (never upscaled; width keeps the aspect)
     max_sampled_per_clip: int = 16
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1.0))
 

