@@ -119,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"spacetime: config error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # errors we raise on purpose carry a message naming the input and fix
+        from curation.models import ModelUnavailable
+        from curation.sources import SourceError
+
+        if isinstance(err, (ModelUnavailable, SourceError)) or type(err).__name__ == "RunDirError":
+            print(f"spacetime: {err}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -20,35 +20,11 @@ from importlib import metadata
 from pathlib import Path
 
 from curation import shards
+from curation.filters import Aesthetic, Borders, Exposure, Motion, Sharpness
 from curation.settings import CurateConfig, Resources
+from curation.stage import BatchStage, Stage, _error, pack, unpack  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-def pack(meta: dict, sampled: bytes = b"") -> dict:
-    return {"meta": json.dumps(meta), "sampled": sampled}
-
-
-def unpack(row: dict) -> tuple[dict, bytes]:
-    return json.loads(row["meta"]), row["sampled"]
-
-
-def _error(err: Exception) -> str:
-    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-
-
-class Stage:
-    """Times itself into meta['timings'][name]; subclasses implement `process`."""
-
-    name = "stage"
-
-    def __init__(self, cfg: CurateConfig, out: str):
-        self.cfg, self.out = cfg, Path(out)
-
-    def timed(self, meta: dict, started: float) -> dict:
-        timings = meta.setdefault("timings", {})
-        timings[self.name] = timings.get(self.name, 0.0) + time.perf_counter() - started
-        return meta
 
 
 class Probe(Stage):
@@ -148,9 +124,20 @@ STAGES = [
     (Probe, "map", "probe"),
     (Analyze, "flat_map", "analyze"),
     (Split, "flat_map", "split"),
-    # filters (aesthetic, motion, borders, sharpness, exposure) and caption go here
+    (Borders, "map", "filters.borders"),  # first: crops the frames the next filters see
+    (Exposure, "map", "filters.exposure"),
+    (Sharpness, "map", "filters.sharpness"),
+    (Motion, "map", "filters.motion"),
+    (Aesthetic, "map_batches", "filters.aesthetic"),
+    # caption goes here
     (Extract, "map", "extract"),
 ]
+
+
+def _section(cfg: CurateConfig, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _apply(ds, stage, op: str, res: Resources, cfg: CurateConfig, out: str):
@@ -160,6 +147,8 @@ def _apply(ds, stage, op: str, res: Resources, cfg: CurateConfig, out: str):
                   compute=ray.data.ActorPoolStrategy(size=max(1, res.actors)))
     if res.num_gpus:
         kwargs["num_gpus"] = res.num_gpus
+    if op == "map_batches":
+        kwargs.update(batch_size=res.batch_size, batch_format="numpy")
     return getattr(ds, op)(stage, **kwargs)
 
 
@@ -185,6 +174,18 @@ def _versions() -> dict:
     return {n: metadata.version(n) for n in names}
 
 
+def preflight(cfg: CurateConfig) -> None:
+    """Resolve every model reference before any worker starts (builds tiny models if missing;
+    fails early, naming the model, where real weights cannot be had)."""
+    a = cfg.filters.aesthetic
+    if a.enabled:
+        from curation.models import preflight_open_clip, resolve
+
+        resolve(a.config_dir)
+        resolve(a.head)
+        preflight_open_clip(resolve(a.model), resolve(a.pretrained))
+
+
 def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address: str | None = None) -> dict:
     """Curate `inputs` into `output` (resumable: rerunning the same command continues)."""
     import ray.data
@@ -199,6 +200,7 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
     uris = list_inputs(inputs, cfg.sources)
     if not uris:
         raise RuntimeError(f"no video found in inputs {inputs} (extensions: {cfg.sources.extensions})")
+    preflight(cfg)
     run = RunDir(out)
     # Resources do not change results, so a rerun may use other ones; everything else must match.
     result_cfg = cfg.model_dump(mode="json", exclude={"ray": True})
@@ -215,7 +217,7 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
         items = [pack({"source": {"uri": u, "status": "pending"}}) for u in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         for stage, op, section in STAGES:
-            ds = _apply(ds, stage, op, getattr(cfg, section).resources, cfg, str(out))
+            ds = _apply(ds, stage, op, _section(cfg, section).resources, cfg, str(out))
         tracker = CompletionTracker(run)
         with tqdm(total=len(pending), desc="sources", unit="src", disable=None) as bar:
             for row in ds.iter_rows():

@@ -91,6 +91,63 @@ class WriteConfig(StrictModel):
     shard_size_mb: float = 256.0  # target tar size per shard
 
 
+# ------------------------------------------------------------------------------------- filters
+# Every filter scores EVERY candidate clip (kept or not: calibration needs all scores) from the
+# frames the analysis pass kept; only a clip still a candidate can be rejected.
+class BordersConfig(StrictModel):
+    enabled: bool = True
+    dark_luma: float = 24.0  # a bar row/column is darker than this (0-255) in every sampled frame
+    max_std: float = 6.0  # ... and nearly uniform across the row/column
+    min_bar_fraction: float = 0.02  # thinner bands are ignored (compression ringing at edges)
+    min_area: float = 0.5  # reject a clip whose picture inside the bars is below this fraction
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1))
+
+
+class ExposureConfig(StrictModel):
+    enabled: bool = True
+    min_luma: float = 30.0  # mean luma (0-255): below = too dark
+    max_luma: float = 225.0
+    max_clipped: float = 0.5  # fraction of pixels <= 5 or >= 250
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1))
+
+
+class SharpnessConfig(StrictModel):
+    enabled: bool = True
+    height: int = 224  # frames are scaled to this height first, so the score is size-independent
+    min_sharpness: float = 20.0  # median variance of the Laplacian (blurred test clip 8.5, sharp 279, motion-blurred real footage 29-55)
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1))
+
+
+class MotionConfig(StrictModel):
+    enabled: bool = True
+    width: int = 160  # optical flow (OpenCV DIS, ultrafast preset) on frames this wide
+    min_motion: float = 0.003  # mean flow, frame widths per second: below = static (still 0.0001, talking head 0.007)
+    max_shake: float = 0.6  # change of global motion between frame pairs, widths/s: above = shaky
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1))
+
+
+class AestheticConfig(StrictModel):
+    enabled: bool = True
+    model: str = "ViT-L-14"  # open_clip architecture (or tiny:clip.model_name)
+    pretrained: str | None = "openai"  # open_clip tag, local path, or tiny:clip.pretrained
+    config_dir: str | None = None  # extra open_clip model configs (tiny:clip.config_dir)
+    # LAION "improved aesthetic predictor" head on L2-normalised CLIP ViT-L/14 embeddings
+    head: str = "hf://camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
+    frames: int = 4  # sampled frames scored per clip (evenly spaced)
+    aggregate: Literal["min", "mean"] = "mean"
+    min_score: float = 4.5  # ~1-10 scale
+    device: str = "cpu"
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.2, actors=1, batch_size=16))
+
+
+class FiltersConfig(StrictModel):
+    borders: BordersConfig = Field(default_factory=BordersConfig)
+    exposure: ExposureConfig = Field(default_factory=ExposureConfig)
+    sharpness: SharpnessConfig = Field(default_factory=SharpnessConfig)
+    motion: MotionConfig = Field(default_factory=MotionConfig)
+    aesthetic: AestheticConfig = Field(default_factory=AestheticConfig)
+
+
 class CurateConfig(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
@@ -98,4 +155,5 @@ class CurateConfig(StrictModel):
     analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)

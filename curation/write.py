@@ -37,6 +37,10 @@ def write_parquet(path: Path, table) -> None:
     os.replace(tmp, path)
 
 
+class RunDirError(RuntimeError):
+    """An output directory that cannot be used for this run; the message says why and what to do."""
+
+
 class RunDir:
     """Paths and resumable state of one output directory."""
 
@@ -59,11 +63,11 @@ class RunDir:
             old = json.loads(self.fingerprint.read_text())
             if old != fingerprint:
                 changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-                raise RuntimeError(
+                raise RunDirError(
                     f"{self.out} holds a run with different {', '.join(changed)}; rerunning resumes only "
                     "the same command. Use a new --output, or delete this one to start over.")
         elif (self.out / shards.SUMMARY_PATH).exists():
-            raise RuntimeError(f"{self.out}: finished output without run state; use a new --output")
+            raise RunDirError(f"{self.out}: finished output without run state; use a new --output")
         atomic_write(self.fingerprint, json.dumps(fingerprint, sort_keys=True, indent=1).encode())
 
 

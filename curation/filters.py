@@ -1,0 +1,229 @@
+"""Quality filters: borders, exposure, sharpness, motion, aesthetic. Each is a pipeline stage.
+
+Every filter works on the frames the analysis pass sampled (upright RGB, `analyze.sample_height`
+high, `analyze.sample_fps`): no filter decodes the source again. Each records its scores for EVERY
+clip that has frames, kept or not, so thresholds can be calibrated from the manifest
+(`spacetime calibrate`); only a clip that is still a candidate is rejected, with the filter's name,
+score and threshold as the reason. Borders runs first and crops the frames the later filters see.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from curation.analyze import decode_frames, encode_frames
+from curation.stage import BatchStage, Stage, pack, unpack
+from curation.settings import (AestheticConfig, BordersConfig, ExposureConfig, MotionConfig,
+                               SharpnessConfig)
+
+
+def luma(frames: np.ndarray) -> np.ndarray:
+    """[N,H,W,3] uint8 RGB -> [N,H,W] float32 BT.601 luma."""
+    return frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def reject(clip: dict, name: str, detail: str) -> None:
+    if clip["status"] == "candidate":
+        clip["status"], clip["reason"] = "rejected", f"{name}: {detail}"
+
+
+# ----------------------------------------------------------------------------------- scoring
+def border_box(frames: np.ndarray, cfg: BordersConfig) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of the picture inside letterbox/pillarbox bars, in frame pixels: rows/columns
+    from each edge that are dark and uniform in EVERY frame (stable bands, not a dark scene)."""
+    y = luma(frames)
+    n, h, w = y.shape
+
+    def bands(axis_mean, axis_std, length):
+        bar = (axis_mean.max(axis=0) < cfg.dark_luma) & (axis_std.max(axis=0) < cfg.max_std)
+        lead = int(np.argmin(bar)) if not bar.all() else length
+        trail = int(np.argmin(bar[::-1])) if not bar.all() else length
+        minimum = int(np.ceil(cfg.min_bar_fraction * length))
+        return (lead if lead >= minimum else 0), (trail if trail >= minimum else 0)
+
+    top, bottom = bands(y.mean(axis=2), y.std(axis=2), h)
+    left, right = bands(y.mean(axis=1), y.std(axis=1), w)
+    if top + bottom >= h or left + right >= w:
+        return 0, 0, 0, 0
+    return left, top, w - left - right, h - top - bottom
+
+
+def native_crop(box, frame_size, clip_size) -> list[int]:
+    """A box in sampled-frame pixels -> the same box at the clip's native size, shrunk to even
+    coordinates (yuv420p) so no bar pixel survives rounding."""
+    (x, y, w, h), (fw, fh), (cw, ch) = box, frame_size, clip_size
+    sx, sy = cw / fw, ch / fh
+    x0, y0 = int(np.ceil(x * sx / 2) * 2), int(np.ceil(y * sy / 2) * 2)
+    x1, y1 = int((x + w) * sx // 2 * 2), int((y + h) * sy // 2 * 2)
+    return [x0, y0, max(0, x1 - x0), max(0, y1 - y0)]
+
+
+def exposure(frames: np.ndarray) -> tuple[float, float]:
+    """(mean luma 0-255, fraction of clipped pixels <= 5 or >= 250)."""
+    y = luma(frames)
+    return float(y.mean()), float(((y <= 5) | (y >= 250)).mean())
+
+
+def sharpness(frames: np.ndarray, height: int) -> float:
+    """Median over frames of the variance of the Laplacian, at a fixed height."""
+    import cv2
+
+    values = []
+    for gray in luma(frames):
+        if gray.shape[0] != height:
+            gray = cv2.resize(gray, (max(1, round(gray.shape[1] * height / gray.shape[0])), height),
+                              interpolation=cv2.INTER_AREA)
+        values.append(cv2.Laplacian(gray, cv2.CV_32F).var())
+    return float(np.median(values))
+
+
+def motion(frames: np.ndarray, seconds: list[float], cfg: MotionConfig) -> dict[str, float]:
+    """Dense optical flow (OpenCV DIS) between consecutive sampled frames, in frame widths per
+    second: `motion` (mean magnitude, median over pairs), `shake` (mean change of the global
+    motion between pairs) and camera statistics: pan (global x/y) and zoom (radial component)."""
+    import cv2
+
+    scale = cfg.width / frames.shape[2]
+    size = (cfg.width, max(8, round(frames.shape[1] * scale)))
+    grays = [cv2.resize(g, size, interpolation=cv2.INTER_AREA).astype(np.uint8) for g in luma(frames)]
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    rx, ry = xx - w / 2, yy - h / 2
+    norm = np.maximum(np.hypot(rx, ry), 1.0)
+    mags, globals_, zooms = [], [], []
+    for a, b, dt in zip(grays, grays[1:], np.diff(seconds)):
+        flow = dis.calc(a, b, None) / w / max(dt, 1e-3)  # widths per second
+        mags.append(float(np.hypot(flow[..., 0], flow[..., 1]).mean()))
+        globals_.append(np.median(flow.reshape(-1, 2), axis=0))
+        zooms.append(float(((flow[..., 0] * rx + flow[..., 1] * ry) / norm).mean()))
+    g = np.array(globals_)
+    shake = float(np.abs(np.diff(g, axis=0)).sum(axis=1).mean()) if len(g) > 1 else 0.0
+    return {"motion": float(np.median(mags)), "shake": shake, "camera_pan_x": float(g[:, 0].mean()),
+            "camera_pan_y": float(g[:, 1].mean()), "camera_zoom": float(np.mean(zooms))}
+
+
+# ------------------------------------------------------------------------------------ stages
+class FilterStage(Stage):
+    """Per-row filter: `score(clip, frames)` returns new frames (or None to keep them)."""
+
+    def __call__(self, row: dict) -> dict:
+        import time
+
+        t0 = time.perf_counter()
+        meta, sampled = unpack(row)
+        clip = meta.get("clip")
+        if clip and sampled and getattr(self.cfg.filters, self.name).enabled:
+            frames = decode_frames(sampled)
+            if len(frames):
+                new = self.score(clip, frames, getattr(self.cfg.filters, self.name))
+                if new is not None:
+                    sampled = encode_frames(list(new))
+        return pack(self.timed(meta, t0), sampled)
+
+    def score(self, clip: dict, frames: np.ndarray, cfg):
+        raise NotImplementedError
+
+
+class Borders(FilterStage):
+    name = "borders"
+
+    def score(self, clip, frames, cfg: BordersConfig):
+        fh, fw = frames.shape[1:3]
+        box = border_box(frames, cfg)
+        area = box[2] * box[3] / (fw * fh)
+        clip["scores"]["border_area"] = round(area, 4)
+        if area < cfg.min_area:
+            reject(clip, "borders", f"picture area {area:.2f} < filters.borders.min_area={cfg.min_area}")
+            return None
+        if box != (0, 0, fw, fh):
+            clip["crop"] = native_crop(box, (fw, fh), (clip["width"], clip["height"]))
+            x, y, w, h = box
+            return frames[:, y:y + h, x:x + w]
+        return None
+
+
+class Exposure(FilterStage):
+    name = "exposure"
+
+    def score(self, clip, frames, cfg: ExposureConfig):
+        mean, clipped = exposure(frames)
+        clip["scores"].update(luma_mean=round(mean, 2), luma_clipped=round(clipped, 4))
+        if mean < cfg.min_luma:
+            reject(clip, "exposure", f"too dark: mean luma {mean:.1f} < filters.exposure.min_luma={cfg.min_luma}")
+        elif mean > cfg.max_luma:
+            reject(clip, "exposure", f"too bright: mean luma {mean:.1f} > filters.exposure.max_luma={cfg.max_luma}")
+        elif clipped > cfg.max_clipped:
+            reject(clip, "exposure", f"clipped fraction {clipped:.2f} > filters.exposure.max_clipped={cfg.max_clipped}")
+
+
+class Sharpness(FilterStage):
+    name = "sharpness"
+
+    def score(self, clip, frames, cfg: SharpnessConfig):
+        value = sharpness(frames, cfg.height)
+        clip["scores"]["sharpness"] = round(value, 2)
+        if value < cfg.min_sharpness:
+            reject(clip, "sharpness", f"blurry: {value:.1f} < filters.sharpness.min_sharpness={cfg.min_sharpness}")
+
+
+class Motion(FilterStage):
+    name = "motion"
+
+    def score(self, clip, frames, cfg: MotionConfig):
+        if len(frames) < 2:  # images and very short clips: no motion to measure
+            return
+        fps = clip["fps"]
+        seconds = [i / fps for i in clip["sampled_idx"]]
+        stats = motion(frames, seconds, cfg)
+        clip["scores"].update({k: round(v, 5) for k, v in stats.items()})
+        if stats["motion"] < cfg.min_motion:
+            reject(clip, "motion", f"static: {stats['motion']:.4f} < filters.motion.min_motion={cfg.min_motion}")
+        elif stats["shake"] > cfg.max_shake:
+            reject(clip, "motion", f"shaky: {stats['shake']:.3f} > filters.motion.max_shake={cfg.max_shake}")
+
+
+class Aesthetic(BatchStage):
+    """open_clip embeddings of sampled frames + the aesthetic MLP head; frames are batched across
+    the clips of a Ray batch. The model is loaded once per actor."""
+
+    name = "aesthetic"
+    only_candidates = False
+
+    def __init__(self, cfg, out):
+        super().__init__(cfg, out)
+        self.acfg: AestheticConfig = cfg.filters.aesthetic
+        if not self.acfg.enabled:
+            return
+        from curation.clip_models import load_aesthetic_head, load_clip
+        from curation.models import resolve
+
+        self.model, self.preprocess = load_clip(resolve(self.acfg.model), resolve(self.acfg.pretrained),
+                                                resolve(self.acfg.config_dir), device=self.acfg.device)
+        self.head = load_aesthetic_head(resolve(self.acfg.head))
+
+    def process(self, items):
+        from curation.clip_models import embed_frames
+
+        if not self.acfg.enabled:
+            return
+        picked, owners = [], []
+        for k, (meta, sampled) in enumerate(items):
+            frames = decode_frames(sampled) if sampled else []
+            if len(frames):
+                for j in np.unique(np.linspace(0, len(frames) - 1, self.acfg.frames).round().astype(int)):
+                    picked.append(frames[j])
+                    owners.append(k)
+        if not picked:
+            return
+        scores = self.head.score(embed_frames(self.model, self.preprocess, picked))
+        owners = np.array(owners)
+        for k, (meta, _) in enumerate(items):
+            mine = scores[owners == k]
+            if not len(mine):
+                continue
+            value = float(mine.min() if self.acfg.aggregate == "min" else mine.mean())
+            clip = meta["clip"]
+            clip["scores"]["aesthetic"] = round(value, 4)
+            if value < self.acfg.min_score:
+                reject(clip, "aesthetic", f"{value:.2f} < filters.aesthetic.min_score={self.acfg.min_score}")
