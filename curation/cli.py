@@ -72,6 +72,24 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from curation.calibrate import calibrate
+
+    try:
+        calibrate(args.filter, args.manifest, args.labels, args.target_precision, args.plot)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"spacetime calibrate: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from curation.report import build_report
+
+    print(build_report(args.output))
+    return 0
+
+
 # -------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -107,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="join this Ray cluster (default: $RAY_ADDRESS, else a local embedded Ray)")
     _config_args(p, CONFIG_DIR / "curate" / "default.yaml")
     p.set_defaults(func=cmd_curate)
+
+    from curation.calibrate import FILTERS
+
+    p = sub.add_parser("calibrate", help="precision/recall of a filter's threshold against labelled clips")
+    p.add_argument("filter", choices=sorted(FILTERS), help="which filter (score) to calibrate")
+    p.add_argument("--manifest", type=Path, required=True, help="OUT/manifest/clips.parquet of a curation run")
+    p.add_argument("--labels", type=Path, required=True, help="CSV with columns clip_id,bad (1 = should be rejected)")
+    p.add_argument("--target-precision", type=float, default=0.9)
+    p.add_argument("--plot", type=Path, default=Path("pr_curve.png"), help="where to write the PR-curve PNG")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("report", help="(re)build OUT/report/index.html of a curation output")
+    p.add_argument("output", type=Path, metavar="OUT", help="a `spacetime curate` output folder")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

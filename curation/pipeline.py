@@ -97,6 +97,26 @@ class Split(Stage):
             yield pack(self.timed(m, t0), s)
 
 
+def write_thumbnail(sampled: bytes, path: Path, width: int = 192) -> None:
+    """The middle sampled frame as a small JPEG, for the report (every clip: kept or rejected)."""
+    import cv2
+
+    from curation.analyze import decode_frames
+
+    frames = decode_frames(sampled)
+    if not len(frames):
+        return
+    frame = frames[len(frames) // 2]
+    height = max(2, round(frame.shape[0] * width / frame.shape[1]))
+    ok, data = cv2.imencode(".jpg", cv2.resize(frame[..., ::-1], (width, height), interpolation=cv2.INTER_AREA),
+                            [cv2.IMWRITE_JPEG_QUALITY, 80])
+    if ok:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data.tobytes())
+        tmp.replace(path)
+
+
 class Extract(Stage):
     name = "extract"
 
@@ -104,8 +124,10 @@ class Extract(Stage):
         from curation.extract import extract_clip
 
         t0 = time.perf_counter()
-        meta, _ = unpack(row)
+        meta, sampled = unpack(row)
         clip = meta.get("clip")
+        if clip and sampled:
+            write_thumbnail(sampled, self.out / shards.REPORT_DIR / "thumbs" / f"{clip['clip_id']}.jpg")
         if clip and clip["status"] == "candidate":
             try:
                 clip.update(extract_clip(clip, meta["source"], self.cfg.extract, self.cfg.sources.s3,
@@ -227,6 +249,9 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
         if missing:
             raise RuntimeError(f"{len(missing)} sources did not complete (first: {missing[0]}); rerun to resume")
     summary = finalize(run, uris, cfg.write.shard_size_mb, wall_start, _versions())
+    from curation.report import build_report
+
+    build_report(out)
     log.info("kept %d of %d clips in %d shards", summary["clips"]["kept"], summary["clips"]["total"],
              summary["shards"])
     return summary

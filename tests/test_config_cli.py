@@ -56,3 +56,18 @@ def test_cli_print_config_and_bad_key():
 
 def test_version():
     assert spacetime("version").stdout.startswith("spacetime ")
+
+
+def test_real_model_profile_fails_early_offline(tmp_path):
+    """configs/curate/default.yaml names real weights on the hub; offline it must stop before any
+    work, naming the model and the offline profile."""
+    import os
+
+    (tmp_path / "in").mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "curation.cli", "curate", "--input", str(ROOT / "configs"),
+                          "--set", "sources.extensions=[.yaml]", "--output", str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "improved-aesthetic-predictor" in out.stderr and "configs/curate/tiny.yaml" in out.stderr
+    assert not (tmp_path / "out").exists()

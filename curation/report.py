@@ -1,0 +1,164 @@
+"""The curation report: OUT/report/index.html, static files only (no server).
+
+What was kept and why: the funnel (inputs -> clips -> kept, per stage, with hours), score histograms
+with the thresholds drawn, distributions of duration, aspect ratio and resolution, clips and hours
+per bucket, contact sheets of kept clips and of rejected clips grouped by reason, and the error
+table. Written at the end of every `spacetime curate`; `spacetime report OUT` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from curation import shards
+
+# score key -> (config section under filters, threshold key(s), higher is better)
+THRESHOLDS = {
+    "aesthetic": ("aesthetic", ["min_score"]),
+    "sharpness": ("sharpness", ["min_sharpness"]),
+    "motion": ("motion", ["min_motion"]),
+    "shake": ("motion", ["max_shake"]),
+    "luma_mean": ("exposure", ["min_luma", "max_luma"]),
+    "luma_clipped": ("exposure", ["max_clipped"]),
+    "border_area": ("borders", ["min_area"]),
+}
+FUNNEL_ORDER = ["too_short", "borders", "exposure", "sharpness", "motion", "aesthetic", "caption", "extract failed"]
+
+
+def _reason_key(clip: dict) -> str:
+    return (clip.get("reason") or "").split(":")[0] or clip["status"]
+
+
+def _plot(path: Path, draw) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
+    draw(ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return f"plots/{path.name}"
+
+
+def _hist(values_by_label: dict[str, list[float]], title: str, lines: list[float] = ()):
+    def draw(ax):
+        data = [v for v in values_by_label.values() if v]
+        bins = 20 if data else 1
+        for label, values in values_by_label.items():
+            if values:
+                ax.hist(values, bins=bins, alpha=0.6, label=f"{label} ({len(values)})")
+        for x in lines:
+            ax.axvline(x, color="red", linestyle="--", linewidth=1.2, label=f"threshold {x:g}")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+        if data or lines:
+            ax.legend(fontsize=6)
+    return draw
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _sheet(clips: list[dict], report: Path, limit: int) -> str:
+    cells = []
+    for c in clips[:limit]:
+        thumb = report / "thumbs" / f"{c['clip_id']}.jpg"
+        if thumb.exists():
+            caption = f"{Path(c['source_uri']).name} [{c['start_frame']}:{c['end_frame']})"
+            cells.append(f'<figure><img src="thumbs/{thumb.name}" alt="{html.escape(caption)}" loading="eager">'
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    more = f"<p>… and {len(clips) - limit} more</p>" if len(clips) > limit else ""
+    return f'<div class="sheet">{"".join(cells) or "<p>none</p>"}</div>{more}'
+
+
+def build_report(out: Path, sheet_limit: int = 48) -> Path:
+    """(Re)build OUT/report/index.html from the manifests, summary and resolved config."""
+    out = Path(out)
+    report = out / shards.REPORT_DIR
+    sources = pq.read_table(out / shards.SOURCES_MANIFEST).to_pylist()
+    clips = pq.read_table(out / shards.CLIPS_MANIFEST).to_pylist()
+    summary = json.loads((out / shards.SUMMARY_PATH).read_text())
+    config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
+    for c in clips:
+        c["scores"] = json.loads(c["scores"] or "{}")
+        c["duration"] = (c["end_time"] or 0) - (c["start_time"] or 0)
+    kept = [c for c in clips if c["status"] == "kept"]
+    hours = lambda cs: sum(c["duration"] for c in cs) / 3600  # noqa: E731
+
+    # funnel: inputs -> clips -> after each stage that rejects -> kept
+    by_reason = defaultdict(list)
+    for c in clips:
+        if c["status"] != "kept":
+            by_reason[_reason_key(c)].append(c)
+    ok_sources = [s for s in sources if s["status"] == "ok"]
+    funnel = [["inputs", len(sources), f"{sum(s['duration'] or 0 for s in ok_sources) / 3600:.4f}"],
+              ["readable sources", len(ok_sources), ""],
+              ["candidate clips", len(clips), f"{hours(clips):.4f}"]]
+    remaining = list(clips)
+    for stage in FUNNEL_ORDER + sorted(set(by_reason) - set(FUNNEL_ORDER)):
+        if by_reason.get(stage):
+            remaining = [c for c in remaining if _reason_key(c) != stage or c["status"] == "kept"]
+            funnel.append([f"after {stage} (-{len(by_reason[stage])})", len(remaining), f"{hours(remaining):.4f}"])
+    funnel.append(["kept", len(kept), f"{hours(kept):.4f}"])
+
+    plots = []
+    filters_cfg = config.get("filters", {})
+    for key in sorted({k for c in clips for k in c["scores"]}):
+        values = {"kept": [c["scores"][key] for c in kept if key in c["scores"]],
+                  "not kept": [c["scores"][key] for c in clips if c["status"] != "kept" and key in c["scores"]]}
+        section, names = THRESHOLDS.get(key, (None, []))
+        lines = [filters_cfg.get(section, {}).get(n) for n in names] if section else []
+        plots.append(_plot(report / "plots" / f"score_{key}.png", _hist(values, key, [x for x in lines if x is not None])))
+    plots.append(_plot(report / "plots" / "duration.png", _hist({"kept": [c["duration"] for c in kept]}, "duration (s)")))
+    plots.append(_plot(report / "plots" / "aspect.png",
+                       _hist({"kept": [c["width"] / c["height"] for c in kept if c["height"]]}, "aspect ratio (w/h)")))
+    plots.append(_plot(report / "plots" / "resolution.png",
+                       _hist({"kept": [min(c["width"], c["height"]) for c in kept]}, "short side (px)")))
+
+    buckets = Counter(c["bucket"] for c in kept)
+    bucket_rows = [[b, n, f"{hours([c for c in kept if c['bucket'] == b]):.4f}"] for b, n in sorted(buckets.items())]
+    errors = [[s["uri"], s["error"]] for s in sources if s["status"] == "failed"]
+    errors += [[f"{c['source_uri']} [{c['start_frame']}:{c['end_frame']})", c["reason"]] for c in clips if c["status"] == "failed"]
+    rejected_sheets = "".join(
+        f"<h3>{html.escape(reason)} ({len(cs)})</h3>{_sheet(cs, report, sheet_limit // 2)}"
+        for reason, cs in sorted(by_reason.items()) if reason != "failed")
+
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>spacetime curation report</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 13px; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+.plots img {{ margin: 4px; border: 1px solid #ddd; }}
+.sheet {{ display: flex; flex-wrap: wrap; gap: 6px; }}
+figure {{ margin: 0; width: 192px; font-size: 10px; }} figure img {{ width: 192px; }}
+</style></head><body>
+<h1>spacetime curation report</h1>
+<p>{summary["sources"]["total"]} inputs, {summary["clips"]["total"]} candidate clips, {summary["clips"]["kept"]} kept in
+{summary["shards"]} shards; {summary["hours_in"]:.4f} h in, {summary["hours_out"]:.4f} h out.</p>
+<h2>Funnel</h2>{_table(["stage", "clips", "hours"], funnel)}
+<h2>Scores and distributions</h2><div class="plots">{"".join(f'<img src="{p}" alt="{p}">' for p in plots)}</div>
+<h2>Buckets</h2>{_table(["bucket", "clips", "hours"], bucket_rows)}
+<h2>Kept clips ({len(kept)})</h2>{_sheet(kept, report, sheet_limit)}
+<h2>Rejected clips, by reason</h2>{rejected_sheets or "<p>none</p>"}
+<h2>Errors ({len(errors)})</h2>{_table(["input", "error"], errors) if errors else "<p>none</p>"}
+<h2>Stage times (s)</h2>{_table(["stage", "seconds"], [[k, v] for k, v in summary["stage_seconds"].items()])}
+</body></html>
+"""
+    tmp = report / "index.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(report / "index.html")
+    return report / "index.html"

@@ -1,0 +1,137 @@
+"""Quality filters with the default thresholds on labelled generated clips, calibration, report."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from curation import shards
+from curation import testmedia as tm
+from curation.filters import border_box, native_crop
+from curation.pipeline import run_curation
+from curation.settings import BordersConfig
+from tests.helpers import ROOT, start_local_ray
+from tests.test_curate import tiny_config
+
+# name -> (generator, expected fate: "kept" or the rejecting filter)
+LABELLED = {
+    "static.mp4": (lambda p: tm.make_static(p, num_frames=50), "motion"),
+    "moving.mp4": (lambda p: tm.make_moving(p, num_frames=50), "kept"),
+    "letterboxed.mp4": (lambda p: tm.make_letterboxed(p, num_frames=50), "kept"),
+    "pillarboxed.mp4": (lambda p: tm.make_pillarboxed(p, num_frames=50), "kept"),
+}
+
+
+@pytest.fixture(scope="module")
+def filtered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("filters")
+    media = root / "media"
+    media.mkdir()
+    truth = {name: make(media / name) for name, (make, _) in LABELLED.items()}
+    sharp, blurred = tm.make_blur_pair(media / "blur", num_frames=40, source=tm.Segment("bikes.mp4", 140, 40))
+    good, dark = tm.make_exposure_pair(media / "exposure", num_frames=40,
+                                       source=tm.Segment("bigbuckbunny.mp4", 20, 40))
+    pairs = {"sharp": (sharp, "kept"), "blurred": (blurred, "sharpness"),
+             "well_exposed": (good, "kept"), "dark": (dark, "exposure")}
+    start_local_ray()
+    out = root / "out"
+    inputs = [str(media)] + [str(gt.path) for gt, _ in pairs.values()]
+    run_curation(inputs, str(out), tiny_config())
+    clips = {c["source_uri"]: c for c in pq.read_table(out / shards.CLIPS_MANIFEST).to_pylist()}
+    expected = {str((media / n).resolve()): fate for n, (_, fate) in LABELLED.items()}
+    expected.update({str(gt.path.resolve()): fate for gt, fate in pairs.values()})
+    return {"out": out, "clips": clips, "expected": expected, "truth": truth}
+
+
+def test_default_thresholds_separate_labelled_clips(filtered):
+    assert set(filtered["clips"]) == set(filtered["expected"])
+    for uri, fate in filtered["expected"].items():
+        clip = filtered["clips"][uri]
+        got = "kept" if clip["status"] == "kept" else (clip["reason"] or "").split(":")[0]
+        assert got == fate, f"{uri}: expected {fate}, got {clip['status']} ({clip['reason']})"
+
+
+def test_every_clip_is_scored_kept_or_not(filtered):
+    for uri, clip in filtered["clips"].items():
+        scores = json.loads(clip["scores"])
+        for key in ("border_area", "luma_mean", "luma_clipped", "sharpness", "motion", "shake", "aesthetic"):
+            assert key in scores, (uri, key)
+        assert 1.0 <= scores["aesthetic"] <= 10.0
+
+
+@pytest.mark.parametrize("name,bar_axis", [("letterboxed.mp4", "height"), ("pillarboxed.mp4", "width")])
+def test_bars_are_cropped_from_shards(filtered, name, bar_axis):
+    gt = filtered["truth"][name]
+    x0, y0, x1, y1 = gt.content_box
+    clip = next(c for u, c in filtered["clips"].items() if u.endswith(name))
+    assert clip["status"] == "kept"
+    index = {r["key"]: r for r in pq.read_table(filtered["out"] / shards.INDEX_PATH).to_pylist()}
+    row = index[clip["clip_id"]]
+    # the picture without its bars, give or take the 2-px rounding to even sizes
+    assert abs(row["width"] - (x1 - x0)) <= 4 and abs(row["height"] - (y1 - y0)) <= 4
+    assert (row["height"] < gt.size[1]) if bar_axis == "height" else (row["width"] < gt.size[0])
+    sample = next(s for s in wds.WebDataset(str(filtered["out"] / row["shard"]), shardshuffle=False)
+                  if s["__key__"] == row["key"])
+    with av.open(io.BytesIO(sample["mp4"])) as c:
+        frame = next(c.decode(video=0)).to_ndarray(format="gray")
+    assert frame[:2].mean() > 24 and frame[-2:].mean() > 24  # no black rows left at the edges
+    assert frame[:, :2].mean() > 24 and frame[:, -2:].mean() > 24
+
+
+def test_border_box_needs_bands_stable_over_frames():
+    frames = np.full((3, 100, 160, 3), 120, np.uint8)
+    frames[:, :10] = 0
+    frames[:, 90:] = 0
+    assert border_box(frames, BordersConfig()) == (0, 10, 160, 80)
+    frames[1, :10] = 200  # the top band lights up in one frame: it is picture, not a bar
+    assert border_box(frames, BordersConfig()) == (0, 0, 160, 90)
+    assert native_crop((0, 10, 160, 80), (160, 100), (1920, 1200)) == [0, 120, 1920, 960]
+
+
+def test_calibrate_finds_a_separating_threshold(filtered, tmp_path):
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["clip_id", "bad"])
+        for uri, fate in filtered["expected"].items():
+            if fate in ("kept", "sharpness"):  # blurred vs good clips (dark ones have low contrast too)
+                writer.writerow([filtered["clips"][uri]["clip_id"], int(fate == "sharpness")])
+    plot = tmp_path / "pr.png"
+    out = subprocess.run([sys.executable, "-m", "curation.cli", "calibrate", "sharpness", "--manifest",
+                          str(filtered["out"] / shards.CLIPS_MANIFEST), "--labels", str(labels),
+                          "--target-precision", "1.0", "--plot", str(plot)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("threshold for precision"))
+    assert "precision 1.000, recall 1.000" in line
+    threshold = float(line.split(":")[1].split()[0])
+    blurred = json.loads(next(c for u, c in filtered["clips"].items() if "blur" in u and
+                              filtered["expected"][u] == "sharpness")["scores"])["sharpness"]
+    assert threshold > blurred
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_loads_in_chromium_with_all_images(filtered, tmp_path):
+    from tests.browser import Page
+
+    index = filtered["out"] / shards.REPORT_DIR / "index.html"
+    page = Page(index.as_uri())
+    try:
+        images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
+        shot = page.screenshot(tmp_path / "report.png")
+        headings = page.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
+    finally:
+        page.close()
+    assert not page.errors, page.errors
+    assert len(images) >= 10 and all(ok for _, ok in images), [src for src, ok in images if not ok]
+    assert any(src.startswith("thumbs/") for src, _ in images) and any(src.startswith("plots/") for src, _ in images)
+    for section in ("Funnel", "Buckets", "Errors"):
+        assert any(h.startswith(section) for h in headings)
+    assert shot.stat().st_size > 10_000
