@@ -276,3 +276,21 @@ def test_load_text_encoder_rejects_other_architectures(tiny_models):
 
     with pytest.raises(ValueError, match="unsupported text encoder model_type 'qwen2_5_vl'"):
         load_text_encoder(tiny_models["vlm"]["path"])
+
+
+def test_build_tiny_cli(tmp_path):
+    """`spacetime models build-tiny --out DIR` builds the stand-ins and says they are random."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "curation.cli", "models", "build-tiny", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "NOT real weights" in out.stdout
+    manifest = json.loads((tmp_path / "tiny_models.json").read_text())
+    for part in ("vlm", "clip", "text_encoder"):
+        assert part in manifest
+    assert (tmp_path / "vlm" / "config.json").exists()
