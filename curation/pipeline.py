@@ -1,6 +1,7 @@
 """The curation pipeline: a short list of Ray Data stages, then the driver-side write.
 
-    sources -> probe -> analyze -> split -> [filters, caption: later stages plug in here] -> extract -> write
+    sources -> probe -> analyze -> split -> borders -> exposure -> sharpness -> motion -> aesthetic
+            -> [caption] -> extract -> write (driver: completion records, shards, manifests, report)
 
 A stage is a small class: `__init__` loads what it needs once per actor, `__call__` handles one row.
 Resources (CPUs, GPUs, actor pool size) come from the config section of the same name. Rows are

@@ -84,17 +84,23 @@ if __name__ == "__main__":
 '''
 
 
-def _pids_alive(pids: list[int]) -> list[int]:
+def _pids_alive(pids: list[int], wait_s: float = 15.0) -> list[int]:
+    """Those of `pids` still running after up to `wait_s` (a SIGKILLed process can take a moment
+    to be torn down on a loaded machine; zombies count as gone)."""
     import psutil
 
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
