@@ -1,0 +1,126 @@
+"""training.vae: causal compression shapes, causality, weights I/O, the guarded diffusers path, the
+perceptual term, and `spacetime train vae` reducing reconstruction error on a few clips."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from curation.config import ConfigError, load_config
+from tests.helpers import CONFIGS
+from tests.train_data import make_dataset
+from training.train_config import TrainConfig
+from training.vae import PerceptualLoss, VAEArch, VideoVAE, load_diffusers_vae, load_vae, save_vae
+
+TINY = VAEArch(latent_channels=4, channels=(8, 16, 16, 16), blocks_per_level=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_compression_shapes_images_and_any_size():
+    torch.manual_seed(0)
+    vae = VideoVAE(TINY)
+    for frames, height, width in [(1, 16, 16), (16, 16, 16), (17, 24, 40), (33, 8, 8)]:
+        z = vae.encode(torch.randn(1, 3, frames, height, width))
+        latent_frames = 1 + (frames - 1) // 4
+        assert z.shape == (1, 4, latent_frames, math.ceil(height / 8), math.ceil(width / 8))
+        assert vae.decode(z).shape == (1, 3, 1 + (latent_frames - 1) * 4, 8 * z.shape[3], 8 * z.shape[4])
+    assert VideoVAE(VAEArch(channels=(8, 8, 8, 8))).encode(torch.randn(1, 3, 9, 16, 16)).shape[1] == 16  # default C
+    with pytest.raises(ValueError, match="channels"):
+        VAEArch(spatial_compression=16, channels=(8, 8, 8, 8))
+
+
+def test_encoder_and_decoder_are_causal_in_time():
+    torch.manual_seed(0)
+    vae = VideoVAE(TINY)
+    video = torch.randn(1, 3, 17, 16, 16)
+    changed = video.clone()
+    changed[:, :, 9:] = 0.0  # frames 9.. belong to latent frames 3 and 4
+    za, zb = vae.encode(video), vae.encode(changed)
+    per_frame = (za - zb).abs().amax(dim=(0, 1, 3, 4))
+    assert per_frame[:3].max() == 0 and per_frame[3:].min() > 0
+    da, db = vae.decode(za), vae.decode(zb)
+    assert torch.equal(da[:, :, :9], db[:, :, :9])  # decoded frames 0..8 depend on latents 0..2 only
+    image = vae.encode(video[:, :, :1])  # an image is a 1-frame video: its latent is latent frame 0
+    assert torch.allclose(image[:, :, 0], za[:, :, 0], atol=1e-5)
+
+
+def test_weights_round_trip_and_clear_errors(tmp_path):
+    torch.manual_seed(0)
+    vae = VideoVAE(TINY.model_copy(update={"scaling_factor": 0.5, "shift_factor": 0.1}))
+    folder = save_vae(vae, tmp_path / "vae")
+    loaded = load_vae(folder)
+    x = torch.randn(1, 3, 5, 16, 16)
+    assert loaded.arch == vae.arch and torch.equal(loaded.encode(x), vae.encode(x))
+    assert torch.equal(load_vae(folder / "model.safetensors", vae.arch).encode(x), vae.encode(x))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_vae(tmp_path / "missing.safetensors", TINY)
+    with pytest.raises(ValueError, match="architecture"):
+        load_vae(folder / "model.safetensors")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_vae(folder / "model.safetensors", TINY.model_copy(update={"latent_channels": 8}))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is not None, reason="diffusers is installed")
+def test_diffusers_vae_path_is_guarded():
+    with pytest.raises(RuntimeError, match="pip install diffusers"):
+        load_diffusers_vae("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    with pytest.raises(ConfigError, match="vae.path"):
+        load_config(TrainConfig, None, ["vae.source=diffusers"])
+
+
+def test_perceptual_term_needs_and_uses_local_vgg_weights(tmp_path):
+    with pytest.raises(ConfigError, match="perceptual_weights"):
+        load_config(TrainConfig, CONFIGS / "train/vae_tiny.yaml", ["vae_loss.perceptual_weight=0.1"])
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    weights = tmp_path / "vgg16_features.pth"
+    torch.save(vgg16().features[:23].state_dict(), weights)  # random stand-in for real VGG16 weights
+    loss = PerceptualLoss(weights)
+    a = torch.rand(1, 3, 2, 16, 16) * 2 - 1
+    assert float(loss(a, a)) == 0.0 and float(loss(a, a.flip(-1))) > 0.0
+
+
+def test_train_vae_reduces_reconstruction_error(tmp_path, tiny_models, monkeypatch):
+    """`spacetime train vae` (configs/train/vae_tiny.yaml: the 4 clips in every step) for 120 steps
+    on clips of a moving disc: reconstruction MSE of the exported RUN/vae on the training clips falls
+    by >= 5x from the untrained VAE's (measured 0.21 -> 0.013, 16.7x) and below half the clips'
+    variance (the error of predicting their mean; a plateau the first ~60 steps sit on)."""
+    from training.loader import BucketLoader
+    from training.train import run_train
+
+    monkeypatch.setenv("SPACETIME_TINY_MODELS", tiny_models["root"])
+    data = make_dataset(tmp_path / "data")
+    cfg = load_config(TrainConfig, CONFIGS / "train/vae_tiny.yaml", ["log.progress=false"])
+    loader = BucketLoader(cfg.loader.model_copy(update={"data": [str(data)]}))
+    videos = next(b["video"] for b in loader if b["video"].shape[2] > 1)  # the 4 clips [4, 3, 16, 16, 16]
+    assert videos.shape[0] == 4
+
+    torch.manual_seed(cfg.vae.init_seed)
+    untrained = VideoVAE(cfg.vae.arch)  # what run_train starts from (same seed)
+
+    @torch.no_grad()
+    def mse(vae):
+        return float((vae.decode(vae.encode(videos)) - vae.trim(videos)).square().mean())
+
+    run = tmp_path / "run"
+    summary = run_train("vae", cfg, data, run, max_steps=120)
+    trained = load_vae(run / "vae")
+    before, after = mse(untrained), mse(trained)
+    assert summary["step"] == 120 and before / after >= 5.0, (before, after)
+    assert after < videos.var() / 2
+    arch = json.loads((run / "vae" / "config.json").read_text())["arch"]
+    assert arch["scaling_factor"] != 1.0  # latent normalisation measured during training
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"recon", "kl", "mse", "loss/1x1_0p_16f", "lr", "grad_norm", "tokens_per_s"} <= set(records[-1])

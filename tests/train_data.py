@@ -1,0 +1,77 @@
+"""A tiny curation output for trainer tests, written through the data contract (curation.shards).
+
+Clips are 32x32 (below the smallest resolution tier, so the loader resizes them to their bucket's
+16x16): a coloured disc moving over a smooth gradient (simple content a tiny VAE can learn in a
+few hundred steps), 17 frames at 8 fps (bucket 1x1_0p_16f), plus 1-frame images (1x1_0p_1f). Writing the shards directly keeps trainer tests to seconds; the
+loader tests run a real `run_curation` and check the loader reads what curation writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+
+from curation import shards
+
+SIZE = (32, 32)
+CAPTIONS = ["a red texture drifting right", "green stripes sliding down", "a blue pattern moving left",
+            "yellow blocks rising up", "a purple field panning diagonally", "orange dots at rest"]
+
+
+def make_dataset(out: Path, videos: int = 4, images: int = 2, frames: int = 17, fps: int = 8) -> Path:
+    """Write OUT/shards/<bucket>/*.tar and OUT/shards/index.parquet; returns OUT."""
+    out = Path(out)
+    media = out / "media"
+    rows, by_bucket = [], {}
+    velocities = [(1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (0, 0)]
+    for i in range(videos + images):
+        n = frames if i < videos else 1
+        path = media / f"clip{i}.mp4"
+        encode(path, disc_frames(n, velocities[i % len(velocities)], seed=i), fps)
+        key = shards.clip_id(f"test-{i}", 0, n)
+        bucket = shards.bucket_for(*SIZE, n).name
+        caption = CAPTIONS[i % len(CAPTIONS)]
+        record = {"clip_id": key, "width": SIZE[0], "height": SIZE[1], "frames": n, "fps": float(fps),
+                  "caption": {"dense": caption}}
+        by_bucket.setdefault(bucket, []).append((key, path.read_bytes(), record, caption))
+        rows.append({"key": key, "clip_id": key, "source_uri": str(path), "width": SIZE[0], "height": SIZE[1],
+                     "num_frames": n, "fps": float(fps), "duration": n / fps, "bucket": bucket, "has_caption": True})
+    shard_of = {}
+    for bucket, samples in by_bucket.items():
+        rel = shards.shard_path(bucket, 0)
+        shards.write_shard(out / rel, samples)
+        shard_of[bucket] = rel
+    for r in rows:
+        r["shard"] = shard_of[r["bucket"]]
+    pq.write_table(shards.table(rows, shards.INDEX_SCHEMA), out / shards.INDEX_PATH)
+    return out
+
+
+def disc_frames(n: int, velocity: tuple[int, int], seed: int) -> np.ndarray:
+    """[n, H, W, 3] uint8: a disc of a random colour moving by `velocity` px/frame over a gradient."""
+    rng = np.random.default_rng(seed)
+    w, h = SIZE
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    c0, c1, disc = rng.uniform(30, 220, (3, 3))
+    background = c0 + (c1 - c0) * (x + y)[..., None] / (w + h)  # [H, W, 3]
+    cx, cy = rng.uniform(8, w - 8), rng.uniform(8, h - 8)
+    frames = []
+    for t in range(n):
+        inside = ((x - cx - velocity[0] * t) ** 2 + (y - cy - velocity[1] * t) ** 2) < 36.0
+        frames.append(np.where(inside[..., None], disc, background))
+    return np.clip(np.stack(frames), 0, 255).astype(np.uint8)
+
+
+def encode(path: Path, frames: np.ndarray, fps: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "12"})
+        stream.width, stream.height, stream.pix_fmt = SIZE[0], SIZE[1], "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

@@ -1,0 +1,302 @@
+"""Diffusion transformer on spacetime latent patches (the whole model, one file).
+
+    model = DiT(DiTConfig(), in_channels=16, text_dim=4096)
+    v = model(x, t, text, text_mask)   # x [B, C, T, H, W] latents at noise level t [B] in [0, 1],
+                                       # text [B, L, D] embeddings, text_mask [B, L] bool -> [B, C, T, H, W]
+
+A latent video is cut into patches of (pt, ph, pw) latent voxels (padded up to a multiple at the
+end of each axis, cropped again at the output), each patch is one token, so ANY grid size works:
+images are 1-frame videos and the sampler makes noise of the grid it wants. Positions are 3D
+rotary embeddings over the (t, h, w) patch indices, computed for the grid at hand. Each block is
+self-attention (QK-norm, rotary) -> cross-attention to the text tokens (masked) -> MLP, with
+adaLN-Zero modulation (shift, scale, gate) from the timestep embedding; the final layer is adaLN +
+linear, zero-initialised, as in facebookresearch/DiT.
+
+The model does not know how it is parallelised: training/parallel.py shards, checkpoints and
+compiles `model.blocks` from outside. `flops_per_token` documents the FLOP count used for MFU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from curation.config import StrictModel
+
+
+class DiTConfig(StrictModel):
+    """Sizes of the DiT. in_channels (from the VAE) and text_dim (from the text encoder) are given at
+    build time. Defaults are DiT-XL: 28 layers, hidden 1152, 16 heads."""
+
+    hidden: int = Field(1152, gt=0)
+    depth: int = Field(28, gt=0)
+    heads: int = Field(16, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    patch: tuple[int, int, int] = (1, 2, 2)  # (t, h, w) latent voxels per token
+    qk_norm: bool = True
+    rope_theta: float = Field(10000.0, gt=0)
+    # rotary dims per axis (t, h, w): even, summing to the head dim; None: h = w = 2 * (head_dim // 6),
+    # t gets the rest (24/24/24 for a head dim of 72)
+    rope_dims: tuple[int, int, int] | None = None
+    timestep_dim: int = Field(256, gt=0)  # sinusoidal features of t before the timestep MLP
+    eps: float = 1e-6
+
+    @model_validator(mode="after")
+    def _check(self) -> "DiTConfig":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not a multiple of heads {self.heads}")
+        if any(p <= 0 for p in self.patch):
+            raise ValueError(f"patch {self.patch}: every size must be > 0")
+        dims = self.axis_dims()
+        if any(d % 2 or d < 0 for d in dims) or sum(dims) != self.head_dim:
+            raise ValueError(f"rope_dims {dims}: need even sizes summing to the head dim {self.head_dim}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden * self.mlp_ratio)
+
+    def axis_dims(self) -> tuple[int, int, int]:
+        if self.rope_dims is not None:
+            return tuple(self.rope_dims)
+        s = 2 * (self.head_dim // 6)
+        return (self.head_dim - 2 * s, s, s)
+
+
+# ----------------------------------------------------------------------------------- helpers
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift  # x [B, N, D], shift/scale [B, 1, D]
+
+
+def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """[B, C, T, H, W] -> ([B, N, C*pt*ph*pw], grid (t, h, w)), N = t*h*w; axes padded at the end."""
+    pt, ph, pw = patch
+    b, c, t, h, w = x.shape
+    x = F.pad(x, (0, -w % pw, 0, -h % ph, 0, -t % pt))
+    gt, gh, gw = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
+    x = x.reshape(b, c, gt, pt, gh, ph, gw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)  # [B, gt, gh, gw, C, pt, ph, pw]
+    return x.reshape(b, gt * gh * gw, c * pt * ph * pw), (gt, gh, gw)
+
+
+def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int,
+               size: tuple[int, int, int]) -> torch.Tensor:
+    """[B, N, C*pt*ph*pw] -> [B, C, T, H, W], cropped to `size` (T, H, W)."""
+    (gt, gh, gw), (pt, ph, pw) = grid, patch
+    b = x.shape[0]
+    x = x.reshape(b, gt, gh, gw, channels, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    x = x.reshape(b, channels, gt * pt, gh * ph, gw * pw)  # [B, C, T_pad, H_pad, W_pad]
+    return x[:, :, : size[0], : size[1], : size[2]]
+
+
+def rope_3d(grid: tuple[int, int, int], dims: tuple[int, int, int], theta: float,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary angles of a (t, h, w) patch grid: (cos, sin), each [N, head_dim / 2], N = t*h*w in
+    row-major (t, h, w) order. Axis a rotates dims[a] / 2 pairs of channels by pos_a * theta^(-2i/dims[a])."""
+    parts = []
+    for axis, (n, d) in enumerate(zip(grid, dims)):
+        if d == 0:
+            continue
+        freqs = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float64) / d)  # [d/2]
+        ang = torch.arange(n, device=device, dtype=torch.float64)[:, None] * freqs  # [n, d/2]
+        view = [1, 1, 1, d // 2]
+        view[axis] = n
+        parts.append(ang.view(view).expand(*grid, d // 2))  # [t, h, w, d/2]
+    ang = torch.cat(parts, dim=-1).reshape(math.prod(grid), -1)  # [N, head_dim / 2]
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x [B, heads, N, head_dim] by the angles of (cos, sin) [N, head_dim/2]."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each [B, heads, N, head_dim/2]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+# ------------------------------------------------------------------------------------ modules
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> [B, hidden]: sinusoidal features of 1000 t, then an MLP."""
+
+    def __init__(self, hidden: int, freq_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000.0 * t.float()[:, None] * freqs[None]  # [B, half]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # each [B, heads, N, hd]
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, hd]
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q = nn.Linear(cfg.hidden, cfg.hidden)
+        self.kv = nn.Linear(cfg.hidden, 2 * cfg.hidden)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_norm(self.q(x).view(b, n, self.heads, -1).transpose(1, 2))  # [B, heads, N, hd]
+        k, v = self.kv(text).view(b, text.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # [B, heads, L, hd]
+        out = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, out or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """x + gate * SelfAttn(adaLN(x)); x + CrossAttn(LN(x), text); x + gate * MLP(adaLN(x))."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=cfg.eps)
+        self.attn = SelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden, elementwise_affine=True, eps=cfg.eps)
+        self.cross = CrossAttention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=cfg.eps)
+        self.mlp = MLP(cfg.hidden, cfg.mlp_hidden)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 6 * cfg.hidden))
+
+    def forward(self, x, c, text, mask, rope):  # x [B, N, D], c [B, D], text [B, L, D], mask [B, L]
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)[:, None].chunk(6, dim=-1)  # [B, 1, D]
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + self.cross(self.norm2(x), text, mask)
+        return x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig, out: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=cfg.eps)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 2 * cfg.hidden))
+        self.linear = nn.Linear(cfg.hidden, out)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(c)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))  # [B, N, C*pt*ph*pw]
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int):
+        super().__init__()
+        self.cfg, self.in_channels, self.text_dim = cfg, in_channels, text_dim
+        patch_dim = in_channels * math.prod(cfg.patch)
+        self.x_embed = nn.Linear(patch_dim, cfg.hidden)  # a Conv3d with stride = kernel = patch
+        self.t_embed = TimestepEmbedder(cfg.hidden, cfg.timestep_dim)
+        self.text_embed = MLP(text_dim, cfg.hidden, cfg.hidden)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final = FinalLayer(cfg, patch_dim)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Xavier linears, N(0, 0.02) timestep MLP, zero adaLN modulations and output (adaLN-Zero):
+        at init every block is the identity and the model predicts 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.t_embed.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        for m in (self.final.modulation[-1], self.final.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """x [B, C, T, H, W], t [B] (noise level in [0, 1]), text [B, L, text_dim], text_mask [B, L] bool
+        -> velocity [B, C, T, H, W]."""
+        size = x.shape[2:]
+        tokens, grid = patchify(x, self.cfg.patch)  # [B, N, C*pt*ph*pw]
+        h = self.x_embed(tokens)  # [B, N, D]
+        c = self.t_embed(t)  # [B, D]
+        ctx = self.text_embed(text)  # [B, L, D]
+        # a caption with no valid token (none should reach here: T5 always emits </s>) would make
+        # softmax over nothing NaN; let such rows attend to every (zeroed) position instead
+        mask = text_mask.bool() | ~text_mask.bool().any(dim=1, keepdim=True)
+        rope = rope_3d(grid, self.cfg.axis_dims(), self.cfg.rope_theta, x.device)  # ([N, hd/2], [N, hd/2])
+        for block in self.blocks:
+            h = block(h, c, ctx, mask, rope)
+        out = self.final(h, c)  # [B, N, C*pt*ph*pw]
+        return unpatchify(out, grid, self.cfg.patch, self.in_channels, size)  # [B, C, T, H, W]
+
+
+# ------------------------------------------------------------------------------- FLOP counter
+def forward_flops(cfg: DiTConfig, in_channels: int, text_dim: int, tokens: int, text_tokens: int) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of ONE forward pass on ONE sample of `tokens` latent patches
+    and `text_tokens` text tokens, by part. Elementwise work (norms, activations, softmax, rotary,
+    modulation arithmetic) is not counted, as in torchtitan/PaLM MFU.
+
+        per token and block: self-attention projections 8 D^2 (qkv 6 D^2, out 2 D^2)
+                             attention scores + values   4 N D  (QK^T and AV over N keys)
+                             cross-attention q and out   4 D^2, scores + values 4 L D
+                             MLP                         4 D M  (M = mlp_ratio D)
+        per text token and block: cross-attention k, v   4 D^2
+        per sample and block: adaLN modulation           12 D^2 (6 D outputs from D)
+        once: patch embedding and output 2 P D per token each (P = C pt ph pw); text MLP
+              2 L (text_dim D + D^2); timestep MLP 2 (timestep_dim D + D^2); final adaLN 4 D^2
+    """
+    d, m, n, L = cfg.hidden, cfg.mlp_hidden, tokens, text_tokens
+    p = in_channels * math.prod(cfg.patch)
+    per_block = {
+        "self_attn_proj": n * 8 * d * d,
+        "self_attn_sdpa": n * 4 * n * d,
+        "cross_attn_proj": n * 4 * d * d + L * 4 * d * d,
+        "cross_attn_sdpa": n * 4 * L * d,
+        "mlp": n * 4 * d * m,
+        "modulation": 12 * d * d,
+    }
+    out = {k: float(cfg.depth * v) for k, v in per_block.items()}
+    out["embed_and_final"] = float(n * 2 * p * d * 2 + 2 * L * (text_dim * d + d * d)
+                                   + 2 * (cfg.timestep_dim * d + d * d) + 4 * d * d)
+    return out
+
+
+def flops_per_token(cfg: DiTConfig, in_channels: int, text_dim: int, tokens: int, text_tokens: int) -> float:
+    """TRAINING FLOPs per latent token: 3 x forward (backward = 2 x forward: gradients of inputs and
+    of weights), the usual MFU convention; activation-checkpointing recomputation is NOT counted
+    (model FLOPs, not hardware FLOPs). Per-sample terms are spread over the sample's `tokens`.
+    MFU = flops_per_token x tokens/s / (peak FLOP/s x devices)."""
+    return 3.0 * sum(forward_flops(cfg, in_channels, text_dim, tokens, text_tokens).values()) / tokens
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

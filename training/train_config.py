@@ -1,0 +1,137 @@
+"""Typed config of `spacetime train dit|vae` (YAML -> pydantic; unknown keys are errors).
+
+One file describes a run; `configs/train/tiny.yaml` (DiT, CPU, seconds), `vae_tiny.yaml` (VAE) and
+`dit_xl.yaml` (a GPU-cluster example) are examples. Sections:
+
+    seed, steps          run seed; total optimizer steps (--max-steps overrides)
+    loader               training.config.LoaderConfig (data, token budget, caption dropout, workers);
+                         its vae_temporal / vae_spatial / patch follow the models unless set
+    text_encoder         path (HF id, local folder, or tiny:text_encoder.path), max_length, dtype
+    vae                  the VAE: weights from `path`, or `untrained: true` for an UNTRAINED random
+                         one (smoke runs, tests); `arch` for new VAEs; `source: diffusers` for HF ids
+    dit                  training.dit.DiTConfig (sizes, patch, rotary, QK-norm)
+    flow                 training.flow.FlowConfig (logit-normal timesteps, shift by token count)
+    vae_loss             `spacetime train vae`: reconstruction, KL and (optional) perceptual weights
+    optim                AdamW, warm-up, schedule, gradient clipping
+    ema                  decay of the parameter EMA (saved in checkpoints, used by the sampler)
+    parallel             none | ddp | fsdp (FSDP2), activation checkpointing, compile, precision
+    checkpoint           every N steps, how many to keep
+    log                  every N steps, progress bar, TensorBoard, peak FLOP/s for MFU
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from curation.config import StrictModel
+from training.config import LoaderConfig
+from training.dit import DiTConfig
+from training.flow import FlowConfig
+from training.vae import VAEArch
+
+
+class TextEncoderConfig(StrictModel):
+    # Hugging Face id (e.g. google/t5-v1_1-xxl), local folder, or tiny:text_encoder.path (a tiny
+    # RANDOM T5 for tests, see curation.models.resolve)
+    path: str = "google/t5-v1_1-xxl"
+    max_length: int = Field(120, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+
+
+class VAEConfig(StrictModel):
+    source: Literal["spacetime", "diffusers"] = "spacetime"
+    # spacetime: a folder written by `spacetime train vae` (RUN/vae) or a weights file (+ arch);
+    # diffusers: a Hugging Face id or diffusers folder (needs the diffusers package)
+    path: str | None = None
+    # no weights: an UNTRAINED random VAE (seeded by init_seed). Its latents are meaningless; for
+    # smoke runs and tests only. DiT runs save it to RUN/vae so their samples decode the same.
+    untrained: bool = False
+    init_seed: int = 0
+    arch: VAEArch = Field(default_factory=VAEArch)  # for new VAEs; a saved VAE brings its own
+    sample_posterior: bool = False  # DiT training: z ~ q(z | video) instead of its mean
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # the frozen VAE in DiT runs
+
+    @model_validator(mode="after")
+    def _check(self) -> "VAEConfig":
+        if self.source == "diffusers" and not self.path:
+            raise ValueError("vae.source diffusers needs vae.path (a Hugging Face id or diffusers folder)")
+        if self.untrained and self.path:
+            raise ValueError("vae.untrained and vae.path exclude each other")
+        return self
+
+
+class VAELossConfig(StrictModel):
+    recon: Literal["l1", "mse"] = "l1"
+    kl_weight: float = Field(1e-4, ge=0)  # times the KL averaged over latent elements
+    # Perceptual term: only with local VGG16 weights (`perceptual_weights`: a state dict of
+    # torchvision's vgg16 or vgg16().features); nothing is downloaded. 0 / None: off.
+    perceptual_weight: float = Field(0.0, ge=0)
+    perceptual_weights: str | None = None
+    # scaling_factor / shift_factor of the exported VAE: 1 / std and mean of the posterior means
+    # over the last `stats_steps` steps
+    stats_steps: int = Field(50, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "VAELossConfig":
+        if self.perceptual_weight > 0 and not self.perceptual_weights:
+            raise ValueError("vae_loss.perceptual_weight > 0 needs vae_loss.perceptual_weights (a local "
+                             "VGG16 state dict); set the weight to 0 to train without the perceptual term")
+        return self
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)  # on matrices only (not biases, norms)
+    warmup_steps: int = Field(1000, ge=0)  # linear from 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine: final lr / lr
+    decay_steps: int | None = Field(None, gt=0)  # cosine: steps after warm-up to decay over (None: steps)
+    grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None: no clipping
+    fused: bool | None = None  # AdamW fused kernels (None: on GPU)
+
+
+class EMAConfig(StrictModel):
+    decay: float = Field(0.9999, ge=0, lt=1)
+
+
+class ParallelConfig(StrictModel):
+    mode: Literal["none", "ddp", "fsdp"] = "ddp"  # none: one process only
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    activation_checkpointing: bool = False  # recompute each block in backward
+    compile: bool = False  # torch.compile each block
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3)
+
+
+class CheckpointConfig(StrictModel):
+    every: int = Field(1000, gt=0)  # steps between checkpoints (and one at the last step)
+    keep: int = Field(3, ge=0)  # newest checkpoints kept (0: all)
+
+
+class LogConfig(StrictModel):
+    every: int = Field(10, gt=0)  # steps between metric records
+    progress: bool = True  # tqdm bar on rank 0 (off when stderr is not a terminal)
+    tensorboard: bool = True  # RUN/tensorboard if the tensorboard package is installed
+    # dense bf16 peak of ONE device in TFLOP/s for MFU; None: looked up from the GPU's name
+    # (training.train.PEAK_TFLOPS), no MFU on CPU
+    peak_tflops: float | None = Field(None, gt=0)
+
+
+class TrainConfig(StrictModel):
+    seed: int = 0
+    steps: int = Field(100_000, gt=0)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+    dit: DiTConfig = Field(default_factory=DiTConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    vae_loss: VAELossConfig = Field(default_factory=VAELossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)

@@ -1,0 +1,415 @@
+"""Causal 3D-convolution video VAE: T frames -> 1 + (T - 1) // 4 latent frames, 8x smaller, 16 channels.
+
+    vae = VideoVAE(VAEArch())                        # or load_vae(path) / load_diffusers_vae(hf_id)
+    z = vae.encode(video)                            # [B, 3, T, H, W] in [-1, 1] -> [B, C, T', H', W']
+    video = vae.decode(z)                            # -> [B, 3, 1 + (T' - 1) * 4, 8 H', 8 W']
+
+Causality. Every convolution pads time on the LEFT only (the first frame replicated), and every
+normalisation is per frame, so latent frame j depends on pixel frames <= its last one and never on
+later ones (tests/test_vae.py checks it). Time is halved by stride-2 causal convolutions, which map
+T -> 1 + (T - 1) // 2: the first frame is encoded on its own (an image is a 1-frame video with one
+latent frame) and each further latent frame covers `temporal_compression` frames: latent 0 <- frame
+0, latent j >= 1 <- frames (j - 1) * 4 + 1 ... j * 4. A clip of T frames is encoded as its first
+1 + (T - 1) // 4 * 4 frames (the loader's 16-frame tier gives 4 latent frames from frames 0..12);
+the decoder maps T' latent frames back to 1 + (T' - 1) * 4 frames. Sizes that are not multiples of
+the spatial compression are rounded up (ceil) in the latent and cropped by the caller.
+
+Latents handed to the DiT are normalised: (z - shift_factor) * scaling_factor (`VAEArch`).
+`spacetime train vae` writes these from the statistics of the posterior means it saw last.
+
+Weights: `save_vae(vae, folder)` writes config.json + model.safetensors, `load_vae(folder)` reads
+them (a .safetensors / .pt file also loads, with the architecture given). `load_diffusers_vae(id)`
+wraps a public video VAE (e.g. Wan's or CogVideoX's) through diffusers, IF diffusers is installed;
+this environment does not have it, so that path is guarded and untested here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from curation.config import StrictModel
+
+
+class VAEArch(StrictModel):
+    """Architecture of a VideoVAE (stored with its weights as config.json)."""
+
+    in_channels: int = Field(3, gt=0)
+    latent_channels: int = Field(16, gt=0)
+    temporal_compression: int = 4  # a power of 2: 1, 2, 4, ...
+    spatial_compression: int = 8  # a power of 2
+    # Channels per resolution level, full resolution first; log2(spatial_compression) + 1 levels.
+    channels: tuple[int, ...] = (128, 256, 512, 512)
+    blocks_per_level: int = Field(2, ge=1)
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "VAEArch":
+        for name in ("temporal_compression", "spatial_compression"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name} {v}: must be a power of 2")
+        if len(self.channels) != self.spatial_levels + 1:
+            raise ValueError(f"channels {list(self.channels)}: need log2(spatial_compression) + 1 = "
+                             f"{self.spatial_levels + 1} entries (one per resolution level)")
+        if self.temporal_levels > self.spatial_levels:
+            raise ValueError("temporal_compression may not exceed spatial_compression (time is halved at "
+                             "the spatial downsamplings)")
+        return self
+
+    @property
+    def spatial_levels(self) -> int:
+        return int(math.log2(self.spatial_compression))
+
+    @property
+    def temporal_levels(self) -> int:
+        return int(math.log2(self.temporal_compression))
+
+    def latent_frames(self, frames: int) -> int:
+        return 1 + (frames - 1) // self.temporal_compression
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        s = self.spatial_compression
+        return math.ceil(height / s), math.ceil(width / s)
+
+    def decoded_frames(self, latent_frames: int) -> int:
+        return 1 + (latent_frames - 1) * self.temporal_compression
+
+
+# ------------------------------------------------------------------------------------- layers
+def _groups(channels: int) -> int:
+    return max(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+
+
+class FrameNorm(nn.GroupNorm):
+    """GroupNorm over (C, H, W) of each frame separately: statistics never mix frames (causality)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, T, H, W]
+        b, c, t, h, w = x.shape
+        y = super().forward(x.transpose(1, 2).reshape(b * t, c, h, w))
+        return y.reshape(b, t, c, h, w).transpose(1, 2)
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d padded (kt - 1) frames on the left (first frame replicated), kh // 2 zeros in space."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: tuple[int, int, int] = (1, 1, 1)):
+        super().__init__()
+        self.time_pad, self.space_pad = kernel - 1, kernel // 2
+        self.conv = nn.Conv3d(cin, cout, kernel, stride=stride, padding=(0, self.space_pad, self.space_pad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.time_pad:
+            x = torch.cat([x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1), x], dim=2)
+        return self.conv(x)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = FrameNorm(_groups(cin), cin), CausalConv3d(cin, cout)
+        self.norm2, self.conv2 = FrameNorm(_groups(cout), cout), CausalConv3d(cout, cout)
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """[B, C, T, H, W] -> [B, C, 1 + (T - 1) // 2 if time else T, ceil(H / 2), ceil(W / 2)]."""
+
+    def __init__(self, channels: int, time: bool):
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels, 3, stride=(2 if time else 1, 2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """[B, C, T, H, W] -> [B, C, 2T - 1 if time else T, 2H, 2W]: frame 0 stays one frame (causal)."""
+
+    def __init__(self, channels: int, time: bool):
+        super().__init__()
+        self.time = time
+        self.conv = CausalConv3d(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.time:
+            x = x.repeat_interleave(2, dim=2)[:, :, 1:]
+        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+        return self.conv(x)
+
+
+# ------------------------------------------------------------------------------ encoder/decoder
+class Encoder(nn.Module):
+    def __init__(self, arch: VAEArch):
+        super().__init__()
+        ch = arch.channels
+        self.conv_in = CausalConv3d(arch.in_channels, ch[0])
+        self.levels = nn.ModuleList()
+        for i, c in enumerate(ch):
+            level = nn.Module()
+            level.blocks = nn.ModuleList(
+                ResBlock(ch[max(i - 1, 0)] if j == 0 else c, c) for j in range(arch.blocks_per_level))
+            # time is halved at the first temporal_levels downsamplings (the cheapest place to shrink it)
+            level.down = Downsample(c, time=i < arch.temporal_levels) if i < len(ch) - 1 else nn.Identity()
+            self.levels.append(level)
+        self.mid = nn.Sequential(ResBlock(ch[-1], ch[-1]), ResBlock(ch[-1], ch[-1]))
+        self.norm_out = FrameNorm(_groups(ch[-1]), ch[-1])
+        self.conv_out = CausalConv3d(ch[-1], 2 * arch.latent_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, T, H, W] -> [B, 2C, T', H', W']
+        x = self.conv_in(x)
+        for level in self.levels:
+            for block in level.blocks:
+                x = block(x)
+            x = level.down(x)
+        x = self.mid(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, arch: VAEArch):
+        super().__init__()
+        ch = arch.channels
+        n = len(ch)
+        self.conv_in = CausalConv3d(arch.latent_channels, ch[-1])
+        self.mid = nn.Sequential(ResBlock(ch[-1], ch[-1]), ResBlock(ch[-1], ch[-1]))
+        self.levels = nn.ModuleList()
+        for i in reversed(range(n)):  # lowest resolution first
+            level = nn.Module()
+            cin = ch[min(i + 1, n - 1)]
+            level.blocks = nn.ModuleList(ResBlock(cin if j == 0 else ch[i], ch[i])
+                                         for j in range(arch.blocks_per_level))
+            # mirror of the encoder: time doubles at the last temporal_levels upsamplings
+            level.up = Upsample(ch[i], time=i - 1 < arch.temporal_levels) if i > 0 else nn.Identity()
+            self.levels.append(level)
+        self.norm_out = FrameNorm(_groups(ch[0]), ch[0])
+        self.conv_out = CausalConv3d(ch[0], arch.in_channels)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, C, T', H', W'] -> [B, 3, T, H, W]
+        x = self.mid(self.conv_in(z))
+        for level in self.levels:
+            for block in level.blocks:
+                x = block(x)
+            x = level.up(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class VideoVAE(nn.Module):
+    """KL autoencoder of videos [B, 3, T, H, W] in [-1, 1]; see the module docstring."""
+
+    def __init__(self, arch: VAEArch):
+        super().__init__()
+        self.arch = arch
+        self.encoder = Encoder(arch)
+        self.decoder = Decoder(arch)
+
+    @property
+    def temporal_compression(self) -> int:
+        return self.arch.temporal_compression
+
+    @property
+    def spatial_compression(self) -> int:
+        return self.arch.spatial_compression
+
+    @property
+    def latent_channels(self) -> int:
+        return self.arch.latent_channels
+
+    def trim(self, video: torch.Tensor) -> torch.Tensor:
+        """The frames the encoder uses: the first 1 + (T - 1) // ct * ct."""
+        t = video.shape[2]
+        return video[:, :, : 1 + (t - 1) // self.arch.temporal_compression * self.arch.temporal_compression]
+
+    def posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, logvar) of q(z | video), each [B, C, T', H', W'], UNnormalised."""
+        moments = self.encoder(self.trim(video))
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.arch.shift_factor) * self.arch.scaling_factor
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.arch.scaling_factor + self.arch.shift_factor
+
+    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
+        """[B, 3, T, H, W] -> normalised latents [B, C, 1 + (T-1)//ct, ceil(H/cs), ceil(W/cs)]: the
+        posterior mean, or a draw from it (`sample`, using `generator`)."""
+        mean, logvar = self.posterior(video)
+        z = mean
+        if sample:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * eps
+        return self.normalize(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, C, T', H', W'] -> video [B, 3, 1 + (T'-1)*ct, cs*H', cs*W'] (not clamped)."""
+        return self.decoder(self.denormalize(z))
+
+    def forward(self, video: torch.Tensor, generator: torch.Generator | None = None):
+        """Training pass: (reconstruction of trim(video), mean, logvar), with z drawn from q(z | video)."""
+        mean, logvar = self.posterior(video)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.decoder(mean + torch.exp(0.5 * logvar) * eps), mean, logvar
+
+
+# -------------------------------------------------------------------------------------- losses
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)), averaged over latent elements (so kl_weight does not depend on size)."""
+    return 0.5 * (mean.float().square() + logvar.float().exp() - 1.0 - logvar.float()).mean()
+
+
+class PerceptualLoss(nn.Module):
+    """LPIPS-style distance without learned heads: mean squared difference of unit-normalised VGG16
+    features (relu1_2, relu2_2, relu3_3, relu4_3) of every frame.
+
+    Only used when its weights are available: `weights` is a local file with the state dict of
+    torchvision's `vgg16().features` (or of a whole vgg16, whose `features.` entries are taken);
+    nothing is downloaded. Frozen; frames are resized to at least 32 px.
+    """
+
+    LAYERS = (3, 8, 15, 22)  # indices of relu1_2, relu2_2, relu3_3, relu4_3 in vgg16().features
+
+    def __init__(self, weights: str | Path):
+        super().__init__()
+        from torchvision.models import vgg16
+
+        features = vgg16().features[: self.LAYERS[-1] + 1]
+        state = _read_state_dict(Path(weights))
+        if any(k.startswith("features.") for k in state):
+            state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        state = {k: v for k, v in state.items() if int(k.split(".")[0]) <= self.LAYERS[-1]}
+        features.load_state_dict(state)
+        self.features = features.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # videos [B, 3, T, H, W] in [-1, 1]
+        def frames(v):
+            v = v.transpose(1, 2).flatten(0, 1)  # [B*T, 3, H, W]
+            if min(v.shape[-2:]) < 32:
+                v = F.interpolate(v, scale_factor=32 / min(v.shape[-2:]), mode="bilinear", align_corners=False)
+            return ((v + 1) / 2 - self.mean) / self.std
+
+        x, y, total = frames(a), frames(b), 0.0
+        for i, layer in enumerate(self.features):
+            x, y = layer(x), layer(y)
+            if i in self.LAYERS:
+                total = total + (F.normalize(x, dim=1) - F.normalize(y, dim=1)).square().sum(1).mean()
+        return total / len(self.LAYERS)
+
+
+# ------------------------------------------------------------------------------------- weights
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def save_vae(vae: VideoVAE, folder: str | Path, note: str | None = None) -> Path:
+    """Write config.json (the VAEArch) + model.safetensors to `folder` (temp names, then renamed)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    save_file(state, str(folder / (WEIGHTS_FILE + ".tmp")))
+    (folder / (WEIGHTS_FILE + ".tmp")).replace(folder / WEIGHTS_FILE)
+    config = {"arch": vae.arch.model_dump(mode="json"), "note": note}
+    (folder / (CONFIG_FILE + ".tmp")).write_text(json.dumps(config, indent=2) + "\n")
+    (folder / (CONFIG_FILE + ".tmp")).replace(folder / CONFIG_FILE)
+    return folder
+
+
+def load_vae(path: str | Path, arch: VAEArch | None = None) -> VideoVAE:
+    """A VideoVAE from a folder written by `save_vae` (its config.json gives the architecture), or
+    from a .safetensors / .pt state-dict file with `arch` given."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; is it a folder written by `spacetime train vae`?")
+        arch = VAEArch.model_validate(json.loads((path / CONFIG_FILE).read_text())["arch"])
+        path = path / WEIGHTS_FILE
+    elif not path.exists():
+        raise FileNotFoundError(f"{path}: VAE weights not found")
+    elif arch is None:
+        raise ValueError(f"{path}: a weights file needs the architecture (vae.arch) to load into")
+    vae = VideoVAE(arch)
+    try:
+        vae.load_state_dict(_read_state_dict(path))
+    except RuntimeError as err:  # missing / unexpected keys, shape mismatches
+        raise ValueError(f"{path}: weights do not fit the architecture {arch.model_dump()}: "
+                         f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
+    return vae
+
+
+class DiffusersVAE(nn.Module):
+    """A diffusers video VAE behind the VideoVAE interface (encode/decode normalised latents).
+
+    Compression factors come from the diffusers config (`temporal_compression_ratio` /
+    `scale_factor_temporal`, `spatial_compression_ratio` / `scale_factor_spatial`); normalisation
+    from per-channel `latents_mean` / `latents_std` (Wan) or `scaling_factor` (CogVideoX).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.temporal_compression = int(getattr(cfg, "temporal_compression_ratio", None)
+                                        or getattr(cfg, "scale_factor_temporal", 4))
+        self.spatial_compression = int(getattr(cfg, "spatial_compression_ratio", None)
+                                       or getattr(cfg, "scale_factor_spatial", 8))
+        self.latent_channels = int(getattr(cfg, "latent_channels", None) or cfg.z_dim)
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1, 1), persistent=False)
+            self.register_buffer("inv_std", 1.0 / torch.tensor(std).view(1, -1, 1, 1, 1), persistent=False)
+        else:
+            self.register_buffer("mean", torch.zeros(1), persistent=False)
+            self.register_buffer("inv_std", torch.tensor(float(getattr(cfg, "scaling_factor", 1.0))),
+                                 persistent=False)
+
+    def trim(self, video: torch.Tensor) -> torch.Tensor:
+        t = video.shape[2]
+        return video[:, :, : 1 + (t - 1) // self.temporal_compression * self.temporal_compression]
+
+    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
+        dist = self.model.encode(self.trim(video)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return (z - self.mean) * self.inv_std
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z / self.inv_std + self.mean).sample
+
+
+def load_diffusers_vae(hf_id: str, subfolder: str | None = "vae", dtype: torch.dtype = torch.float32) -> DiffusersVAE:
+    """A public video VAE by Hugging Face id (or local diffusers folder) through diffusers.AutoModel.
+
+    Needs `pip install diffusers` (not installed in this project's environment) and the weights."""
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers") is None:
+        raise RuntimeError(f"vae {hf_id!r} (source: diffusers) needs the `diffusers` package, which is not "
+                           "installed: pip install diffusers, or use a VAE saved by `spacetime train vae`")
+    from diffusers import AutoModel
+
+    model = AutoModel.from_pretrained(hf_id, subfolder=subfolder, torch_dtype=dtype)
+    return DiffusersVAE(model.eval().requires_grad_(False))
