@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from importlib import metadata
@@ -72,6 +73,15 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption_finetune(args: argparse.Namespace) -> int:
+    from captioner.finetune import FinetuneConfig, finetune
+
+    cfg = _resolve(args, FinetuneConfig)
+    result = finetune(args.data, args.base, args.output, cfg)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from curation.calibrate import calibrate
 
@@ -125,6 +135,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="join this Ray cluster (default: $RAY_ADDRESS, else a local embedded Ray)")
     _config_args(p, CONFIG_DIR / "curate" / "default.yaml")
     p.set_defaults(func=cmd_curate)
+
+    from training.sample import add_sample_args, cmd_sample
+    from training.train import add_train_args, cmd_train
+
+    p = sub.add_parser("train", help="train the DiT or the video VAE (torchrun for several processes)",
+                       description="Train on curation outputs; rerunning on an existing --output resumes "
+                                   "exactly. Several processes: torchrun --nproc-per-node N -m curation.cli train ...")
+    add_train_args(p)
+    _config_args(p, CONFIG_DIR / "train" / "tiny.yaml")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate a video or image from a DiT checkpoint (any size; i2v, "
+                                      "extend, loop, interpolate, video-to-video)")
+    add_sample_args(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("caption", help="captioning: fine-tune the captioner VLM (more actions below)")
+    csub = p.add_subparsers(dest="caption_command", metavar="ACTION", required=True)
+    f = csub.add_parser("finetune", help="fine-tune the captioner VLM on (clip, caption) pairs (LoRA or full)",
+                        description="Train with the same frames and prompt as captioning; writes "
+                                    "OUTPUT/merged (serve with vLLM) and OUTPUT/adapter. Rerun to resume.")
+    f.add_argument("--data", type=Path, required=True,
+                   help="a curation output folder, or a JSONL of {video|shard+key, caption|fields}")
+    f.add_argument("--base", required=True, help="base model: Hugging Face id or local path")
+    f.add_argument("--output", type=Path, required=True, help="run folder (checkpoints, adapter, merged)")
+    _config_args(f, CONFIG_DIR / "caption" / "finetune.yaml")
+    f.set_defaults(func=cmd_caption_finetune)
 
     from curation.calibrate import FILTERS
 
