@@ -241,6 +241,8 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
         stream.thread_type = "AUTO"
         if cfg.threads:
             stream.codec_context.thread_count = cfg.threads
+        if cfg.skip_loop_filter:
+            stream.codec_context.options = {"skip_loop_filter": "all"}
         size = analysis_size(stream.codec_context.width, stream.codec_context.height, cfg.height)
         last_pts = None
         for frame in decode_all(container, stream):

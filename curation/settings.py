@@ -53,6 +53,11 @@ class ProbeConfig(StrictModel):
 class AnalyzeConfig(StrictModel):
     height: int = 144  # decode height of the analysis pass (width keeps the aspect, even)
     threads: int = 0  # decoder threads, 0 = FFmpeg auto
+    # Skip the codec's in-loop deblocking in this pass: ~20% faster H.264 decode (measured 319 ->
+    # 385 fps at 1080p). The pass works at low resolution, where the small drift this causes within
+    # a GOP is below the coding noise; extraction always decodes normally. Turn off for tiny,
+    # heavily compressed sources whose sampled frames are not downscaled.
+    skip_loop_filter: bool = True
     detector: Literal["content", "adaptive"] = "content"  # hard cuts (scenedetect)
     content_threshold: float = 27.0  # scenedetect ContentDetector default
     adaptive_threshold: float = 3.0  # scenedetect AdaptiveDetector default
