@@ -26,6 +26,18 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+class Resources(StrictModel):
+    """How Ray runs a stage: an actor pool of `actors` (at least 1) actors, each holding num_cpus /
+    num_gpus for the whole run. On a small machine the pools' CPUs must add up to at most the
+    cores, or a stage never starts (see configs/curate/tiny.yaml)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    actors: int = 1
+    batch_size: int = 1
+    calls_per_actor: int = 1  # batches in flight per actor (async stages keep an engine's batch full)
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree

@@ -81,5 +81,17 @@ def preflight_open_clip(model_name: str, pretrained: str | None) -> None:
                                f"{OFFLINE_HINT} ({type(err).__name__})") from None
 
 
+def preflight_hf_model(ref: str) -> None:
+    """A Hugging Face model id (not a local folder) must be fetchable: check its config.json."""
+    if Path(ref).expanduser().exists():
+        return
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(ref, "config.json")
+    except Exception as err:
+        raise ModelUnavailable(f"model {ref}: {OFFLINE_HINT} ({type(err).__name__})") from None
+
+
 def is_local(ref: str) -> bool:
     return Path(ref).exists()

@@ -1,7 +1,7 @@
 """The curation pipeline: a short list of Ray Data stages, then the driver-side write.
 
     sources -> probe -> analyze -> split -> borders -> exposure -> sharpness -> motion -> aesthetic
-            -> [caption] -> extract -> write (driver: completion records, shards, manifests, report)
+            -> caption -> extract -> write (driver: completion records, shards, manifests, report)
 
 A stage is a small class: `__init__` loads what it needs once per actor, `__call__` handles one row.
 Resources (CPUs, GPUs, actor pool size) come from the config section of the same name. Rows are
@@ -20,6 +20,7 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 
+from captioner.stage import Caption
 from curation import shards
 from curation.filters import Aesthetic, Borders, Exposure, Motion, Sharpness
 from curation.settings import CurateConfig, Resources
@@ -152,7 +153,7 @@ STAGES = [
     (Sharpness, "map", "filters.sharpness"),
     (Motion, "map", "filters.motion"),
     (Aesthetic, "map_batches", "filters.aesthetic"),
-    # caption goes here
+    (Caption, "map_batches", "caption"),  # after the filters: only surviving clips are captioned
     (Extract, "map", "extract"),
 ]
 
@@ -166,8 +167,11 @@ def _section(cfg: CurateConfig, dotted: str):
 def _apply(ds, stage, op: str, res: Resources, cfg: CurateConfig, out: str):
     import ray.data
 
+    pool = dict(size=max(1, res.actors))
+    if res.calls_per_actor > 1:
+        pool["max_concurrent_calls_per_actor"] = res.calls_per_actor
     kwargs = dict(fn_constructor_kwargs={"cfg": cfg, "out": out}, num_cpus=res.num_cpus,
-                  compute=ray.data.ActorPoolStrategy(size=max(1, res.actors)))
+                  compute=ray.data.ActorPoolStrategy(**pool))
     if res.num_gpus:
         kwargs["num_gpus"] = res.num_gpus
     if op == "map_batches":
@@ -200,13 +204,18 @@ def _versions() -> dict:
 def preflight(cfg: CurateConfig) -> None:
     """Resolve every model reference before any worker starts (builds tiny models if missing;
     fails early, naming the model, where real weights cannot be had)."""
+    from curation.models import preflight_hf_model, preflight_open_clip, resolve
+
     a = cfg.filters.aesthetic
     if a.enabled:
-        from curation.models import preflight_open_clip, resolve
-
         resolve(a.config_dir)
         resolve(a.head)
         preflight_open_clip(resolve(a.model), resolve(a.pretrained))
+    if cfg.caption is not None:
+        if cfg.caption.model.startswith("tiny:"):  # workers get the resolved local path
+            cfg.caption.model = resolve(cfg.caption.model)
+        if cfg.caption.engine != "openai":  # an endpoint serves its own model
+            preflight_hf_model(cfg.caption.model)
 
 
 def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address: str | None = None) -> dict:
@@ -240,7 +249,8 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
         items = [pack({"source": {"uri": u, "status": "pending"}}) for u in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         for stage, op, section in STAGES:
-            ds = _apply(ds, stage, op, _section(cfg, section).resources, cfg, str(out))
+            if _section(cfg, section) is not None:  # an optional stage left out of the config
+                ds = _apply(ds, stage, op, _section(cfg, section).resources, cfg, str(out))
         tracker = CompletionTracker(run)
         with tqdm(total=len(pending), desc="sources", unit="src", disable=None) as bar:
             for row in ds.iter_rows():

@@ -6,17 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from curation.config import StrictModel
-
-
-class Resources(StrictModel):
-    """How Ray runs a stage. actors=0 runs it as tasks; actors>0 as an actor pool of that size.
-    On 2 cores keep num_cpus fractional for actor pools, or the read/write tasks can starve."""
-
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    actors: int = 0
-    batch_size: int = 1
+from captioner.config import CaptionConfig
+from curation.config import Resources, StrictModel  # noqa: F401 (Resources re-exported)
 
 
 class RayConfig(StrictModel):
@@ -161,4 +152,5 @@ class CurateConfig(StrictModel):
     split: SplitConfig = Field(default_factory=SplitConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    caption: CaptionConfig | None = None  # None: no captioning stage (shards get empty .txt)
     write: WriteConfig = Field(default_factory=WriteConfig)

@@ -59,7 +59,7 @@ def test_curate_from_s3(s3_server, tmp_path):
     s3.upload_file(str(tm.real_footage("bikes.mp4")), "raw", "videos/sub/bikes.mp4")
     s3.put_object(Bucket="raw", Key="videos/notes.txt", Body=b"not a video")  # filtered by extension
 
-    cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", [f"sources.s3.endpoint={s3_server}"])
+    cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", [f"sources.s3.endpoint={s3_server}", "caption=null"])
     assert list_inputs(["s3://raw/videos"], cfg.sources) == [
         "s3://raw/videos/multishot.mp4", "s3://raw/videos/sub/bikes.mp4"]
     start_local_ray()
@@ -75,6 +75,6 @@ def test_curate_from_s3(s3_server, tmp_path):
 
 
 def test_missing_s3_prefix_is_a_clear_error(s3_server):
-    cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", [f"sources.s3.endpoint={s3_server}"])
+    cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", [f"sources.s3.endpoint={s3_server}", "caption=null"])
     with pytest.raises(ValueError, match="s3://nope/x/y.mp4: no such object"):
         list_inputs(["s3://nope/x/y.mp4"], cfg.sources)

@@ -43,7 +43,7 @@ def filtered(tmp_path_factory):
     start_local_ray()
     out = root / "out"
     inputs = [str(media)] + [str(gt.path) for gt, _ in pairs.values()]
-    run_curation(inputs, str(out), tiny_config())
+    run_curation(inputs, str(out), tiny_config(caption="null"))
     clips = {c["source_uri"]: c for c in pq.read_table(out / shards.CLIPS_MANIFEST).to_pylist()}
     expected = {str((media / n).resolve()): fate for n, (_, fate) in LABELLED.items()}
     expected.update({str(gt.path.resolve()): fate for gt, fate in pairs.values()})

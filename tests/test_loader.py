@@ -50,7 +50,7 @@ def curated(tmp_path_factory):
     ray = start_local_ray()
     out = root / "out"
     try:
-        run_curation([str(media)], str(out), load_config(CurateConfig, CONFIGS / "curate/tiny.yaml"))
+        run_curation([str(media)], str(out), load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", ["caption=null"]))
     finally:
         ray.shutdown()  # DataLoader workers fork from this process
     index = pq.read_table(out / shards.INDEX_PATH).to_pylist()

@@ -1,0 +1,95 @@
+"""The pipeline's caption stage: dense structured captions for every candidate clip.
+
+Wiring (curation/pipeline.py): after the filters, before extract, as an actor pool whose actors may
+each run several batches at once (so the engine's batch stays full across Ray batches):
+
+    (Caption, "map_batches", "caption")
+    ds.map_batches(Caption, batch_size=res.batch_size, batch_format="numpy",
+                   compute=ActorPoolStrategy(size=res.actors, max_concurrent_calls_per_actor=4), ...)
+
+Per candidate clip:
+    ok      clip["caption"] = dense caption, clip["caption_fields"] = {subjects, actions, scene,
+            camera_motion, shot_type, lighting, style, on_screen_text, dense, short},
+            clip["caption_provenance"] = {model, model_digest, adapter, prompt_version, prompt_hash,
+            sampling, seed, request: {id, seed, temperature, attempt, qa_notes}, ...}
+    failed  clip["status"] = "failed", clip["reason"] = "caption: <why>" (after one retry): the clip
+            stays out of the shards and is listed in manifest/clips.parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from captioner.config import CaptionConfig
+from captioner.core import CaptionResult, Captioner, ClipTask
+from captioner.frames import from_sampled
+from curation.analyze import decode_frames
+from curation.stage import BatchStage
+
+
+class Caption(BatchStage):
+    name = "caption"
+
+    def __init__(self, cfg, out: str, captioner: Captioner | None = None):
+        """`cfg`: a CurateConfig with a `caption` section (CaptionConfig). `captioner`: share an
+        already loaded engine (tests, notebooks); by default each actor loads its own, once."""
+        super().__init__(cfg, out)
+        self.caption_cfg: CaptionConfig = cfg.caption
+        self.owns_captioner = captioner is None
+        self.captioner = captioner or Captioner(self.caption_cfg)
+
+    # Ray Data runs an async __call__ concurrently (max_concurrent_calls_per_actor), which is what
+    # keeps requests from the next batch flowing into the engine while this one finishes.
+    async def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
+        metas = [json.loads(m) for m in batch["meta"]]
+        sampled = list(batch["sampled"])
+        todo = [i for i, m in enumerate(metas) if m.get("clip") and m["clip"]["status"] == "candidate"]
+        tasks = self._tasks([(metas[i], sampled[i]) for i in todo])
+        if tasks:
+            self._apply([metas[i] for i in todo], await self.captioner.acaption(tasks))
+        share = (time.perf_counter() - t0) / max(1, len(metas))
+        for m in metas:  # the batch's wall time, shared out per row (batches overlap in time)
+            timings = m.setdefault("timings", {})
+            timings[self.name] = timings.get(self.name, 0.0) + share
+        return {"meta": [json.dumps(m) for m in metas], "sampled": sampled}
+
+    def process(self, items: list[tuple[dict, bytes]]) -> None:
+        """The synchronous BatchStage entry point (direct calls; Ray uses the async __call__)."""
+        tasks = self._tasks(items)
+        if tasks:
+            self._apply([meta for meta, _ in items], self.captioner.caption(tasks))
+
+    def _tasks(self, items: list[tuple[dict, bytes]]) -> list[ClipTask]:
+        """Videos of the clips; a clip whose frames cannot be prepared fails here."""
+        tasks = []
+        for meta, sampled in items:
+            clip = meta["clip"]
+            try:
+                frames = decode_frames(sampled) if sampled else None
+                if frames is None:
+                    raise ValueError("no sampled frames")
+                tasks.append(ClipTask(clip["clip_id"], from_sampled(clip, frames, self.caption_cfg.frames,
+                                                                    self.caption_cfg.max_pixels)))
+            except Exception as err:
+                clip.update(status="failed", reason=f"caption: frames unusable: {err}")
+        return tasks
+
+    @staticmethod
+    def _apply(metas: list[dict], results: dict[str, CaptionResult]) -> None:
+        for meta in metas:
+            clip = meta["clip"]
+            result = results.get(clip["clip_id"])
+            if result is None:  # frames failed above
+                continue
+            if result.ok:
+                clip.update(caption=result.caption, caption_fields=result.fields,
+                            caption_provenance=result.provenance)
+            else:
+                tries = f" ({result.attempts} attempts)" if result.attempts > 1 else ""
+                clip.update(status="failed", reason=f"caption: {result.reason}{tries}")
+
+    def __del__(self):
+        if getattr(self, "owns_captioner", False):
+            self.captioner.close()
