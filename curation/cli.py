@@ -73,6 +73,37 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    """`spacetime caption --input DIR --output DIR`: recaption an existing dataset (resumable)."""
+    from captioner.config import CaptionConfig
+    from captioner.recaption import run_recaption
+    from curation.models import resolve
+
+    cfg = _resolve(args, CaptionConfig)
+    if args.input is None or args.output is None:
+        raise ConfigError("spacetime caption: give --input DATASET and --output DIR (or an action: upsample, finetune)")
+    cfg.model = resolve(cfg.model)
+    summary = run_recaption(args.input, args.output, cfg)
+    print(json.dumps(summary, indent=1))
+    if summary.get("failed"):
+        print(f"spacetime caption: {summary['failed']} clips failed; rerun the same command to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_caption_upsample(args: argparse.Namespace) -> int:
+    from captioner.config import CaptionConfig
+    from captioner.upsample import dataset_examples, upsample
+    from curation.models import resolve
+
+    cfg = _resolve(args, CaptionConfig)
+    cfg.model = resolve(cfg.model)
+    examples = dataset_examples(args.examples_from) if args.examples_from else None
+    print(upsample(args.prompt, cfg, examples))
+    return 0
+
+
 def cmd_caption_finetune(args: argparse.Namespace) -> int:
     from captioner.finetune import FinetuneConfig, finetune
 
@@ -152,8 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("caption", help="captioning: fine-tune the captioner VLM (more actions below)")
-    csub = p.add_subparsers(dest="caption_command", metavar="ACTION", required=True)
+    p = sub.add_parser("caption", help="(re)caption a dataset with a VLM; actions: upsample, finetune",
+                       description="Without an action: recaption the curation output --input into --output "
+                                   "(same shards, new captions; idempotent and resumable by clip id).")
+    p.add_argument("--input", type=Path, default=None, metavar="DATASET", help="a curation (or caption) output")
+    p.add_argument("--output", type=Path, default=None, metavar="DIR", help="output folder")
+    _config_args(p, CONFIG_DIR / "caption" / "default.yaml")
+    p.set_defaults(func=cmd_caption)
+    csub = p.add_subparsers(dest="caption_command", metavar="ACTION", required=False)
+    u = csub.add_parser("upsample", help="short prompt -> dense caption in the dataset's caption style")
+    u.add_argument("prompt", help='e.g. "a cat on a skateboard"')
+    u.add_argument("--examples-from", type=Path, default=None, metavar="DATASET",
+                   help="take few-shot example captions from this dataset's shards")
+    _config_args(u, CONFIG_DIR / "caption" / "default.yaml")
+    u.set_defaults(func=cmd_caption_upsample)
     f = csub.add_parser("finetune", help="fine-tune the captioner VLM on (clip, caption) pairs (LoRA or full)",
                         description="Train with the same frames and prompt as captioning; writes "
                                     "OUTPUT/merged (serve with vLLM) and OUTPUT/adapter. Rerun to resume.")

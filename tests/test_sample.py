@@ -135,17 +135,16 @@ def test_image_is_png_and_video_is_mp4(checkpoint, sampler, tmp_path):
         assert (c.streams.video[0].width, c.streams.video[0].height) == (11, 9)
 
 
-def test_upsample_uses_captioner_upsample_or_says_it_is_missing(checkpoint, sampler, monkeypatch, tmp_path):
-    import captioner
+def test_upsample_runs_the_captioner(checkpoint, sampler, tiny_models):
+    """--upsample: the real captioner (tiny VLM, transformers engine) rewrites the prompt."""
+    from tests.caption_support import caption_config
 
-    monkeypatch.delattr(captioner, "upsample", raising=False)
-    with pytest.raises(RuntimeError, match=r"captioner.upsample\(prompt, cfg\)"):
+    with pytest.raises(RuntimeError, match="--caption-config"):
         sample(checkpoint, "a cat", 16, 16, 1, None, steps=1, upsample=True, sampler=sampler)
-    seen = []
-    monkeypatch.setattr(captioner, "upsample", lambda p, cfg: seen.append((p, cfg)) or f"dense: {p}", raising=False)
-    result = sample(checkpoint, "a cat", 16, 16, 1, None, steps=1, upsample=True, caption_config="CFG",
+    cfg = caption_config(tiny_models["vlm"]["path"], engine="transformers")
+    result = sample(checkpoint, "a cat", 16, 16, 1, None, steps=1, upsample=True, caption_config=cfg,
                     sampler=sampler)
-    assert seen == [("a cat", "CFG")] and result.prompt == "dense: a cat"
+    assert isinstance(result.prompt, str) and result.prompt.strip() and result.prompt != "a cat"
 
 
 def test_cli_image_to_video(checkpoint, tiny_models, monkeypatch, tmp_path):

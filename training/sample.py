@@ -249,14 +249,13 @@ class SampleResult:
 
 
 def upsample_prompt(prompt: str, caption_config=None) -> str:
-    """captioner.upsample(prompt, cfg) when the captioner package provides it."""
-    import captioner
+    """The prompt made dense by the captioner (captioner.upsample), in the training captions' style."""
+    from captioner.upsample import upsample
 
-    fn = getattr(captioner, "upsample", None)
-    if not callable(fn):
-        raise RuntimeError("prompt upsampling needs captioner.upsample(prompt, cfg), which the installed captioner "
-                           "package does not provide; sample without --upsample or give a dense prompt")
-    return fn(prompt, caption_config)
+    if caption_config is None:
+        raise RuntimeError("--upsample needs --caption-config FILE: the captioner config that writes dense "
+                           "captions (e.g. configs/caption/default.yaml)")
+    return upsample(prompt, caption_config)
 
 
 def sample(checkpoint: str | Path, prompt: str, width: int, height: int, frames: int, out_path: str | Path | None,
