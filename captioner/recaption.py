@@ -24,13 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tarfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterator
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from captioner.config import CaptionConfig
@@ -40,49 +38,12 @@ from curation import shards
 
 log = logging.getLogger(__name__)
 
-# Output paths of a recaption (candidates for curation.shards, the owner of output paths).
-CAPTIONS_MANIFEST = "manifest/captions.parquet"
-CAPTION_SUMMARY = "caption_summary.json"
+from curation.shards import (CAPTION_SUMMARY, CAPTIONS_MANIFEST, CAPTIONS_SCHEMA,  # noqa: E402,F401
+                             read_shard)
+from curation.write import atomic_write as _atomic_write  # noqa: E402
+
 RECORDS_DIR = f"{shards.WORK_DIR}/captions"
 FINGERPRINT = f"{shards.WORK_DIR}/caption_run.json"
-
-CAPTIONS_SCHEMA = pa.schema([
-    ("clip_id", pa.string()),
-    ("shard", pa.string()),  # the input shard (the output shard has the same path when ok)
-    ("status", pa.string()),  # ok | failed
-    ("reason", pa.string()),
-    ("attempts", pa.int32()),
-    ("caption", pa.string()),
-    ("short", pa.string()),
-    ("provenance", pa.string()),  # JSON
-])
-
-
-def read_shard(path: Path) -> Iterator[dict]:
-    """Samples of a WebDataset tar as {"__key__": key, ext: bytes, ...}, in tar order.
-    (A shard reader for curation.shards: sample members are <key>.<ext>, keys have no dots.)"""
-    current: dict | None = None
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = os.path.basename(member.name)
-            key, _, ext = name.partition(".")
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            current[ext] = tar.extractfile(member).read()
-    if current is not None:
-        yield current
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class _Records:

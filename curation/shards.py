@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -30,6 +32,8 @@ SOURCES_MANIFEST = "manifest/sources.parquet"
 CLIPS_MANIFEST = "manifest/clips.parquet"
 SUMMARY_PATH = "summary.json"
 REPORT_DIR = "report"
+CAPTIONS_MANIFEST = "manifest/captions.parquet"  # `spacetime caption` (recaption) outputs
+CAPTION_SUMMARY = "caption_summary.json"
 WORK_DIR = ".work"  # staging and per-source completion records; resumable state of a run
 
 # Extensions of one sample inside a tar: the clip (native resolution), its record, its dense caption.
@@ -200,3 +204,35 @@ def write_shard(path: Path, samples: Iterable[tuple[str, bytes, dict, str]]) -> 
 def read_sample_record(sample: dict) -> dict:
     """Decode the record of a webdataset sample dict (raw bytes values) -> dict."""
     return json.loads(sample[RECORD_EXT])
+
+
+CAPTIONS_SCHEMA = pa.schema([  # `spacetime caption` output: every clip and its caption verdict
+    ("clip_id", pa.string()),
+    ("shard", pa.string()),  # the input shard (the output shard has the same path when ok)
+    ("status", pa.string()),  # ok | failed
+    ("reason", pa.string()),
+    ("attempts", pa.int32()),
+    ("caption", pa.string()),
+    ("short", pa.string()),
+    ("provenance", pa.string()),  # JSON
+])
+
+
+def read_shard(path: Path) -> Iterator[dict]:
+    """Samples of a WebDataset tar as {"__key__": key, ext: bytes, ...}, in tar order.
+    Sample members are <key>.<ext>; keys have no dots."""
+    current: dict | None = None
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = os.path.basename(member.name)
+            key, _, ext = name.partition(".")
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield current
