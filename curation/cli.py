@@ -113,6 +113,18 @@ def cmd_caption_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.train import cmd_train as run
+
+    return run(args)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from training.sample import cmd_sample as run
+
+    return run(args)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from curation.calibrate import calibrate
 
@@ -167,8 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, CONFIG_DIR / "curate" / "default.yaml")
     p.set_defaults(func=cmd_curate)
 
-    from training.sample import add_sample_args, cmd_sample
-    from training.train import add_train_args, cmd_train
+    from training.cli_args import add_sample_args, add_train_args
 
     p = sub.add_parser("train", help="train the DiT or the video VAE (torchrun for several processes)",
                        description="Train on curation outputs; rerunning on an existing --output resumes "

@@ -340,33 +340,7 @@ def read_image(path: str | Path) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-MODES = ("text", "i2v", "extend-forward", "extend-backward", "loop", "interpolate", "v2v")
-
-
-def add_sample_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", default="", help="the unconditional prompt of CFG (default: empty)")
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--frames", type=int, default=33, help="1 for an image (PNG)")
-    parser.add_argument("--out", type=Path, required=True, help="output .mp4 (or .png for 1 frame)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--cfg-scale", type=float, default=5.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fps", type=float, default=24.0)
-    parser.add_argument("--mode", choices=MODES, default="text",
-                        help="text: text only; i2v: --image as frame 0; extend-forward/-backward: --video at the "
-                             "start/end; loop: --video (or --image) at both ends; interpolate: --video then --video2; "
-                             "v2v: SDEdit of --video with --strength")
-    parser.add_argument("--image", type=Path, help="image (or video: its first frame) for i2v / loop")
-    parser.add_argument("--video", type=Path, help="input video for extend / loop / interpolate / v2v")
-    parser.add_argument("--video2", type=Path, help="second video for interpolate")
-    parser.add_argument("--strength", type=float, default=0.6, help="v2v: noise level to restart from (0..1)")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    parser.add_argument("--upsample", action="store_true", help="make the prompt dense with captioner.upsample")
-    parser.add_argument("--caption-config", type=Path, default=None, help="captioner config for --upsample")
-    parser.add_argument("--device", default=None)
+from training.cli_args import MODES, add_sample_args  # noqa: E402,F401 (torch-free, for the CLI)
 
 
 def conditions_from_args(args: argparse.Namespace, temporal: int = 4) -> list[Condition]:

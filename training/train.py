@@ -496,14 +496,7 @@ def _export_vae(task: VAETask, model: torch.nn.Module, run_dir: Path, d: Dist) -
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def add_train_args(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `spacetime train` besides --config / --set / --print-config / -v."""
-    parser.add_argument("kind", choices=["dit", "vae"], help="what to train")
-    parser.add_argument("--data", action="append", default=None, metavar="DIR",
-                        help="curation output folder (repeatable; default: loader.data of the config)")
-    parser.add_argument("--output", type=Path, required=False, default=None, metavar="RUN",
-                        help="run folder; rerunning on an existing one resumes from its newest checkpoint")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: steps)")
+from training.cli_args import add_train_args  # noqa: E402,F401 (torch-free, for the CLI)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
