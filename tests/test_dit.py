@@ -17,13 +17,7 @@ from training.train_config import TrainConfig
 TINY = DiTConfig(hidden=64, depth=2, heads=4, patch=(1, 2, 2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a loaded 2-core machine: one intra-op thread is ~50x faster than two contending."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _perturbed(model: DiT) -> DiT:

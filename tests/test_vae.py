@@ -19,12 +19,7 @@ from training.vae import PerceptualLoss, VAEArch, VideoVAE, load_diffusers_vae, 
 TINY = VAEArch(latent_channels=4, channels=(8, 16, 16, 16), blocks_per_level=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_compression_shapes_images_and_any_size():
