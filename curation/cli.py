@@ -73,16 +73,23 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_caption(args: argparse.Namespace) -> int:
-    """`spacetime caption --input DIR --output DIR`: recaption an existing dataset (resumable)."""
+def _caption_config(args: argparse.Namespace):
+    """The resolved CaptionConfig of a `spacetime caption` command (tiny: model references built)."""
     from captioner.config import CaptionConfig
-    from captioner.recaption import run_recaption
     from curation.models import resolve
 
     cfg = _resolve(args, CaptionConfig)
+    cfg.model = resolve(cfg.model)
+    return cfg
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """`spacetime caption --input DIR --output DIR`: recaption an existing dataset (resumable)."""
+    from captioner.recaption import run_recaption
+
+    cfg = _caption_config(args)
     if args.input is None or args.output is None:
         raise ConfigError("spacetime caption: give --input DATASET and --output DIR (or an action: upsample, finetune)")
-    cfg.model = resolve(cfg.model)
     summary = run_recaption(args.input, args.output, cfg)
     print(json.dumps(summary, indent=1))
     if summary.get("failed"):
@@ -93,12 +100,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_caption_upsample(args: argparse.Namespace) -> int:
-    from captioner.config import CaptionConfig
     from captioner.upsample import dataset_examples, upsample
-    from curation.models import resolve
 
-    cfg = _resolve(args, CaptionConfig)
-    cfg.model = resolve(cfg.model)
+    cfg = _caption_config(args)
     examples = dataset_examples(args.examples_from) if args.examples_from else None
     print(upsample(args.prompt, cfg, examples))
     return 0
