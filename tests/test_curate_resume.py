@@ -50,13 +50,16 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
                             stderr=subprocess.DEVNULL, start_new_session=True)
     records = killed / shards.WORK_DIR / "done"
     deadline = time.time() + 300
-    while time.time() < deadline and not (records.exists() and len(list(records.glob("*.json"))) >= 2):
-        time.sleep(0.05)
+    while time.time() < deadline and not (records.exists() and any(records.glob("*.json"))):
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     proc.wait()
+    # The kill lands after the first completed source and before the run's end: while sources are
+    # still in flight, or (sources can complete in a burst) while shards are being assembled.
+    # Either way the rerun must give the same bytes.
     finished_before_kill = len(list(records.glob("*.json")))
     assert not (killed / shards.SUMMARY_PATH).exists(), "the run finished before it could be killed"
-    assert 2 <= finished_before_kill < len(list(media.iterdir()))
+    assert 1 <= finished_before_kill <= len(list(media.iterdir()))
 
     resumed = run(curate_cmd([media], killed))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
