@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -41,6 +40,7 @@ log = logging.getLogger(__name__)
 from curation.shards import (CAPTION_SUMMARY, CAPTIONS_MANIFEST, CAPTIONS_SCHEMA,  # noqa: E402,F401
                              read_shard)
 from curation.write import atomic_write as _atomic_write  # noqa: E402
+from curation.write import write_parquet as _write_parquet  # noqa: E402
 
 RECORDS_DIR = f"{shards.WORK_DIR}/captions"
 FINGERPRINT = f"{shards.WORK_DIR}/caption_run.json"
@@ -208,9 +208,3 @@ def _finalize(input_dir: Path, out: Path, index: list[dict], done: dict[str, dic
     return {"clips": len(index), "ok": len(ok), "failed": sum(r["status"] == "failed" for r in done.values()),
             "shards": len({row["shard"] for row in rows}), "samples_written": len(written)}
 
-
-def _write_parquet(path: Path, table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
