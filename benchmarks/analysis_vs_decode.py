@@ -16,10 +16,11 @@ from pathlib import Path
 
 import av
 
-from curation import testmedia
+from spacetime.standins import testmedia
 from curation.analyze import analyze
 from curation.probe import probe
-from curation.settings import AnalyzeConfig, ProbeConfig, S3Config
+from curation.settings import AnalyzeConfig, ProbeConfig
+from spacetime.config import S3Config
 
 
 def bare_decode(path: Path) -> int:

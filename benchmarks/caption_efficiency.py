@@ -37,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from captioner.config import CaptionConfig  # noqa: E402
-from captioner.stage import Caption  # noqa: E402
+from curation.caption import Caption  # noqa: E402
 
 
 class TimedCaption(Caption):
@@ -55,11 +55,11 @@ class TimedCaption(Caption):
 
 
 def build_config(args) -> CaptionConfig:
-    from curation.config import load_config
+    from spacetime.config import load_config
 
     model = args.model
     if model is None:
-        from curation.tiny_models import build_all, default_tiny_dir
+        from spacetime.standins.tiny_models import build_all, default_tiny_dir
 
         model = build_all(default_tiny_dir())["vlm"]["path"]
     overrides = [f"model={model}", "engine=vllm", f"frames={args.frames}",
@@ -76,9 +76,9 @@ def make_rows(n: int):
     unique by index) with the frames the analysis pass would have sampled (every 12th, 160x68)."""
     import av
 
-    from curation.analyze import encode_frames
+    from spacetime.frames import encode_frames
     from curation.pipeline import pack
-    from curation.testmedia import real_footage
+    from spacetime.standins.testmedia import real_footage
 
     with av.open(str(real_footage("bikes.mp4"))) as container:
         frames = [f.to_ndarray(width=160, height=68, format="rgb24") for f in container.decode(video=0)]

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from curation.config import load_config
-from curation.shards import Bucket
+from spacetime.config import load_config
+from spacetime.contract import Bucket
 from training.dit import DiT, DiTConfig, flops_per_token, num_params
 from training.flow import FlowConfig, flow_loss
 from training.parallel import Dist, parallelize
@@ -47,7 +47,7 @@ def latent_shape(bucket: Bucket, channels: int, temporal: int, spatial: int) -> 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs/train/dit_xl.yaml")
-    parser.add_argument("--bucket", default="16x9_360p_128f", help="bucket name (curation.shards)")
+    parser.add_argument("--bucket", default="16x9_360p_128f", help="bucket name (spacetime.contract)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=3)

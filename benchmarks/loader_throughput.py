@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/loader_throughput.py [--workers 0 2] [--steps 20] [--dtype uint8] [--data DIR]
 
-Without --data, writes two small datasets with curation.shards (no curation run): 8 H.264 clips of
+Without --data, writes two small datasets with spacetime.contract (no curation run): 8 H.264 clips of
 640x360, 72 frames (bucket 16x9_360p_64f: 64 frames decoded, resized to 640x352), and 32 one-frame
 H.264 images of 640x360 (16x9_360p_1f), the layout curation writes. Each bucket is weighted up so
 one epoch outlasts the measurement. With --data, measures that curation output as it is (all its
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from curation import shards
-from curation import testmedia
+from spacetime import contract
+from spacetime.standins import testmedia
 from training.config import LoaderConfig
 from training.loader import BucketLoader
 
@@ -40,15 +40,15 @@ def write_dataset(out: Path, kind: str, count: int) -> Path:
             sources = [("bigbuckbunny.mp4", 10 + 4 * i), ("bikes.mp4", 5 + 7 * i)]
             testmedia.make_image(path, size=(640, 360), source=sources[i % 2])
             frames = 1
-        key = shards.clip_id(f"{kind}{i:04d}".ljust(64, "0"), 0, frames)
-        bucket = shards.bucket_for(640, 360, frames).name
-        rel = shards.shard_path(bucket, 0)
+        key = contract.clip_id(f"{kind}{i:04d}".ljust(64, "0"), 0, frames)
+        bucket = contract.bucket_for(640, 360, frames).name
+        rel = contract.shard_path(bucket, 0)
         samples.append((key, path.read_bytes(), {"clip_id": key, "fps": 25.0, "width": 640, "height": 360,
                                                  "num_frames": frames}, f"a benchmark {kind} {i}"))
         rows.append(dict(shard=rel, key=key, clip_id=key, source_uri=str(path), width=640, height=360,
                          num_frames=frames, fps=25.0, duration=frames / 25.0, bucket=bucket, has_caption=True))
-    shards.write_shard(root / rel, samples)
-    pq.write_table(shards.table(rows, shards.INDEX_SCHEMA), root / shards.INDEX_PATH)
+    contract.write_shard(root / rel, samples)
+    pq.write_table(contract.table(rows, contract.INDEX_SCHEMA), root / contract.INDEX_PATH)
     return root
 
 

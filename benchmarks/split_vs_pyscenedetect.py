@@ -30,7 +30,7 @@ DETECTORS = ("detect-content", "detect-adaptive", "detect-hist", "detect-hash")
 def ours(path: Path) -> list[list[int]]:
     """Run in a subprocess: our analysis + split on `path`; prints the transitions as JSON."""
     code = ("import json,sys; from curation.probe import probe; from curation.analyze import analyze;"
-            "from curation.settings import *; s=probe(sys.argv[1], ProbeConfig(), S3Config());"
+            "from curation.settings import *; from spacetime.config import S3Config; s=probe(sys.argv[1], ProbeConfig(), S3Config());"
             "segs=list(analyze(s, AnalyzeConfig(), S3Config(), window_frames=250)); print(json.dumps(segs[-1]['cuts']))")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=3, help="length of the 1080p file in ~14 s cycles of shots")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from curation import testmedia as tm
+    from spacetime.standins import testmedia as tm
 
     work = Path(tempfile.mkdtemp())
     multishot = work / "multishot1080p.mp4"

@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from captioner.schema import FieldLimits, max_answer_tokens
-from curation.config import Resources, StrictModel
+from spacetime.config import Resources, StrictModel
 
 
 class SamplingConfig(StrictModel):

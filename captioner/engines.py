@@ -44,6 +44,7 @@ from typing import Any, Coroutine, TypeVar
 
 from captioner.config import CaptionConfig
 from captioner.frames import ClipVideo
+from spacetime.errors import describe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,8 +94,6 @@ def messages_for(request: Request, video_part: dict | list[dict] | None) -> list
             {"role": "user", "content": [*parts, {"type": "text", "text": request.text}]}]
 
 
-def _error(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
 # -------------------------------------------------------------------------------------- vLLM
@@ -189,7 +188,7 @@ class VllmEngine(Engine):
 
             if isinstance(err, EngineDeadError):  # not this request's fault: fail the batch, let Ray retry
                 raise
-            return Reply(request.request_id, error=_error(err))
+            return Reply(request.request_id, error=describe(err))
         if final is None or not final.outputs:
             return Reply(request.request_id, error="engine returned no output")
         if final.request_id != request.request_id:  # outputs are bound by id, never by position
@@ -272,9 +271,9 @@ class OpenAIEngine(Engine):
                 except Exception as err:
                     if type(err).__name__ not in self.RETRYABLE or attempt == self.o.retries:
                         return Reply(request.request_id, error=f"endpoint error after {attempt + 1} "
-                                                               f"attempt(s): {_error(err)}")
+                                                               f"attempt(s): {describe(err)}")
                     delay = self.o.backoff * 2**attempt * (1 + 0.25 * self.rng.random())
-                    log.debug("%s: %s; retrying in %.1fs", request.request_id, _error(err), delay)
+                    log.debug("%s: %s; retrying in %.1fs", request.request_id, describe(err), delay)
                     await asyncio.sleep(delay)
         if not resp.choices:
             return Reply(request.request_id, error="endpoint returned no choices")
@@ -293,7 +292,7 @@ class OpenAIEngine(Engine):
                 if match:
                     info["root"] = getattr(match[0], "root", None)
             except Exception as err:  # provenance must not fail a run; say what is unknown
-                info["error"] = _error(err)
+                info["error"] = describe(err)
             self._served = info
         return self._served
 
@@ -405,7 +404,7 @@ class TransformersEngine(Engine):
         try:
             return await asyncio.to_thread(run)
         except Exception as err:
-            return Reply(request.request_id, error=_error(err))
+            return Reply(request.request_id, error=describe(err))
 
 
 # --------------------------------------------------------------------------------- construction

@@ -33,7 +33,6 @@ import logging
 import os
 import random
 import shutil
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Literal
 from pydantic import Field
 
 from captioner.config import CaptionConfig
-from curation.config import StrictModel
+from spacetime.config import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -92,30 +91,25 @@ def placeholder_fields(caption: str, cfg: CaptionConfig) -> dict:
             "short": short[: cfg.limits.short_chars]}
 
 
-def _member(tar_path: Path, name: str) -> bytes:
-    with tarfile.open(tar_path) as tar:
-        return tar.extractfile(name).read()
-
-
 def load_examples(data: Path, cfg: CaptionConfig) -> list[Example]:
     """Examples from a curation output folder or a JSONL file (see the module docstring)."""
-    from curation import shards
+    from spacetime import contract
 
     data = Path(data)
     examples = []
     if data.is_dir():
         import pyarrow.parquet as pq
-        import webdataset as wds
 
-        index = pq.read_table(data / shards.INDEX_PATH).to_pylist()
+        index = pq.read_table(data / contract.INDEX_PATH).to_pylist()
         for shard in sorted({r["shard"] for r in index}):
-            for sample in wds.WebDataset(str(data / shard), shardshuffle=False):
-                caption = sample.get(shards.CAPTION_EXT, b"").decode().strip()
-                if not caption:
+            for sample in contract.read_shard(data / shard):
+                record = contract.read_record(sample, where=str(data / shard))
+                if not record.caption or not record.caption.dense.strip():
                     continue
-                record = shards.read_sample_record(sample)
-                fields = record.get("caption_fields") or placeholder_fields(caption, cfg)
-                examples.append(Example(sample["__key__"], sample[shards.VIDEO_EXT], fields))
+                fields = record.caption.model_dump(exclude={"provenance"})
+                if record.caption.short is None:  # a caption without structured fields
+                    fields = placeholder_fields(record.caption.dense, cfg)
+                examples.append(Example(record.clip_id, sample[contract.VIDEO_EXT], fields))
     else:
         for n, line in enumerate(data.read_text().splitlines(), 1):
             if not line.strip():
@@ -127,7 +121,9 @@ def load_examples(data: Path, cfg: CaptionConfig) -> list[Example]:
                     video, default_id = path.read_bytes(), hashlib.sha256(str(path).encode()).hexdigest()[:20]
                 else:
                     tar = (data.parent / row["shard"]) if not os.path.isabs(row["shard"]) else Path(row["shard"])
-                    video, default_id = _member(tar, f"{row['key']}.{shards.VIDEO_EXT}"), row["key"]
+                    with contract.ShardReader() as reader:
+                        video = reader.read(str(tar), row["key"])[contract.VIDEO_EXT]
+                    default_id = row["key"]
                 fields = row.get("fields") or placeholder_fields(row["caption"], cfg)
             except (KeyError, json.JSONDecodeError, OSError) as err:
                 raise ValueError(f"{data}:{n}: {type(err).__name__}: {err}; each line needs \"video\" or "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curation.analyze import upright
+from spacetime.frames import upright
 
 
 @dataclass
@@ -83,7 +83,7 @@ def from_mp4(data: bytes, n_frames: int, max_pixels: int) -> ClipVideo:
     bounded by the kept frames, not the clip."""
     import av
 
-    from curation.analyze import decode_all
+    from spacetime.frames import decode_all
 
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]

@@ -1,6 +1,6 @@
 """`spacetime caption --input DATASET --output DIR`: recaption an existing curation output.
 
-Reads DATASET/shards/index.parquet and the shards (curation.shards), captions every indexed clip
+Reads DATASET/shards/index.parquet and the shards (spacetime.contract), captions every indexed clip
 from its own mp4 (N frames evenly spaced, decoded at the pixel budget), and writes a dataset with
 the same layout:
 
@@ -33,17 +33,16 @@ import pyarrow.parquet as pq
 from captioner.config import CaptionConfig
 from captioner.core import CaptionResult, Captioner, ClipTask
 from captioner.frames import from_mp4
-from curation import shards
+from spacetime import contract
+from spacetime.contract import CAPTION_SUMMARY, CAPTIONS_MANIFEST, CAPTIONS_SCHEMA, read_record, read_shard
+from spacetime.errors import UserError, describe
+from spacetime.io import atomic_write, write_parquet
+from spacetime.record import Caption
 
 log = logging.getLogger(__name__)
 
-from curation.shards import (CAPTION_SUMMARY, CAPTIONS_MANIFEST, CAPTIONS_SCHEMA,  # noqa: E402,F401
-                             read_shard)
-from curation.write import atomic_write as _atomic_write  # noqa: E402
-from curation.write import write_parquet as _write_parquet  # noqa: E402
-
-RECORDS_DIR = f"{shards.WORK_DIR}/captions"
-FINGERPRINT = f"{shards.WORK_DIR}/caption_run.json"
+RECORDS_DIR = f"{contract.WORK_DIR}/captions"
+FINGERPRINT = f"{contract.WORK_DIR}/caption_run.json"
 
 
 class _Records:
@@ -65,7 +64,7 @@ class _Records:
         record = {"clip_id": result.clip_id, "shard": shard, "status": "ok" if result.ok else "failed",
                   "reason": None if result.ok else f"caption: {result.reason}", "attempts": result.attempts,
                   "caption": result.caption, "fields": result.fields, "provenance": result.provenance}
-        _atomic_write(self.path(result.clip_id), json.dumps(record, sort_keys=True).encode())
+        atomic_write(self.path(result.clip_id), json.dumps(record, sort_keys=True).encode())
         return record
 
 
@@ -79,9 +78,9 @@ def _claim(out: Path, input_dir: Path, cfg: CaptionConfig) -> None:
             changed = (["input"] if old.get("input") != fingerprint["input"] else []) + \
                 [f"caption.{k}" for k in sorted(now) if before.get(k) != now[k]]
             what = ", ".join(changed)
-            raise RuntimeError(f"{out} holds a recaption with a different {what}; rerunning resumes only the same "
+            raise UserError(f"{out} holds a recaption with a different {what}; rerunning resumes only the same "
                                "command. Use a new --output, or delete this one to start over.")
-    _atomic_write(path, json.dumps(fingerprint, sort_keys=True, indent=1).encode())
+    atomic_write(path, json.dumps(fingerprint, sort_keys=True, indent=1).encode())
 
 
 def run_recaption(input_dir: str | Path, output_dir: str | Path, cfg: CaptionConfig,
@@ -94,9 +93,9 @@ def run_recaption(input_dir: str | Path, output_dir: str | Path, cfg: CaptionCon
      "shards"}."""
     t0 = time.perf_counter()
     input_dir, out = Path(input_dir).resolve(), Path(output_dir).resolve()
-    index_path = input_dir / shards.INDEX_PATH
+    index_path = input_dir / contract.INDEX_PATH
     if not index_path.exists():
-        raise FileNotFoundError(f"{input_dir}: no {shards.INDEX_PATH}; expected the --output of `spacetime curate`")
+        raise FileNotFoundError(f"{input_dir}: no {contract.INDEX_PATH}; expected the --output of `spacetime curate`")
     index = pq.read_table(index_path).to_pylist()
     _claim(out, input_dir, cfg)
     records = _Records(out)
@@ -124,7 +123,7 @@ def run_recaption(input_dir: str | Path, output_dir: str | Path, cfg: CaptionCon
                 captioner.close()
     summary = _finalize(input_dir, out, index, done)
     summary["this_run"] = dict(this_run, seconds=round(time.perf_counter() - t0, 3))
-    _atomic_write(out / CAPTION_SUMMARY, json.dumps(summary, indent=1, sort_keys=True).encode())
+    atomic_write(out / CAPTION_SUMMARY, json.dumps(summary, indent=1, sort_keys=True).encode())
     return summary
 
 
@@ -145,10 +144,10 @@ def _caption_pending(captioner: Captioner, input_dir: Path, pending: list[dict],
                 if clip_id not in by_shard[shard]:
                     continue
                 try:
-                    task: ClipTask | str = ClipTask(clip_id, from_mp4(sample[shards.VIDEO_EXT], cfg.frames,
+                    task: ClipTask | str = ClipTask(clip_id, from_mp4(sample[contract.VIDEO_EXT], cfg.frames,
                                                                       cfg.max_pixels))
                 except Exception as err:  # an undecodable clip is a caption failure, not a crash
-                    task = f"frames unusable: {type(err).__name__}: {err}"
+                    task = f"frames unusable: {describe(err)}"
                 chunk.append((shard, clip_id, task))
                 if len(chunk) >= chunk_size:
                     yield chunk
@@ -185,17 +184,17 @@ def _finalize(input_dir: Path, out: Path, index: list[dict], done: dict[str, dic
             record = done.get(sample["__key__"])
             if record is None or record["status"] != "ok":
                 continue
-            meta = json.loads(sample[shards.RECORD_EXT])
-            meta.update(caption=record["caption"], caption_fields=record["fields"],
-                        caption_provenance=record["provenance"])
-            samples.append((sample["__key__"], sample[shards.VIDEO_EXT], meta, record["caption"]))
+            clip = read_record(sample, where=str(input_dir / shard))
+            fields = {k: v for k, v in (record["fields"] or {}).items() if k != "dense"}
+            clip.caption = Caption(**fields, dense=record["caption"], provenance=record["provenance"] or {})
+            samples.append((sample[contract.VIDEO_EXT], clip))
         if samples:
-            shards.write_shard(out / shard, samples)
+            contract.write_shard(out / shard, samples)
         elif (out / shard).exists():
             (out / shard).unlink()
-        written.extend(key for key, *_ in samples)
+        written.extend(clip.clip_id for _, clip in samples)
     rows = [dict(row, has_caption=True) for row in index if row["clip_id"] in ok]
-    _write_parquet(out / shards.INDEX_PATH, shards.table(rows, shards.INDEX_SCHEMA))
+    write_parquet(out / contract.INDEX_PATH, contract.table(rows, contract.INDEX_SCHEMA))
     manifest = []
     for row in index:
         r = done.get(row["clip_id"])
@@ -204,7 +203,7 @@ def _finalize(input_dir: Path, out: Path, index: list[dict], done: dict[str, dic
                          "attempts": r["attempts"] if r else 0, "caption": r["caption"] if r else None,
                          "short": (r.get("fields") or {}).get("short") if r else None,
                          "provenance": json.dumps(r["provenance"], sort_keys=True) if r and r["provenance"] else None})
-    _write_parquet(out / CAPTIONS_MANIFEST, shards.table(manifest, CAPTIONS_SCHEMA))
+    write_parquet(out / CAPTIONS_MANIFEST, contract.table(manifest, CAPTIONS_SCHEMA))
     return {"clips": len(index), "ok": len(ok), "failed": sum(r["status"] == "failed" for r in done.values()),
             "shards": len({row["shard"] for row in rows}), "samples_written": len(written)}
 

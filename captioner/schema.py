@@ -27,7 +27,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from curation.config import StrictModel
+from spacetime.config import StrictModel
+from spacetime.record import CAPTION_FIELDS
 
 CAMERA_MOTIONS = ("static", "pan", "tilt", "zoom", "dolly", "tracking", "handheld", "aerial", "orbit",
                   "mixed", "unknown")
@@ -35,9 +36,8 @@ SHOT_TYPES = ("extreme_close_up", "close_up", "medium", "wide", "extreme_wide", 
               "unknown")
 TEXT_FIELDS = ("scene", "lighting", "style", "on_screen_text")
 LIST_FIELDS = ("subjects", "actions")
-# The fields stored as clip["caption_fields"] (everything but the binding id).
-FIELDS = ("subjects", "actions", "scene", "camera_motion", "shot_type", "lighting", "style", "on_screen_text",
-          "dense", "short")
+# The fields of an answer besides the binding id: those of the stored caption (spacetime.record).
+FIELDS = CAPTION_FIELDS
 
 
 class FieldLimits(StrictModel):

@@ -16,20 +16,21 @@ def dataset_examples(dataset_dir: str | Path, n: int = 3, seed: int = 0) -> list
     """`n` dense captions drawn (deterministically) from a curation/recaption output's shards."""
     import pyarrow.parquet as pq
 
-    from captioner.recaption import read_shard
-    from curation import shards
+    from spacetime import contract
 
     root = Path(dataset_dir)
-    index = [r for r in pq.read_table(root / shards.INDEX_PATH).to_pylist() if r.get("has_caption")]
+    index = [r for r in pq.read_table(root / contract.INDEX_PATH).to_pylist() if r.get("has_caption")]
     chosen = random.Random(seed).sample(index, min(n, len(index)))
     wanted: dict[str, set[str]] = {}
     for row in chosen:
         wanted.setdefault(row["shard"], set()).add(row["key"])
     captions = {}
     for shard, keys in sorted(wanted.items()):
-        for sample in read_shard(root / shard):
-            if sample["__key__"] in keys and sample.get(shards.CAPTION_EXT):
-                captions[sample["__key__"]] = sample[shards.CAPTION_EXT].decode()
+        for sample in contract.read_shard(root / shard):
+            if sample["__key__"] in keys:
+                dense = contract.read_record(sample, where=str(root / shard)).dense_caption
+                if dense:
+                    captions[sample["__key__"]] = dense
     return [captions[r["key"]] for r in chosen if r["key"] in captions]
 
 

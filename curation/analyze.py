@@ -23,36 +23,12 @@ from typing import Iterator
 import av
 import numpy as np
 
-from curation.settings import AnalyzeConfig, S3Config
-from curation.sources import open_source
+from curation.settings import AnalyzeConfig
+from spacetime.config import S3Config
+from spacetime.frames import decode_all, encode_frames, upright
+from spacetime.io import open_uri
 
 log = logging.getLogger(__name__)
-
-
-def encode_frames(frames: list[np.ndarray]) -> bytes:
-    """[N] HxWx3 uint8 frames -> npy bytes (one Ray row value; no tensor-extension quirks)."""
-    buf = io.BytesIO()
-    np.save(buf, np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8), allow_pickle=False)
-    return buf.getvalue()
-
-
-def decode_frames(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def upright(frame: np.ndarray, rotation: int) -> np.ndarray:
-    """Rotate pixels as a player would for the stream's display matrix (PyAV: counter-clockwise)."""
-    return np.ascontiguousarray(np.rot90(frame, k=(rotation // 90) % 4)) if rotation else frame
-
-
-def decode_all(container, stream) -> Iterator[av.VideoFrame]:
-    """Decode every frame, surviving corrupt packets: `container.decode()` stops at the first bad
-    packet, so packets are demuxed and each decoded in its own try/except."""
-    for packet in container.demux(stream):
-        try:
-            yield from packet.decode()
-        except av.error.FFmpegError as err:
-            log.debug("skipping undecodable packet at pts %s: %s", packet.pts, err)
 
 
 @dataclass
@@ -235,7 +211,7 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
         seg, seg_index = nxt, seg_index + 1
         return row
 
-    container = av.open(open_source(source["uri"], s3), metadata_errors="ignore")
+    container = av.open(open_uri(source["uri"], s3), metadata_errors="ignore")
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"

@@ -17,9 +17,10 @@ from pathlib import Path
 import av
 import numpy as np
 
-from curation.analyze import decode_all, upright
-from curation.settings import ExtractConfig, S3Config
-from curation.sources import open_source
+from curation.settings import ExtractConfig
+from spacetime.config import S3Config
+from spacetime.frames import decode_all, upright
+from spacetime.io import atomic_path, open_uri
 
 COPYABLE_CODECS = {"h264", "hevc", "av1", "vp9", "mpeg4"}
 
@@ -40,7 +41,7 @@ def _in_span(pts: int | None, clip: dict) -> bool:
 
 def stream_copy(uri: str, s3: S3Config, clip: dict, out: Path) -> bool:
     """Copy the clip's packets; True when the result decodes to exactly clip['num_frames'] frames."""
-    with av.open(open_source(uri, s3), metadata_errors="ignore") as src:
+    with av.open(open_uri(uri, s3), metadata_errors="ignore") as src:
         stream = src.streams.video[0]
         with av.open(str(out), "w", format="mp4") as dst:
             ostream = dst.add_stream_from_template(stream)
@@ -78,7 +79,7 @@ def reencode(uri: str, s3: S3Config, clip: dict, cfg: ExtractConfig, out: Path,
     rotation = clip["rotation"]
     rate = Fraction(clip["fps"]).limit_denominator(1001000)
     written = 0
-    with av.open(open_source(uri, s3), metadata_errors="ignore") as src:
+    with av.open(open_uri(uri, s3), metadata_errors="ignore") as src:
         stream = src.streams.video[0]
         stream.thread_type = "AUTO"
         src.seek(clip["start_pts"], stream=stream, backward=True, any_frame=False)
@@ -115,25 +116,22 @@ def reencode(uri: str, s3: S3Config, clip: dict, cfg: ExtractConfig, out: Path,
 
 def extract_clip(clip: dict, source: dict, cfg: ExtractConfig, s3: S3Config, staging: Path) -> dict:
     """Write clip `clip_id` to staging/<clip_id>.mp4 (temp name + rename); returns fields to record."""
-    staging.mkdir(parents=True, exist_ok=True)
     final = staging / f"{clip['clip_id']}.mp4"
-    tmp = staging / f"{clip['clip_id']}.tmp.mp4"
     crop = tuple(clip["crop"]) if clip.get("crop") else None
     mode = None
-    if (cfg.stream_copy and clip["start_is_keyframe"] and not clip["rotation"] and crop is None
-            and source["codec"] in COPYABLE_CODECS and not source.get("is_image")):
-        try:
-            if stream_copy(source["uri"], s3, clip, tmp):
-                mode = "copy"
-        except av.error.FFmpegError:
-            mode = None
-    if mode is None:
-        frames = reencode(source["uri"], s3, clip, cfg, tmp, crop)
-        if frames != clip["num_frames"]:
-            tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"decoded {frames} of the span's {clip['num_frames']} frames")
-        mode = "reencode"
-    tmp.replace(final)
+    with atomic_path(final) as tmp:
+        if (cfg.stream_copy and clip["start_is_keyframe"] and not clip["rotation"] and crop is None
+                and source["codec"] in COPYABLE_CODECS and not source.get("is_image")):
+            try:
+                if stream_copy(source["uri"], s3, clip, tmp):
+                    mode = "copy"
+            except av.error.FFmpegError:
+                mode = None
+        if mode is None:
+            frames = reencode(source["uri"], s3, clip, cfg, tmp, crop)
+            if frames != clip["num_frames"]:
+                raise RuntimeError(f"decoded {frames} of the span's {clip['num_frames']} frames")
+            mode = "reencode"
     with av.open(str(final)) as c:
         s = c.streams.video[0].codec_context
         width, height = s.width, s.height

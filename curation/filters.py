@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from curation.analyze import decode_frames, encode_frames
+from spacetime.frames import decode_frames, encode_frames
 from curation.stage import BatchStage, Stage, pack, unpack
 from curation.settings import (AestheticConfig, BordersConfig, ExposureConfig, MotionConfig,
                                SharpnessConfig)
@@ -105,7 +105,8 @@ def motion(frames: np.ndarray, seconds: list[float], cfg: MotionConfig) -> dict[
 
 # ------------------------------------------------------------------------------------ stages
 class FilterStage(Stage):
-    """Per-row filter: `score(clip, frames)` returns new frames (or None to keep them)."""
+    """Per-row filter built from its `filters.<name>` section: `score(clip, frames, cfg)` records
+    scores, may reject, and returns new frames for the next stages (or None to keep them)."""
 
     def __call__(self, row: dict) -> dict:
         import time
@@ -113,10 +114,10 @@ class FilterStage(Stage):
         t0 = time.perf_counter()
         meta, sampled = unpack(row)
         clip = meta.get("clip")
-        if clip and sampled and getattr(self.cfg.filters, self.name).enabled:
+        if clip and sampled and self.cfg.enabled:
             frames = decode_frames(sampled)
             if len(frames):
-                new = self.score(clip, frames, getattr(self.cfg.filters, self.name))
+                new = self.score(clip, frames, self.cfg)
                 if new is not None:
                     sampled = encode_frames(list(new))
         return pack(self.timed(meta, t0), sampled)
@@ -190,28 +191,27 @@ class Aesthetic(BatchStage):
     name = "aesthetic"
     only_candidates = False
 
-    def __init__(self, cfg, out):
-        super().__init__(cfg, out)
-        self.acfg: AestheticConfig = cfg.filters.aesthetic
-        if not self.acfg.enabled:
+    def __init__(self, cfg: AestheticConfig):
+        super().__init__(cfg)
+        if not self.cfg.enabled:
             return
         from curation.clip_models import load_aesthetic_head, load_clip
-        from curation.models import resolve
+        from spacetime.models import resolve
 
-        self.model, self.preprocess = load_clip(resolve(self.acfg.model), resolve(self.acfg.pretrained),
-                                                resolve(self.acfg.config_dir), device=self.acfg.device)
-        self.head = load_aesthetic_head(resolve(self.acfg.head))
+        self.model, self.preprocess = load_clip(resolve(self.cfg.model), resolve(self.cfg.pretrained),
+                                                resolve(self.cfg.config_dir), device=self.cfg.device)
+        self.head = load_aesthetic_head(resolve(self.cfg.head))
 
     def process(self, items):
         from curation.clip_models import embed_frames
 
-        if not self.acfg.enabled:
+        if not self.cfg.enabled:
             return
         picked, owners = [], []
         for k, (meta, sampled) in enumerate(items):
             frames = decode_frames(sampled) if sampled else []
             if len(frames):
-                for j in np.unique(np.linspace(0, len(frames) - 1, self.acfg.frames).round().astype(int)):
+                for j in np.unique(np.linspace(0, len(frames) - 1, self.cfg.frames).round().astype(int)):
                     picked.append(frames[j])
                     owners.append(k)
         if not picked:
@@ -222,8 +222,8 @@ class Aesthetic(BatchStage):
             mine = scores[owners == k]
             if not len(mine):
                 continue
-            value = float(mine.min() if self.acfg.aggregate == "min" else mine.mean())
+            value = float(mine.min() if self.cfg.aggregate == "min" else mine.mean())
             clip = meta["clip"]
             clip["scores"]["aesthetic"] = round(value, 4)
-            if value < self.acfg.min_score:
-                reject(clip, "aesthetic", f"{value:.2f} < filters.aesthetic.min_score={self.acfg.min_score}")
+            if value < self.cfg.min_score:
+                reject(clip, "aesthetic", f"{value:.2f} < filters.aesthetic.min_score={self.cfg.min_score}")

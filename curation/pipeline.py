@@ -3,8 +3,10 @@
     sources -> probe -> analyze -> split -> borders -> exposure -> sharpness -> motion -> aesthetic
             -> caption -> extract -> write (driver: completion records, shards, manifests, report)
 
-A stage is a small class: `__init__` loads what it needs once per actor, `__call__` handles one row.
-Resources (CPUs, GPUs, actor pool size) come from the config section of the same name. Rows are
+`stages()` below is that list.
+
+A stage is a small class built from its own config section: `__init__` loads what it needs once per
+actor, `__call__` handles one row. Resources (CPUs, GPUs, actor pool size) come from that section. Rows are
 {"meta": JSON text, "sampled": npy bytes of the frames kept for filters and captioning}: one stable
 Arrow schema through every stage, and no large payload rides in a row (clips are staged as files).
 Bad input never stops a run: each failure becomes a manifest row with a readable error.
@@ -20,11 +22,17 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 
-from captioner.stage import Caption
-from curation import shards
+from dataclasses import dataclass, field
+from typing import Any
+
+from curation.caption import Caption
 from curation.filters import Aesthetic, Borders, Exposure, Motion, Sharpness
-from curation.settings import CurateConfig, Resources
-from curation.stage import BatchStage, Stage, _error, pack, unpack  # noqa: F401 (re-exported)
+from curation.settings import (AnalyzeConfig, CurateConfig, ExtractConfig, ProbeConfig, Resources,
+                               SplitConfig)
+from curation.stage import Stage, pack, unpack
+from spacetime import contract
+from spacetime.config import S3Config
+from spacetime.errors import describe
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +40,19 @@ log = logging.getLogger(__name__)
 class Probe(Stage):
     name = "probe"
 
+    def __init__(self, cfg: ProbeConfig, s3: S3Config):
+        super().__init__(cfg)
+        self.s3 = s3
+
     def __call__(self, row: dict) -> dict:
         from curation.probe import ProbeError, probe
 
         t0 = time.perf_counter()
         meta, _ = unpack(row)
         try:
-            meta["source"] = probe(meta["source"]["uri"], self.cfg.probe, self.cfg.sources.s3)
+            meta["source"] = probe(meta["source"]["uri"], self.cfg, self.s3)
         except Exception as err:  # every failure is a manifest row, never a crash
-            meta["source"].update(status="failed", error=str(err) if isinstance(err, ProbeError) else _error(err))
+            meta["source"].update(status="failed", error=str(err) if isinstance(err, ProbeError) else describe(err))
         return pack(self.timed(meta, t0))
 
 
@@ -49,19 +61,25 @@ class Analyze(Stage):
 
     name = "analyze"
 
+    def __init__(self, cfg: AnalyzeConfig, s3: S3Config, max_duration: float):
+        """`max_duration`: split.max_duration; a long shot is flushed in windows of that length."""
+        super().__init__(cfg)
+        self.s3, self.max_duration = s3, max_duration
+
     def __call__(self, row: dict):
         from curation.analyze import analyze
+        from curation.split import window_frames
 
         meta, _ = unpack(row)
         source = meta["source"]
         if source["status"] != "ok":
             yield pack(dict(meta, seg_index=0, final=True, segment=None))
             return
-        window = max(1, int(self.cfg.split.max_duration * source["fps"]))
+        window = window_frames(self.max_duration, source["fps"])
         t0 = time.perf_counter()
         seg_index = 0
         try:
-            for seg in analyze(source, self.cfg.analyze, self.cfg.sources.s3, window):
+            for seg in analyze(source, self.cfg, self.s3, window):
                 sampled = seg.pop("sampled")
                 seg_index = seg["seg_index"] + 1
                 if seg["final"]:
@@ -70,7 +88,7 @@ class Analyze(Stage):
                 yield pack(self.timed(out, t0), sampled)
                 t0 = time.perf_counter()
         except Exception as err:
-            source.update(status="failed", error=f"analysis failed: {_error(err)}")
+            source.update(status="failed", error=f"analysis failed: {describe(err)}")
             log.debug(traceback.format_exc())
             yield pack(dict(meta, seg_index=seg_index, final=True, segment=None, source=source))
 
@@ -81,6 +99,11 @@ class Split(Stage):
 
     name = "split"
 
+    def __init__(self, cfg: SplitConfig, max_sampled: int):
+        """`max_sampled`: analyze.max_sampled_per_clip (sampled frames handed on per clip)."""
+        super().__init__(cfg)
+        self.max_sampled = max_sampled
+
     def __call__(self, row: dict):
         from curation.split import split_segment
 
@@ -90,7 +113,7 @@ class Split(Stage):
         clips = []
         if seg is not None:
             seg["sampled"] = sampled
-            clips = split_segment(meta["source"], seg, self.cfg.split, self.cfg.analyze)
+            clips = split_segment(meta["source"], seg, self.cfg, self.max_sampled)
         rows = [pack(dict(meta, clip=None))] if not clips else [
             pack(dict(meta, clip={k: v for k, v in c.items() if k != "sampled"}), c["sampled"]) for c in clips]
         for r in rows:
@@ -103,7 +126,7 @@ def write_thumbnail(sampled: bytes, path: Path, width: int = 192) -> None:
     """The middle sampled frame as a small JPEG, for the report (every clip: kept or rejected)."""
     import cv2
 
-    from curation.analyze import decode_frames
+    from spacetime.frames import decode_frames
 
     frames = decode_frames(sampled)
     if not len(frames):
@@ -113,14 +136,15 @@ def write_thumbnail(sampled: bytes, path: Path, width: int = 192) -> None:
     ok, data = cv2.imencode(".jpg", cv2.resize(frame[..., ::-1], (width, height), interpolation=cv2.INTER_AREA),
                             [cv2.IMWRITE_JPEG_QUALITY, 80])
     if ok:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data.tobytes())
-        tmp.replace(path)
+        atomic_write(path, data.tobytes())
 
 
 class Extract(Stage):
     name = "extract"
+
+    def __init__(self, cfg: ExtractConfig, s3: S3Config, out: str):
+        super().__init__(cfg)
+        self.s3, self.out = s3, Path(out)
 
     def __call__(self, row: dict) -> dict:
         from curation.extract import extract_clip
@@ -129,54 +153,57 @@ class Extract(Stage):
         meta, sampled = unpack(row)
         clip = meta.get("clip")
         if clip and sampled:
-            write_thumbnail(sampled, self.out / shards.REPORT_DIR / "thumbs" / f"{clip['clip_id']}.jpg")
+            write_thumbnail(sampled, self.out / contract.REPORT_DIR / "thumbs" / f"{clip['clip_id']}.jpg")
         if clip and clip["status"] == "candidate":
             try:
-                clip.update(extract_clip(clip, meta["source"], self.cfg.extract, self.cfg.sources.s3,
-                                         self.out / shards.WORK_DIR / "clips"))
-                clip["bucket"] = shards.bucket_for(clip["width"], clip["height"], clip["num_frames"]).name
+                clip.update(extract_clip(clip, meta["source"], self.cfg, self.s3,
+                                         self.out / contract.WORK_DIR / "clips"))
+                clip["bucket"] = contract.bucket_for(clip["width"], clip["height"], clip["num_frames"]).name
                 clip["status"] = "kept"
             except Exception as err:
-                clip.update(status="failed", reason=f"extract failed: {_error(err)}")
+                clip.update(status="failed", reason=f"extract failed: {describe(err)}")
         if clip:
             clip.pop("signals", None)  # per-frame signals stay out of the manifests
         return pack(self.timed(meta, t0))  # frames are dropped here: the driver never receives them
 
 
-# The pipeline: (stage, Ray Data operation, config section holding its resources).
-STAGES = [
-    (Probe, "map", "probe"),
-    (Analyze, "flat_map", "analyze"),
-    (Split, "flat_map", "split"),
-    (Borders, "map", "filters.borders"),  # first: crops the frames the next filters see
-    (Exposure, "map", "filters.exposure"),
-    (Sharpness, "map", "filters.sharpness"),
-    (Motion, "map", "filters.motion"),
-    (Aesthetic, "map_batches", "filters.aesthetic"),
-    (Caption, "map_batches", "caption"),  # after the filters: only surviving clips are captioned
-    (Extract, "map", "extract"),
-]
+@dataclass
+class StageSpec:
+    stage: type[Stage]
+    op: str  # the Ray Data operation: map | flat_map | map_batches
+    args: dict[str, Any] = field(default_factory=dict)  # constructor kwargs; args["cfg"].resources runs it
 
 
-def _section(cfg: CurateConfig, dotted: str):
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+def stages(cfg: CurateConfig, out: str) -> list[StageSpec]:
+    """The pipeline, in order. Each stage gets its own section (and what it shares: S3 settings)."""
+    s3, f = cfg.sources.s3, cfg.filters
+    return [
+        StageSpec(Probe, "map", dict(cfg=cfg.probe, s3=s3)),
+        StageSpec(Analyze, "flat_map", dict(cfg=cfg.analyze, s3=s3, max_duration=cfg.split.max_duration)),
+        StageSpec(Split, "flat_map", dict(cfg=cfg.split, max_sampled=cfg.analyze.max_sampled_per_clip)),
+        StageSpec(Borders, "map", dict(cfg=f.borders)),  # first: crops the frames the next filters see
+        StageSpec(Exposure, "map", dict(cfg=f.exposure)),
+        StageSpec(Sharpness, "map", dict(cfg=f.sharpness)),
+        StageSpec(Motion, "map", dict(cfg=f.motion)),
+        StageSpec(Aesthetic, "map_batches", dict(cfg=f.aesthetic)),
+        *([StageSpec(Caption, "map_batches", dict(cfg=cfg.caption))] if cfg.caption else []),  # survivors only
+        StageSpec(Extract, "map", dict(cfg=cfg.extract, s3=s3, out=out)),
+    ]
 
 
-def _apply(ds, stage, op: str, res: Resources, cfg: CurateConfig, out: str):
+def _apply(ds, spec: StageSpec):
     import ray.data
 
+    res: Resources = spec.args["cfg"].resources
     pool = dict(size=max(1, res.actors))
     if res.calls_per_actor > 1:
         pool["max_concurrent_calls_per_actor"] = res.calls_per_actor
-    kwargs = dict(fn_constructor_kwargs={"cfg": cfg, "out": out}, num_cpus=res.num_cpus,
-                  compute=ray.data.ActorPoolStrategy(**pool))
+    kwargs = dict(fn_constructor_kwargs=spec.args, num_cpus=res.num_cpus, compute=ray.data.ActorPoolStrategy(**pool))
     if res.num_gpus:
         kwargs["num_gpus"] = res.num_gpus
-    if op == "map_batches":
+    if spec.op == "map_batches":
         kwargs.update(batch_size=res.batch_size, batch_format="numpy")
-    return getattr(ds, op)(stage, **kwargs)
+    return getattr(ds, spec.op)(spec.stage, **kwargs)
 
 
 def init_ray(cfg: CurateConfig, address: str | None) -> None:
@@ -204,7 +231,7 @@ def _versions() -> dict:
 def preflight(cfg: CurateConfig) -> None:
     """Resolve every model reference before any worker starts (builds tiny models if missing;
     fails early, naming the model, where real weights cannot be had)."""
-    from curation.models import preflight_hf_model, preflight_open_clip, resolve
+    from spacetime.models import preflight_hf_model, preflight_open_clip, resolve
 
     a = cfg.filters.aesthetic
     if a.enabled:
@@ -223,7 +250,7 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
     import ray.data
     from tqdm import tqdm
 
-    from curation.config import dump_config
+    from spacetime.config import dump_config
     from curation.sources import list_inputs
     from curation.write import CompletionTracker, RunDir, finalize
 
@@ -248,9 +275,8 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
         init_ray(cfg, ray_address)
         items = [pack({"source": {"uri": u, "status": "pending"}}) for u in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        for stage, op, section in STAGES:
-            if _section(cfg, section) is not None:  # an optional stage left out of the config
-                ds = _apply(ds, stage, op, _section(cfg, section).resources, cfg, str(out))
+        for spec in stages(cfg, str(out)):
+            ds = _apply(ds, spec)
         tracker = CompletionTracker(run)
         with tqdm(total=len(pending), desc="sources", unit="src", disable=None) as bar:
             for row in ds.iter_rows():

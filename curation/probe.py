@@ -13,8 +13,10 @@ from pathlib import Path
 
 import av
 
-from curation.settings import ProbeConfig, S3Config
-from curation.sources import digest_source, open_source
+from curation.settings import ProbeConfig
+from curation.sources import digest_source
+from spacetime.config import S3Config
+from spacetime.io import open_uri
 
 # FFmpeg demuxers that read single still images; a source read by one is an image.
 IMAGE_FORMATS = {"png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif", "image2", "gif_pipe"}
@@ -41,7 +43,7 @@ def _is_vfr(container, stream, packets: int) -> bool:
 
 
 def _looks_like_text(uri: str, s3: S3Config) -> bool:
-    source = open_source(uri, s3)
+    source = open_uri(uri, s3)
     with (open(source, "rb") if isinstance(source, str) else source) as f:
         head = f.read(4096)
     try:
@@ -59,7 +61,7 @@ def probe(uri: str, cfg: ProbeConfig, s3: S3Config) -> dict:
     try:
         # max_pixels at open: probing decodes a frame, and a header claiming 15360x8640 costs
         # hundreds of MB before any check of ours could run (measured: +325 MB; +700 MB for a PNG)
-        container = av.open(open_source(uri, s3), metadata_errors="ignore",
+        container = av.open(open_uri(uri, s3), metadata_errors="ignore",
                             options={"max_pixels": str(cfg.max_pixels)})
     except av.error.FFmpegError as err:
         if _looks_like_text(uri, s3):

@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from curation import shards
+from spacetime import contract
+from spacetime.io import atomic_write
 
 # score key -> (config section under filters, threshold key(s), higher is better)
 THRESHOLDS = {
@@ -87,10 +88,10 @@ def _sheet(clips: list[dict], report: Path, limit: int) -> str:
 def build_report(out: Path, sheet_limit: int = 48) -> Path:
     """(Re)build OUT/report/index.html from the manifests, summary and resolved config."""
     out = Path(out)
-    report = out / shards.REPORT_DIR
-    sources = pq.read_table(out / shards.SOURCES_MANIFEST).to_pylist()
-    clips = pq.read_table(out / shards.CLIPS_MANIFEST).to_pylist()
-    summary = json.loads((out / shards.SUMMARY_PATH).read_text())
+    report = out / contract.REPORT_DIR
+    sources = pq.read_table(out / contract.SOURCES_MANIFEST).to_pylist()
+    clips = pq.read_table(out / contract.CLIPS_MANIFEST).to_pylist()
+    summary = json.loads((out / contract.SUMMARY_PATH).read_text())
     config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
     for c in clips:
         c["scores"] = json.loads(c["scores"] or "{}")
@@ -158,7 +159,5 @@ figure {{ margin: 0; width: 192px; font-size: 10px; }} figure img {{ width: 192p
 <h2>Stage times (s)</h2>{_table(["stage", "seconds"], [[k, v] for k, v in summary["stage_seconds"].items()])}
 </body></html>
 """
-    tmp = report / "index.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(report / "index.html")
+    atomic_write(report / "index.html", page)
     return report / "index.html"

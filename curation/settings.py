@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from captioner.config import CaptionConfig
-from curation.config import Resources, StrictModel  # noqa: F401 (Resources re-exported)
+from spacetime.config import Resources, S3Config, StrictModel
 
 
 class RayConfig(StrictModel):
@@ -15,15 +15,6 @@ class RayConfig(StrictModel):
     num_cpus: int | None = None  # local Ray only; None: all cores
     object_store_memory: int | None = 512 * 1024**2  # local Ray only (bytes)
     progress_bars: bool = False  # Ray's own bars; spacetime shows one bar per run
-
-
-class S3Config(StrictModel):
-    """s3:// inputs through pyarrow's S3FileSystem. Credentials come from the usual AWS environment
-    variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and are never written to config or logs."""
-
-    endpoint: str | None = None  # e.g. http://127.0.0.1:9000; default: $AWS_ENDPOINT_URL or AWS
-    region: str = "us-east-1"
-    anonymous: bool = False
 
 
 class SourcesConfig(StrictModel):

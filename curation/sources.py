@@ -13,22 +13,14 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from curation.settings import S3Config, SourcesConfig
+from curation.settings import SourcesConfig
+from spacetime.config import S3Config
+from spacetime.errors import UserError
+from spacetime.io import s3_filesystem
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """An --input that cannot be listed; the message names it."""
-
-
-def s3_filesystem(cfg: S3Config):
-    from pyarrow import fs
-
-    endpoint = cfg.endpoint or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict = {"region": cfg.region, "anonymous": cfg.anonymous}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    return fs.S3FileSystem(**kwargs)
 
 
 def _list_s3(uri: str, cfg: SourcesConfig) -> list[str]:
@@ -75,13 +67,6 @@ def list_inputs(inputs: list[str], cfg: SourcesConfig) -> list[str]:
 def source_key(uri: str) -> str:
     """Stable short name of a source URI, for its completion record."""
     return hashlib.sha256(uri.encode()).hexdigest()[:24]
-
-
-def open_source(uri: str, cfg: S3Config) -> str | BinaryIO:
-    """What av.open() takes for `uri`: a local path, or a seekable pyarrow file for s3://."""
-    if uri.startswith("s3://"):
-        return s3_filesystem(cfg).open_input_file(uri[len("s3://"):])
-    return uri
 
 
 def digest_source(uri: str, cfg: S3Config) -> tuple[str, str, int]:

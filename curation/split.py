@@ -13,9 +13,15 @@ from fractions import Fraction
 
 import numpy as np
 
-from curation.analyze import decode_frames, encode_frames
-from curation.settings import AnalyzeConfig, SplitConfig
-from curation.shards import clip_id
+from curation.settings import SplitConfig
+from spacetime.contract import clip_id
+from spacetime.frames import decode_frames, encode_frames
+
+
+def window_frames(max_duration: float, fps: float) -> int:
+    """Frames in a window of `max_duration` seconds (split.max_duration): the longest clip, and the
+    longest stretch the analysis pass holds before flushing a segment."""
+    return max(1, int(max_duration * fps))
 
 
 def _times(seg: dict, time_base: Fraction, first_pts: int | None):
@@ -24,15 +30,16 @@ def _times(seg: dict, time_base: Fraction, first_pts: int | None):
     return lambda i: float((seg["pts"][i - seg["start_frame"]] - base) * time_base)
 
 
-def split_segment(source: dict, seg: dict, cfg: SplitConfig, analyze: AnalyzeConfig) -> list[dict]:
-    """Clip candidates (dicts) of one segment; `status` is `candidate` or `rejected`."""
+def split_segment(source: dict, seg: dict, cfg: SplitConfig, max_sampled: int) -> list[dict]:
+    """Clip candidates (dicts) of one segment; `status` is `candidate` or `rejected`. Each keeps at
+    most `max_sampled` of the segment's sampled frames (analyze.max_sampled_per_clip)."""
     fps = source["fps"]
     time_base = Fraction(source["time_base"])
     start = seg["start_frame"] + (cfg.trim_frames if seg["start_transition"] else 0)
     end = seg["end_frame"] - (cfg.trim_frames if seg["end_transition"] else 0)
     if end <= start:
         return []
-    max_frames = max(1, int(cfg.max_duration * fps))
+    max_frames = window_frames(cfg.max_duration, fps)
     pieces = math.ceil((end - start) / max_frames)
     bounds = [start + round(k * (end - start) / pieces) for k in range(pieces + 1)]
     time_of = _times(seg, time_base, seg.get("first_pts"))
@@ -47,8 +54,8 @@ def split_segment(source: dict, seg: dict, cfg: SplitConfig, analyze: AnalyzeCon
         duration = end_time - start_time
         too_short = duration < cfg.min_duration and not source.get("is_image")
         picked = [k for k, i in enumerate(seg["sampled_idx"]) if a <= i < b]
-        if len(picked) > analyze.max_sampled_per_clip:
-            picked = [picked[round(j)] for j in np.linspace(0, len(picked) - 1, analyze.max_sampled_per_clip)]
+        if len(picked) > max_sampled:
+            picked = [picked[round(j)] for j in np.linspace(0, len(picked) - 1, max_sampled)]
         lo, hi = a - seg["start_frame"], b - seg["start_frame"]
         clips.append(dict(
             clip_id=clip_id(source["digest"], a, b), source_uri=source["uri"],

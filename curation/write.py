@@ -11,33 +11,19 @@ temporary name and renamed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from curation import shards
 from curation.sources import source_key
+from spacetime import contract
+from spacetime.errors import UserError
+from spacetime.io import atomic_write, write_parquet
+from spacetime.record import Caption, ClipRecord, SourceRef, Span
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def write_parquet(path: Path, table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """An output directory that cannot be used for this run; the message says why and what to do."""
 
 
@@ -46,7 +32,7 @@ class RunDir:
 
     def __init__(self, out: Path):
         self.out = out
-        self.work = out / shards.WORK_DIR
+        self.work = out / contract.WORK_DIR
         self.staging = self.work / "clips"
         self.done = self.work / "done"
         self.fingerprint = self.work / "run.json"
@@ -66,7 +52,7 @@ class RunDir:
                 raise RunDirError(
                     f"{self.out} holds a run with different {', '.join(changed)}; rerunning resumes only "
                     "the same command. Use a new --output, or delete this one to start over.")
-        elif (self.out / shards.SUMMARY_PATH).exists():
+        elif (self.out / contract.SUMMARY_PATH).exists():
             raise RunDirError(f"{self.out}: finished output without run state; use a new --output")
         atomic_write(self.fingerprint, json.dumps(fingerprint, sort_keys=True, indent=1).encode())
 
@@ -121,18 +107,28 @@ def _pack_shards(kept: list[dict], target_bytes: int) -> dict[str, list[dict]]:
         for clip in by_bucket[bucket]:
             if size and size + clip["bytes"] > target_bytes:
                 number, size = number + 1, 0
-            layout.setdefault(shards.shard_path(bucket, number), []).append(clip)
+            layout.setdefault(contract.shard_path(bucket, number), []).append(clip)
             size += clip["bytes"]
     return layout
 
 
-def shard_record(clip: dict, source: dict) -> dict:
-    """The <key>.json of a sample: everything known about the clip, and its provenance."""
-    drop = {"path", "bytes", "status", "reason", "shard"}
-    record = {k: v for k, v in clip.items() if k not in drop}
-    record.update(source_digest=source["digest"], source_digest_kind=source["digest_kind"],
-                  duration=clip["end_time"] - clip["start_time"])
-    return record
+def clip_record(clip: dict, source: dict, versions: dict) -> ClipRecord:
+    """The <key>.json of a kept clip (spacetime.record), field by field from the pipeline's clip."""
+    caption = None
+    if clip.get("caption"):
+        fields = clip.get("caption_fields") or {}
+        caption = Caption(**{k: v for k, v in fields.items() if k != "dense"}, dense=clip["caption"],
+                          provenance=clip.get("caption_provenance") or {})
+    return ClipRecord(
+        clip_id=clip["clip_id"],
+        source=SourceRef(uri=source["uri"], digest=source["digest"], digest_kind=source["digest_kind"]),
+        span=Span(start_frame=clip["start_frame"], end_frame=clip["end_frame"], start_time=clip["start_time"],
+                  end_time=clip["end_time"], start_pts=clip.get("start_pts"), end_pts=clip.get("end_pts")),
+        fps=clip["fps"], width=clip["width"], height=clip["height"], num_frames=clip["num_frames"],
+        duration=clip["end_time"] - clip["start_time"], rotation=clip.get("rotation") or 0,
+        crop=clip.get("crop"), bucket=clip["bucket"], extract_mode=clip.get("extract_mode"),
+        sampled_idx=clip.get("sampled_idx") or [], scores=clip.get("scores") or {}, caption=caption,
+        provenance=versions)
 
 
 def finalize(run: RunDir, uris: list[str], target_mb: float, wall_start: float, versions: dict) -> dict:
@@ -147,9 +143,8 @@ def finalize(run: RunDir, uris: list[str], target_mb: float, wall_start: float, 
     for rel, members in layout.items():
         path = run.out / rel
         if not path.exists():  # shards are complete under their final name, or absent
-            shards.write_shard(path, [(c["clip_id"], Path(c["path"]).read_bytes(),
-                                       shard_record(c, by_source[c["source_uri"]]), c.get("caption") or "")
-                                      for c in members])
+            contract.write_shard(path, [(Path(c["path"]).read_bytes(), clip_record(c, by_source[c["source_uri"]], versions))
+                                        for c in members])
         for c in members:
             c["shard"] = rel
             index.append(dict(shard=rel, key=c["clip_id"], clip_id=c["clip_id"], source_uri=c["source_uri"],
@@ -158,12 +153,12 @@ def finalize(run: RunDir, uris: list[str], target_mb: float, wall_start: float, 
                               has_caption=bool(c.get("caption"))))
     for c in clips:
         c["scores_json"] = json.dumps(c.get("scores") or {}, sort_keys=True)
-    write_parquet(run.out / shards.INDEX_PATH, shards.table(index, shards.INDEX_SCHEMA))
-    write_parquet(run.out / shards.SOURCES_MANIFEST, shards.table(sources, shards.SOURCES_SCHEMA))
-    write_parquet(run.out / shards.CLIPS_MANIFEST, shards.table(
-        [dict(c, scores=c["scores_json"]) for c in clips], shards.CLIPS_SCHEMA))
+    write_parquet(run.out / contract.INDEX_PATH, contract.table(index, contract.INDEX_SCHEMA))
+    write_parquet(run.out / contract.SOURCES_MANIFEST, contract.table(sources, contract.SOURCES_SCHEMA))
+    write_parquet(run.out / contract.CLIPS_MANIFEST, contract.table(
+        [dict(c, scores=c["scores_json"]) for c in clips], contract.CLIPS_SCHEMA))
     summary = _summary(records, clips, kept, len(layout), time.time() - wall_start, versions)
-    atomic_write(run.out / shards.SUMMARY_PATH, json.dumps(summary, indent=1, sort_keys=True).encode())
+    atomic_write(run.out / contract.SUMMARY_PATH, json.dumps(summary, indent=1, sort_keys=True).encode())
     shutil.rmtree(run.staging, ignore_errors=True)  # everything staged now lives in the shards
     return summary
 

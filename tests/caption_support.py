@@ -1,5 +1,5 @@
 """Shared set-up of the captioner tests: clips of real footage (bikes.mp4, one per shot), a small
-dataset written through curation.shards, pipeline rows, a tiny caption config and a vLLM
+dataset written through spacetime.contract, pipeline rows, a tiny caption config and a vLLM
 OpenAI-compatible server process on 127.0.0.1 (the recipe of test_engines_smoke.py)."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from captioner.config import CaptionConfig
-from curation import shards
-from curation.analyze import encode_frames
+from spacetime import contract
+from spacetime.record import Caption, ClipRecord, SourceRef, Span
+from spacetime.frames import encode_frames
 from curation.pipeline import pack
 from tests.helpers import free_port
 
@@ -54,7 +55,7 @@ def footage() -> np.ndarray:
     """bikes.mp4 decoded at 160x68 (RGB), [250, 68, 160, 3]."""
     import av
 
-    from curation.testmedia import real_footage
+    from spacetime.standins.testmedia import real_footage
 
     with av.open(str(real_footage("bikes.mp4"))) as container:
         return np.stack([f.to_ndarray(width=160, height=68, format="rgb24") for f in container.decode(video=0)])
@@ -103,27 +104,32 @@ def encode_mp4(frames: np.ndarray, fps: float = FPS) -> bytes:
 
 
 def make_dataset(root: Path, n: int, per_shard: int = 3) -> list[str]:
-    """A curation-shaped dataset of `n` real-footage clips, written with curation.shards: shards of
+    """A curation-shaped dataset of `n` real-footage clips, written with spacetime.contract: shards of
     `per_shard` samples in one bucket, the index, and an old caption per clip. Returns the clip ids."""
     frames = footage()
     rows, members = [], []
     for clip, _ in clips(n):
         data = encode_mp4(frames[clip["start_frame"]:clip["end_frame"]])
-        bucket = shards.bucket_for(clip["width"], clip["height"], clip["num_frames"]).name
-        record = {k: v for k, v in clip.items() if k not in ("status", "reason", "sampled_idx")}
-        members.append((bucket, clip["clip_id"], data, dict(record, caption="old caption"), "old caption"))
+        bucket = contract.bucket_for(clip["width"], clip["height"], clip["num_frames"]).name
+        record = ClipRecord(
+            clip_id=clip["clip_id"], source=SourceRef(uri="bikes.mp4", digest="bikes", digest_kind="sha256"),
+            span=Span(start_frame=clip["start_frame"], end_frame=clip["end_frame"], start_time=clip["start_time"],
+                      end_time=clip["end_time"]),
+            fps=FPS, width=clip["width"], height=clip["height"], num_frames=clip["num_frames"],
+            duration=clip["end_time"] - clip["start_time"], bucket=bucket, caption=Caption(dense="old caption"))
+        members.append((data, record))
     for number in range(0, n, per_shard):
         group = members[number:number + per_shard]
-        rel = shards.shard_path(group[0][0], number // per_shard)
-        shards.write_shard(root / rel, [(key, data, record, text) for _, key, data, record, text in group])
-        for bucket, key, data, record, _ in group:
-            rows.append(dict(shard=rel, key=key, clip_id=key, source_uri="bikes.mp4", width=160, height=68,
-                             num_frames=record["num_frames"], fps=FPS, duration=record["num_frames"] / FPS,
-                             bucket=bucket, has_caption=True))
+        rel = contract.shard_path(group[0][1].bucket, number // per_shard)
+        contract.write_shard(root / rel, group)
+        for _, record in group:
+            rows.append(dict(shard=rel, key=record.clip_id, clip_id=record.clip_id, source_uri="bikes.mp4",
+                             width=160, height=68, num_frames=record.num_frames, fps=FPS,
+                             duration=record.duration, bucket=record.bucket, has_caption=True))
     import pyarrow.parquet as pq
 
-    (root / shards.INDEX_PATH).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(shards.table(rows, shards.INDEX_SCHEMA), root / shards.INDEX_PATH)
+    (root / contract.INDEX_PATH).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(contract.table(rows, contract.INDEX_SCHEMA), root / contract.INDEX_PATH)
     return [r["clip_id"] for r in rows]
 
 

@@ -30,12 +30,12 @@ os.environ.update(_TEST_ENV)
 
 @pytest.fixture(scope="session")
 def tiny_models(request, tmp_path_factory) -> dict:
-    """Tiny random VLM / CLIP + aesthetic head / T5 encoder (curation.tiny_models.build_all).
+    """Tiny random VLM / CLIP + aesthetic head / T5 encoder (spacetime.standins.tiny_models.build_all).
 
     Built once into `$SPACETIME_TINY_MODELS` if set, else the pytest cache (.pytest_cache; a temp
     folder under `-p no:cacheprovider`), and reused across sessions (builds are deterministic and
     skip complete folders)."""
-    from curation.tiny_models import build_all
+    from spacetime.standins.tiny_models import build_all
 
     if os.environ.get("SPACETIME_TINY_MODELS"):
         out = Path(os.environ["SPACETIME_TINY_MODELS"]).expanduser()

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import yaml
 
-from curation import testmedia as tm
+from spacetime.standins import testmedia as tm
 from tests.helpers import ROOT
 
 LOSS_FACTOR = 50.0
@@ -41,7 +41,7 @@ def run_finetune(data, base, out, config):
     import os
 
     # one thread: a tiny model on a busy 2-core machine is ~70x slower with contending threads
-    return subprocess.run([sys.executable, "-m", "curation.cli", "caption", "finetune", "--data", str(data),
+    return subprocess.run([sys.executable, "-m", "spacetime", "caption", "finetune", "--data", str(data),
                            "--base", base, "--output", str(out), "--config", str(config)],
                           capture_output=True, text=True, cwd=ROOT, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow.parquet as pq
@@ -15,8 +14,8 @@ import pytest
 
 from captioner.core import Captioner
 from captioner.recaption import CAPTIONS_MANIFEST, read_shard, run_recaption
-from captioner.stage import Caption
-from curation import shards
+from curation.caption import Caption
+from spacetime import contract
 from curation.pipeline import unpack
 from tests.caption_support import VllmServer, caption_config, clips, make_dataset, stage_rows
 from tests.helpers import free_port
@@ -42,7 +41,7 @@ def test_openai_engine_captions_clips_through_the_stage(server, tiny_models, tmp
     cfg = openai_config(model, server.base_url)
     rows = [unpack(r) for r in stage_rows(clips(4))]
     with Captioner(cfg) as captioner:
-        Caption(types.SimpleNamespace(caption=cfg), str(tmp_path), captioner=captioner).process(rows)
+        Caption(cfg, captioner=captioner).process(rows)
         assert captioner.stats["requests"] == 4  # every answer passed QA the first time
     for meta, _ in rows:
         clip = meta["clip"]
@@ -74,7 +73,7 @@ def test_server_killed_mid_run_then_a_rerun_fills_exactly_the_missing_captions(s
     failed = sorted(cid for cid, r in manifest.items() if r["status"] == "failed")
     assert len(failed) == first["failed"]
     assert all(manifest[cid]["reason"].startswith("caption: endpoint error") for cid in failed)
-    written = {s["__key__"] for p in (out / shards.SHARDS_DIR).rglob("*.tar") for s in read_shard(p)}
+    written = {s["__key__"] for p in (out / contract.SHARDS_DIR).rglob("*.tar") for s in read_shard(p)}
     assert written == set(clip_ids) - set(failed)  # a failed caption is never written
     captions_before = {cid: r["caption"] for cid, r in manifest.items() if r["status"] == "ok"}
 
@@ -84,7 +83,7 @@ def test_server_killed_mid_run_then_a_rerun_fills_exactly_the_missing_captions(s
     assert second["ok"] == 8 and second["failed"] == 0
     manifest = {r["clip_id"]: r for r in pq.read_table(out / CAPTIONS_MANIFEST).to_pylist()}
     assert {cid: manifest[cid]["caption"] for cid in captions_before} == captions_before
-    written = {s["__key__"] for p in (out / shards.SHARDS_DIR).rglob("*.tar") for s in read_shard(p)}
+    written = {s["__key__"] for p in (out / contract.SHARDS_DIR).rglob("*.tar") for s in read_shard(p)}
     assert written == set(clip_ids)
 
 
@@ -169,7 +168,7 @@ def test_garbage_answers_are_qa_failures_retried_once(garbage_server, tiny_model
     cfg = openai_config(tiny_models["vlm"]["path"], base_url)
     rows = [unpack(r) for r in stage_rows(items)]
     with caplog.at_level("DEBUG"), Captioner(cfg) as captioner:
-        Caption(types.SimpleNamespace(caption=cfg), str(tmp_path), captioner=captioner).process(rows)
+        Caption(cfg, captioner=captioner).process(rows)
     clip = {meta["clip"]["clip_id"]: meta["clip"] for meta, _ in rows}
 
     assert clip[ids[0]]["status"] == "failed" and clip[ids[0]]["reason"].startswith("caption: invalid JSON")

@@ -9,7 +9,7 @@ from captioner.config import CaptionConfig, QAConfig
 from captioner.frames import fit_pixels, from_sampled, pick
 from captioner.qa import DuplicateTracker, check_answer, check_text, find_loop, strip_boilerplate
 from captioner.schema import FieldLimits, json_schema, max_answer_tokens
-from curation.config import ConfigError, load_config
+from spacetime.config import ConfigError, load_config
 from tests.helpers import CONFIGS
 
 LIMITS = FieldLimits()

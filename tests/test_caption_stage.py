@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import types
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,9 +17,9 @@ import pytest
 from captioner.core import Captioner
 from captioner.recaption import CAPTIONS_MANIFEST, read_shard, run_recaption
 from captioner.schema import FIELDS
-from captioner.stage import Caption
+from curation.caption import Caption
 from captioner.upsample import dataset_examples
-from curation import shards
+from spacetime import contract
 from curation.pipeline import pack, unpack
 from tests.caption_support import TINY_LIMITS, caption_config, clips, make_dataset, stage_rows
 
@@ -66,7 +65,7 @@ def test_stage_in_a_ray_data_pipeline(cfg, tmp_path):
         rows.append(pack({"source": {"uri": "bad.mp4", "status": "failed"}, "seg_index": 0, "clip": None}))
         ds = ray.data.from_items(rows, override_num_blocks=3)
         ds = ds.map_batches(
-            Caption, fn_constructor_kwargs={"cfg": types.SimpleNamespace(caption=cfg), "out": str(tmp_path)},
+            Caption, fn_constructor_kwargs={"cfg": cfg},
             batch_size=3, batch_format="numpy", num_cpus=0.5,
             compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=2))
         metas = [unpack(r)[0] for r in ds.iter_rows()]
@@ -85,7 +84,7 @@ def test_stage_direct_call_binds_captions_to_clip_ids(cfg, captioner, tmp_path):
     """Captions follow clip ids, not positions: the same clips in another order and batch
     composition get the same captions; a clip without frames fails alone."""
     items = clips(6)
-    stage = Caption(types.SimpleNamespace(caption=cfg), str(tmp_path), captioner=captioner)
+    stage = Caption(cfg, captioner=captioner)
 
     def run(chosen):
         rows = [unpack(r) for r in stage_rows(chosen)]
@@ -119,23 +118,23 @@ def test_recaption_is_idempotent_and_resumable(cfg, captioner, tmp_path):
     summary = run_recaption(dataset, out, cfg, captioner=captioner)
     assert summary["ok"] == 6 and summary["failed"] == 0 and summary["this_run"]["requested"] == 6
 
-    index_in = pq.read_table(dataset / shards.INDEX_PATH).to_pylist()
-    index_out = pq.read_table(out / shards.INDEX_PATH).to_pylist()
+    index_in = pq.read_table(dataset / contract.INDEX_PATH).to_pylist()
+    index_out = pq.read_table(out / contract.INDEX_PATH).to_pylist()
     assert [(r["shard"], r["key"]) for r in index_out] == [(r["shard"], r["key"]) for r in index_in]
     for shard in sorted({r["shard"] for r in index_in}):
         before, after = list(read_shard(dataset / shard)), list(read_shard(out / shard))
         assert [s["__key__"] for s in after] == [s["__key__"] for s in before]
         for old, new in zip(before, after):
-            record = json.loads(new[shards.RECORD_EXT])
-            assert new[shards.VIDEO_EXT] == old[shards.VIDEO_EXT]  # the clip itself is untouched
-            assert new[shards.CAPTION_EXT].decode() == record["caption"] == record["caption_fields"]["dense"]
+            record = json.loads(new[contract.RECORD_EXT])
+            assert new[contract.VIDEO_EXT] == old[contract.VIDEO_EXT]  # the clip itself is untouched
+            assert new[contract.CAPTION_EXT].decode() == record["caption"] == record["caption_fields"]["dense"]
             assert record["caption"] != "old caption" and record["clip_id"] == new["__key__"]
             assert record["caption_provenance"]["request"]["id"].startswith(new["__key__"] + "-")
     manifest = pq.read_table(out / CAPTIONS_MANIFEST).to_pylist()
     assert sorted(r["clip_id"] for r in manifest) == sorted(clip_ids) and {r["status"] for r in manifest} == {"ok"}
 
     # rerun: nothing to ask, same bytes
-    tars = {p: p.read_bytes() for p in sorted((out / shards.SHARDS_DIR).rglob("*.tar"))}
+    tars = {p: p.read_bytes() for p in sorted((out / contract.SHARDS_DIR).rglob("*.tar"))}
     again = run_recaption(dataset, out, cfg, captioner=captioner)
     assert again["this_run"]["requested"] == 0 and again["ok"] == 6
     assert {p: p.read_bytes() for p in tars} == tars

@@ -3,12 +3,11 @@ tiny random Qwen2.5-VL: clips through the caption stage, and prompt upsampling."
 
 from __future__ import annotations
 
-import types
 
 import pytest
 
 from captioner.core import Captioner
-from captioner.stage import Caption
+from curation.caption import Caption
 from captioner.upsample import upsample
 from curation.pipeline import unpack
 from tests.caption_support import TINY_LIMITS, caption_config, clips, stage_rows
@@ -24,7 +23,7 @@ def cfg(tiny_models):
 def test_transformers_engine_captions_clips(cfg, tmp_path):
     rows = [unpack(r) for r in stage_rows(clips(2))]
     with Captioner(cfg) as captioner:
-        Caption(types.SimpleNamespace(caption=cfg), str(tmp_path), captioner=captioner).process(rows)
+        Caption(cfg, captioner=captioner).process(rows)
     for meta, _ in rows:
         clip = meta["clip"]
         assert clip["status"] == "candidate", clip.get("reason")

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curation.config import ConfigError, load_config
+from spacetime.config import ConfigError, load_config
 from curation.settings import CurateConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def spacetime(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "curation.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "spacetime", *args], capture_output=True, text=True,
                           cwd=ROOT, check=check)
 
 
@@ -65,7 +65,7 @@ def test_real_model_profile_fails_early_offline(tmp_path):
 
     (tmp_path / "in").mkdir()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-m", "curation.cli", "curate", "--input", str(ROOT / "configs"),
+    out = subprocess.run([sys.executable, "-m", "spacetime", "curate", "--input", str(ROOT / "configs"),
                           "--set", "sources.extensions=[.yaml]", "--output", str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from curation import shards
-from curation import testmedia as tm
-from curation.config import load_config
+from spacetime import contract
+from spacetime.standins import testmedia as tm
+from spacetime.config import load_config
 from curation.pipeline import run_curation
 from curation.settings import CurateConfig
 
@@ -60,9 +60,9 @@ def curated(tmp_path_factory, ray_local):
     out = root / "out"
     summary = run_curation([str(root / "good"), str(listing)], str(out), tiny_config())
     return {"root": root, "out": out, "truth": truth, "bad": bad, "summary": summary,
-            "sources": {r["uri"]: r for r in pq.read_table(out / shards.SOURCES_MANIFEST).to_pylist()},
-            "clips": pq.read_table(out / shards.CLIPS_MANIFEST).to_pylist(),
-            "index": pq.read_table(out / shards.INDEX_PATH).to_pylist()}
+            "sources": {r["uri"]: r for r in pq.read_table(out / contract.SOURCES_MANIFEST).to_pylist()},
+            "clips": pq.read_table(out / contract.CLIPS_MANIFEST).to_pylist(),
+            "index": pq.read_table(out / contract.INDEX_PATH).to_pylist()}
 
 
 def _source(curated, name):
@@ -111,7 +111,7 @@ def test_native_resolution(curated, name, size):
     assert rows, f"no clip of {name} in the index"
     for row in rows:
         assert (row["width"], row["height"]) == size
-        assert row["bucket"] == shards.bucket_for(*size, row["num_frames"]).name
+        assert row["bucket"] == contract.bucket_for(*size, row["num_frames"]).name
     if name == "still.png":
         assert [r["num_frames"] for r in rows] == [1]
 
@@ -139,10 +139,10 @@ def test_every_sample_decodes_and_matches_index(curated):
     for shard in sorted({r["shard"] for r in index.values()}):
         for sample in wds.WebDataset(str(curated["out"] / shard), shardshuffle=False):
             key = sample["__key__"]
-            row, record = index[key], shards.read_sample_record(sample)
+            row, record = index[key], contract.read_sample_record(sample)
             for field in ("clip_id", "width", "height", "num_frames", "fps", "bucket", "source_uri"):
                 assert record[field] == row[field], (key, field)
-            with av.open(__import__("io").BytesIO(sample[shards.VIDEO_EXT])) as c:
+            with av.open(__import__("io").BytesIO(sample[contract.VIDEO_EXT])) as c:
                 frames = [f for f in c.decode(video=0)]
             assert len(frames) == row["num_frames"]
             assert (frames[0].width, frames[0].height) == (row["width"], row["height"])
@@ -162,8 +162,8 @@ def test_captions_land_in_shards_and_manifest(curated):
     assert index and all(r["has_caption"] for r in index.values())
     for shard in sorted({r["shard"] for r in index.values()}):
         for sample in wds.WebDataset(str(curated["out"] / shard), shardshuffle=False):
-            record = shards.read_sample_record(sample)
-            text = sample[shards.CAPTION_EXT].decode()
+            record = contract.read_sample_record(sample)
+            text = sample[contract.CAPTION_EXT].decode()
             assert text and text == record["caption_fields"]["dense"] == manifest[sample["__key__"]]["caption"]
             assert set(record["caption_fields"]) == set(FIELDS)
             prov = record["caption_provenance"]
@@ -179,7 +179,7 @@ def test_manifest_accounts_for_everything(curated):
     assert len({c["clip_id"] for c in clips}) == len(clips)
     summary = curated["summary"]
     assert summary["clips"]["kept"] == len(index) and summary["sources"]["total"] == len(curated["sources"])
-    assert not (curated["out"] / shards.WORK_DIR / "clips").exists()
+    assert not (curated["out"] / contract.WORK_DIR / "clips").exists()
 
 
 EXPECTED_ERRORS = {

@@ -10,8 +10,8 @@ import time
 
 import pyarrow.parquet as pq
 
-from curation import shards
-from curation import testmedia as tm
+from spacetime import contract
+from spacetime.standins import testmedia as tm
 from tests.helpers import CONFIGS, ROOT
 from tests.test_curate import make_good_media
 
@@ -19,7 +19,7 @@ from tests.test_curate import make_good_media
 def curate_cmd(inputs, out, *extra):
     # Without the caption stage: a VLM's sampled tokens may change with how requests are batched
     # (engines are not batch-invariant), so caption text is not part of the byte-identity claim.
-    cmd = [sys.executable, "-m", "curation.cli", "curate", "--config", str(CONFIGS / "curate/tiny.yaml"),
+    cmd = [sys.executable, "-m", "spacetime", "curate", "--config", str(CONFIGS / "curate/tiny.yaml"),
            "--output", str(out), "--set", "caption=null", *extra]
     for i in inputs:
         cmd += ["--input", str(i)]
@@ -31,7 +31,7 @@ def run(cmd):
 
 
 def files_under(out):
-    return sorted(p.relative_to(out) for p in (out / shards.SHARDS_DIR).rglob("*.tar"))
+    return sorted(p.relative_to(out) for p in (out / contract.SHARDS_DIR).rglob("*.tar"))
 
 
 def test_kill_and_resume_gives_identical_shards(tmp_path):
@@ -48,7 +48,7 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(curate_cmd([media], killed), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    records = killed / shards.WORK_DIR / "done"
+    records = killed / contract.WORK_DIR / "done"
     deadline = time.time() + 300
     while time.time() < deadline and not (records.exists() and any(records.glob("*.json"))):
         time.sleep(0.02)
@@ -58,7 +58,7 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     # still in flight, or (sources can complete in a burst) while shards are being assembled.
     # Either way the rerun must give the same bytes.
     finished_before_kill = len(list(records.glob("*.json")))
-    assert not (killed / shards.SUMMARY_PATH).exists(), "the run finished before it could be killed"
+    assert not (killed / contract.SUMMARY_PATH).exists(), "the run finished before it could be killed"
     assert 1 <= finished_before_kill <= len(list(media.iterdir()))
 
     resumed = run(curate_cmd([media], killed))
@@ -68,9 +68,9 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     assert files_under(clean) == files_under(killed) and files_under(clean)
     match, mismatch, errors = filecmp.cmpfiles(clean, killed, [str(p) for p in files_under(clean)], shallow=False)
     assert not mismatch and not errors
-    for table in (shards.INDEX_PATH, shards.CLIPS_MANIFEST):
+    for table in (contract.INDEX_PATH, contract.CLIPS_MANIFEST):
         assert pq.read_table(clean / table).equals(pq.read_table(killed / table)), table
-    ids = pq.read_table(killed / shards.INDEX_PATH).column("clip_id").to_pylist()
+    ids = pq.read_table(killed / contract.INDEX_PATH).column("clip_id").to_pylist()
     assert len(ids) == len(set(ids))  # nothing duplicated
 
     # rerunning a finished output is a no-op; another config on it is refused with a clear message

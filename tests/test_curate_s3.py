@@ -9,9 +9,9 @@ import urllib.request
 import pyarrow.parquet as pq
 import pytest
 
-from curation import shards
-from curation import testmedia as tm
-from curation.config import load_config
+from spacetime import contract
+from spacetime.standins import testmedia as tm
+from spacetime.config import load_config
 from curation.pipeline import run_curation
 from curation.settings import CurateConfig
 from curation.sources import list_inputs
@@ -65,11 +65,11 @@ def test_curate_from_s3(s3_server, tmp_path):
     start_local_ray()
     out = tmp_path / "out"
     summary = run_curation(["s3://raw/videos"], str(out), cfg)
-    sources = {r["uri"]: r for r in pq.read_table(out / shards.SOURCES_MANIFEST).to_pylist()}
+    sources = {r["uri"]: r for r in pq.read_table(out / contract.SOURCES_MANIFEST).to_pylist()}
     assert all(r["status"] == "ok" and r["digest_kind"] == "size-etag" for r in sources.values())
     found = [tuple(c) for c in sources["s3://raw/videos/multishot.mp4"]["cuts"]]
     assert len(found) == len(truth.cuts)
-    index = pq.read_table(out / shards.INDEX_PATH).to_pylist()
+    index = pq.read_table(out / contract.INDEX_PATH).to_pylist()
     assert summary["clips"]["kept"] == len(index) >= len(truth.shots)
     assert {r["source_uri"] for r in index} == set(sources)
 

@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from curation.config import load_config
+from spacetime.config import load_config
 from tests.helpers import CONFIGS
 from training.dit import DiT, DiTConfig, apply_rope, flops_per_token, forward_flops, num_params, rope_3d
 from training.flow import FlowConfig, euler_sample, flow_loss, interpolate, sampling_times

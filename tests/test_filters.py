@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from curation import shards
-from curation import testmedia as tm
+from spacetime import contract
+from spacetime.standins import testmedia as tm
 from curation.filters import border_box, native_crop
 from curation.pipeline import run_curation
 from curation.settings import BordersConfig
@@ -44,7 +44,7 @@ def filtered(tmp_path_factory):
     out = root / "out"
     inputs = [str(media)] + [str(gt.path) for gt, _ in pairs.values()]
     run_curation(inputs, str(out), tiny_config(caption="null"))
-    clips = {c["source_uri"]: c for c in pq.read_table(out / shards.CLIPS_MANIFEST).to_pylist()}
+    clips = {c["source_uri"]: c for c in pq.read_table(out / contract.CLIPS_MANIFEST).to_pylist()}
     expected = {str((media / n).resolve()): fate for n, (_, fate) in LABELLED.items()}
     expected.update({str(gt.path.resolve()): fate for gt, fate in pairs.values()})
     return {"out": out, "clips": clips, "expected": expected, "truth": truth}
@@ -72,7 +72,7 @@ def test_bars_are_cropped_from_shards(filtered, name, bar_axis):
     x0, y0, x1, y1 = gt.content_box
     clip = next(c for u, c in filtered["clips"].items() if u.endswith(name))
     assert clip["status"] == "kept"
-    index = {r["key"]: r for r in pq.read_table(filtered["out"] / shards.INDEX_PATH).to_pylist()}
+    index = {r["key"]: r for r in pq.read_table(filtered["out"] / contract.INDEX_PATH).to_pylist()}
     row = index[clip["clip_id"]]
     # the picture without its bars, give or take the 2-px rounding to even sizes
     assert abs(row["width"] - (x1 - x0)) <= 4 and abs(row["height"] - (y1 - y0)) <= 4
@@ -104,8 +104,8 @@ def test_calibrate_finds_a_separating_threshold(filtered, tmp_path):
             if fate in ("kept", "sharpness"):  # blurred vs good clips (dark ones have low contrast too)
                 writer.writerow([filtered["clips"][uri]["clip_id"], int(fate == "sharpness")])
     plot = tmp_path / "pr.png"
-    out = subprocess.run([sys.executable, "-m", "curation.cli", "calibrate", "sharpness", "--manifest",
-                          str(filtered["out"] / shards.CLIPS_MANIFEST), "--labels", str(labels),
+    out = subprocess.run([sys.executable, "-m", "spacetime", "calibrate", "sharpness", "--manifest",
+                          str(filtered["out"] / contract.CLIPS_MANIFEST), "--labels", str(labels),
                           "--target-precision", "1.0", "--plot", str(plot)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -121,7 +121,7 @@ def test_calibrate_finds_a_separating_threshold(filtered, tmp_path):
 def test_report_loads_in_chromium_with_all_images(filtered, tmp_path):
     from tests.browser import Page
 
-    index = filtered["out"] / shards.REPORT_DIR / "index.html"
+    index = filtered["out"] / contract.REPORT_DIR / "index.html"
     page = Page(index.as_uri())
     try:
         images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")

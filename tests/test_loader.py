@@ -2,7 +2,7 @@
 
 One real curation run (module fixture) over generated media in several buckets, including a wide
 clip that needs a centre crop, a rotated portrait clip and 1-frame images; a second dataset with
-captions and a third with a broken mp4 are written from its samples with curation.shards.
+captions and a third with a broken mp4 are written from its samples with spacetime.contract.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from curation import shards
-from curation import testmedia as tm
-from curation.config import ConfigError, load_config
+from spacetime import contract
+from spacetime.standins import testmedia as tm
+from spacetime.config import ConfigError, load_config
 from training.config import LoaderConfig
 from training.loader import (BucketLoader, LoaderState, caption_draw, choose_caption, decode_clip, frame_stride,
                              latent_tokens, plan_steps)
@@ -53,7 +53,7 @@ def curated(tmp_path_factory):
         run_curation([str(media)], str(out), load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", ["caption=null"]))
     finally:
         ray.shutdown()  # DataLoader workers fork from this process
-    index = pq.read_table(out / shards.INDEX_PATH).to_pylist()
+    index = pq.read_table(out / contract.INDEX_PATH).to_pylist()
     return {"root": root, "out": out, "index": index, "portrait": portrait,
             "by_source": {Path(r["source_uri"]).stem: r for r in index}}
 
@@ -83,7 +83,7 @@ def run_steps(loader, steps=None, until_epoch=None, keep_video=False) -> list[di
 def native_frames(out: Path, row: dict, n: int) -> np.ndarray:
     """The first n frames of a sample's mp4, decoded straight from its tar (independent of the loader)."""
     with tarfile.open(out / row["shard"]) as tar:
-        data = tar.extractfile(f"{row['key']}.{shards.VIDEO_EXT}").read()
+        data = tar.extractfile(f"{row['key']}.{contract.VIDEO_EXT}").read()
     with av.open(io.BytesIO(data)) as c:
         frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(n), c.decode(video=0))]
     return np.stack(frames)
@@ -97,13 +97,13 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------ buckets
 def test_buckets_come_from_the_index_without_opening_a_tar(curated, tmp_path):
     only_index = tmp_path / "index-only"
-    (only_index / shards.SHARDS_DIR).mkdir(parents=True)
-    (only_index / shards.INDEX_PATH).write_bytes((curated["out"] / shards.INDEX_PATH).read_bytes())
+    (only_index / contract.SHARDS_DIR).mkdir(parents=True)
+    (only_index / contract.INDEX_PATH).write_bytes((curated["out"] / contract.INDEX_PATH).read_bytes())
     loader = BucketLoader(loader_cfg([only_index]))  # no tar exists here: planning never opens one
     expected = {r["clip_id"]: r["bucket"] for r in curated["index"]}
     assert loader.assignments() == expected
     for r in curated["index"]:
-        assert r["bucket"] == shards.bucket_for(r["width"], r["height"], r["num_frames"]).name
+        assert r["bucket"] == contract.bucket_for(r["width"], r["height"], r["num_frames"]).name
     by_source = curated["by_source"]
     assert by_source["still0"]["bucket"] == "4x3_240p_1f" and by_source["portrait"]["bucket"] == "9x16_144p_32f"
     assert len({b.split("_")[2] for b in expected.values()}) >= 3  # 1f, 16f and 32f tiers
@@ -124,7 +124,7 @@ def test_batches_are_bucket_homogeneous_with_the_right_shapes(curated):
     specs = {s.name: s for s in loader.specs}
     seen = []
     for b in batches:
-        bucket = shards.Bucket.parse(b["bucket"])
+        bucket = contract.Bucket.parse(b["bucket"])
         width, height = bucket.target_size()
         assert b["shape"] == [specs[b["bucket"]].batch, 3, bucket.frames, height, width], b["bucket"]
         assert all(index[i]["bucket"] == b["bucket"] for i in b["ids"])
@@ -171,7 +171,7 @@ def test_frame_stride_and_decode_take_only_the_needed_frames(curated):
     assert frame_stride(30.0, 100, 32, None) == 1 and frame_stride(30.0, 100, 1, 1.0) == 1
     wide = curated["by_source"]["wide"]
     with tarfile.open(curated["out"] / wide["shard"]) as tar:
-        data = tar.extractfile(f"{wide['key']}.{shards.VIDEO_EXT}").read()
+        data = tar.extractfile(f"{wide['key']}.{contract.VIDEO_EXT}").read()
     frames, cropped = decode_clip(data, frames=16, stride=2, target=(320, 240))
     native = native_frames(curated["out"], wide, 31)[::2, :, 16:336]
     assert frames.shape == (3, 16, 240, 320)  # planar: [C, T, H, W]
@@ -287,16 +287,16 @@ def _rewrite(curated, name: str, bucket: str, broken: int | None = None) -> tupl
     samples = []
     for i, r in enumerate(rows):
         with tarfile.open(curated["out"] / r["shard"]) as tar:
-            video = tar.extractfile(f"{r['key']}.{shards.VIDEO_EXT}").read()
-            record = json.loads(tar.extractfile(f"{r['key']}.{shards.RECORD_EXT}").read())
+            video = tar.extractfile(f"{r['key']}.{contract.VIDEO_EXT}").read()
+            record = json.loads(tar.extractfile(f"{r['key']}.{contract.RECORD_EXT}").read())
         if i == broken:
             video = video[: len(video) // 2]
         record["caption"] = {"short": f"short {r['key']}"}
         samples.append((r["key"], video, record, f"dense {r['key']}"))
-    rel = shards.shard_path(bucket, 0)
-    shards.write_shard(out / rel, samples)
+    rel = contract.shard_path(bucket, 0)
+    contract.write_shard(out / rel, samples)
     index = [dict(r, shard=rel, has_caption=True) for r in rows]
-    pq.write_table(shards.table(index, shards.INDEX_SCHEMA), out / shards.INDEX_PATH)
+    pq.write_table(contract.table(index, contract.INDEX_SCHEMA), out / contract.INDEX_PATH)
     return out, index
 
 
@@ -375,7 +375,7 @@ def test_reads_shards_from_s3(curated, s3_server):
 
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     s3.create_bucket(Bucket="datasets")
-    for path in (curated["out"] / shards.SHARDS_DIR).rglob("*"):
+    for path in (curated["out"] / contract.SHARDS_DIR).rglob("*"):
         if path.is_file():
             s3.upload_file(str(path), "datasets", f"run1/{path.relative_to(curated['out'])}")
     local = run_steps(BucketLoader(loader_cfg([curated["out"]], num_workers=0)), steps=4, keep_video=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from curation.config import load_config
+from spacetime.config import load_config
 from tests.helpers import CONFIGS
 from tests.train_data import make_dataset
 from training.sample import (

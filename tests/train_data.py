@@ -1,4 +1,5 @@
-"""A tiny curation output for trainer tests, written through the data contract (curation.shards).
+"""A tiny curation output for trainer tests, written through the data contract (spacetime.contract) and
+the typed clip record (spacetime.record).
 
 Clips are 32x32 (below the smallest resolution tier, so the loader resizes them to their bucket's
 16x16): a coloured disc moving over a smooth gradient (simple content a tiny VAE can learn in a
@@ -14,7 +15,8 @@ import av
 import numpy as np
 import pyarrow.parquet as pq
 
-from curation import shards
+from spacetime import contract
+from spacetime.record import Caption, ClipRecord, SourceRef, Span
 
 SIZE = (32, 32)
 CAPTIONS = ["a red texture drifting right", "green stripes sliding down", "a blue pattern moving left",
@@ -31,22 +33,24 @@ def make_dataset(out: Path, videos: int = 4, images: int = 2, frames: int = 17, 
         n = frames if i < videos else 1
         path = media / f"clip{i}.mp4"
         encode(path, disc_frames(n, velocities[i % len(velocities)], seed=i), fps)
-        key = shards.clip_id(f"test-{i}", 0, n)
-        bucket = shards.bucket_for(*SIZE, n).name
+        key = contract.clip_id(f"test-{i}", 0, n)
+        bucket = contract.bucket_for(*SIZE, n).name
         caption = CAPTIONS[i % len(CAPTIONS)]
-        record = {"clip_id": key, "width": SIZE[0], "height": SIZE[1], "frames": n, "fps": float(fps),
-                  "caption": {"dense": caption}}
-        by_bucket.setdefault(bucket, []).append((key, path.read_bytes(), record, caption))
+        record = ClipRecord(clip_id=key, source=SourceRef(uri=str(path), digest=f"test-{i}", digest_kind="sha256"),
+                            span=Span(start_frame=0, end_frame=n, start_time=0.0, end_time=n / fps),
+                            fps=float(fps), width=SIZE[0], height=SIZE[1], num_frames=n, duration=n / fps,
+                            bucket=bucket, caption=Caption(dense=caption, short=caption.split()[-1]))
+        by_bucket.setdefault(bucket, []).append((path.read_bytes(), record))
         rows.append({"key": key, "clip_id": key, "source_uri": str(path), "width": SIZE[0], "height": SIZE[1],
                      "num_frames": n, "fps": float(fps), "duration": n / fps, "bucket": bucket, "has_caption": True})
     shard_of = {}
     for bucket, samples in by_bucket.items():
-        rel = shards.shard_path(bucket, 0)
-        shards.write_shard(out / rel, samples)
+        rel = contract.shard_path(bucket, 0)
+        contract.write_shard(out / rel, samples)
         shard_of[bucket] = rel
     for r in rows:
         r["shard"] = shard_of[r["bucket"]]
-    pq.write_table(shards.table(rows, shards.INDEX_SCHEMA), out / shards.INDEX_PATH)
+    pq.write_table(contract.table(rows, contract.INDEX_SCHEMA), out / contract.INDEX_PATH)
     return out
 
 

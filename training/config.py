@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from curation.config import StrictModel
-from curation.settings import S3Config
+from spacetime.config import StrictModel
+from spacetime.config import S3Config
 
 
 class LoaderConfig(StrictModel):

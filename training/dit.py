@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from curation.config import StrictModel
+from spacetime.config import StrictModel
 
 
 class DiTConfig(StrictModel):

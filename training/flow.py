@@ -28,7 +28,7 @@ import re
 import torch
 from pydantic import Field, model_validator
 
-from curation.config import StrictModel
+from spacetime.config import StrictModel
 
 
 class FlowConfig(StrictModel):

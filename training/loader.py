@@ -14,7 +14,7 @@ an INFO line is logged every `log_every` steps. `dtype` may be bfloat16/float16,
 unnormalised: 4x less memory and copying for the trainer to normalise on the device).
 
 Buckets. Every row of shards/index.parquet is assigned to the bucket its `bucket` column names,
-through the same spec curation wrote it with (`curation.shards.Bucket.parse`; `bucket_for` when
+through the same spec curation wrote it with (`spacetime.contract.Bucket.parse`; `bucket_for` when
 the column is null): no tar is opened to plan. Images are 1-frame videos (frame tier 1). A sample
 of bucket `A_Rp_Ff` gives the FIRST F frames of its clip at the clip's fps (with `target_fps`,
 every k-th frame, k = round(fps / target_fps), reduced so the F frames fit in the clip), resized
@@ -89,16 +89,14 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import io
-import json
 import logging
 import math
-import tarfile
 import time
 import zlib
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import av
 import numpy as np
@@ -106,9 +104,12 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from curation import shards
-from curation.analyze import upright
-from curation.settings import S3Config
+from spacetime import contract
+from spacetime.contract import ShardReader
+from spacetime.config import S3Config
+from spacetime.errors import describe
+from spacetime.frames import upright
+from spacetime.record import ClipRecord
 from training.config import LoaderConfig
 
 log = logging.getLogger(__name__)
@@ -137,11 +138,11 @@ class Samples:
 
 def _read_index_table(root: str, s3: S3Config):
     if root.startswith("s3://"):
-        from curation.sources import s3_filesystem
+        from spacetime.io import s3_filesystem
 
-        path = f"{root[len('s3://'):].rstrip('/')}/{shards.INDEX_PATH}"
+        path = f"{root[len('s3://'):].rstrip('/')}/{contract.INDEX_PATH}"
         return pq.read_table(path, filesystem=s3_filesystem(s3)), f"s3://{path}"
-    path = Path(root).expanduser() / shards.INDEX_PATH
+    path = Path(root).expanduser() / contract.INDEX_PATH
     if not path.exists():
         raise FileNotFoundError(f"{path}: no index; is {root} the --output of `spacetime curate`?")
     return pq.read_table(path), str(path)
@@ -160,12 +161,12 @@ def read_index(data: list[str], s3: S3Config) -> Samples:
             raise ValueError(f"{where}: index lacks columns {missing}; rerun `spacetime curate`")
         base = root.rstrip("/")
         for r in table.select(list(_INDEX_COLUMNS)).to_pylist():
-            spec = shards.bucket_for(r["width"], r["height"], r["num_frames"])
+            spec = contract.bucket_for(r["width"], r["height"], r["num_frames"])
             if r["bucket"] is None:
                 name = spec.name
             else:
-                bucket = shards.Bucket.parse(r["bucket"])
-                if bucket.aspect not in shards.ASPECT_CLASSES or bucket.frames not in shards.FRAME_TIERS:
+                bucket = contract.Bucket.parse(r["bucket"])
+                if bucket.aspect not in contract.ASPECT_CLASSES or bucket.frames not in contract.FRAME_TIERS:
                     raise ValueError(f"{where}: clip {r['clip_id']}: unknown bucket {r['bucket']!r}")
                 if bucket.frames > r["num_frames"]:
                     raise ValueError(f"{where}: clip {r['clip_id']} has {r['num_frames']} frames, "
@@ -221,7 +222,7 @@ def bucket_specs(samples: Samples, cfg: LoaderConfig) -> list[BucketSpec]:
     names = sorted(groups)
     base = {}
     for name in names:
-        b = shards.Bucket.parse(name)
+        b = contract.Bucket.parse(name)
         w, h = b.target_size()
         tokens = latent_tokens(b.frames, w, h, cfg)
         batch = max(1, cfg.token_budget // tokens)
@@ -313,63 +314,6 @@ def plan_steps(specs: list[BucketSpec], state: LoaderState, world_size: int) -> 
         cursors[:] = 0
 
 
-# ------------------------------------------------------------------------------ shard reading
-class ShardReader:
-    """Random access to samples in tar shards: each shard's member offsets are scanned once."""
-
-    def __init__(self, s3: S3Config, max_open: int = 16, max_indexed: int = 256):
-        self.s3_cfg, self.max_open, self.max_indexed = s3, max_open, max_indexed
-        self._s3 = None
-        self._files: OrderedDict[str, Any] = OrderedDict()
-        self._members: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
-
-    def _file(self, uri: str):
-        f = self._files.pop(uri, None)
-        if f is None:
-            if uri.startswith("s3://"):
-                if self._s3 is None:
-                    from curation.sources import s3_filesystem
-
-                    self._s3 = s3_filesystem(self.s3_cfg)
-                f = self._s3.open_input_file(uri[len("s3://"):])
-            else:
-                f = open(uri, "rb")
-            while len(self._files) >= self.max_open:
-                self._files.popitem(last=False)[1].close()
-        self._files[uri] = f
-        return f
-
-    def _index(self, uri: str) -> dict[str, tuple[int, int]]:
-        members = self._members.pop(uri, None)
-        if members is None:
-            f = self._file(uri)
-            f.seek(0)
-            with tarfile.open(fileobj=f, mode="r:") as tar:
-                members = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
-            while len(self._members) >= self.max_indexed:
-                self._members.popitem(last=False)
-        self._members[uri] = members
-        return members
-
-    def read(self, uri: str, key: str) -> dict[str, bytes]:
-        """{extension: bytes} of sample `key` (the members of curation.shards.SAMPLE_EXTS it has)."""
-        members = self._index(uri)
-        spans = {ext: members[f"{key}.{ext}"] for ext in shards.SAMPLE_EXTS if f"{key}.{ext}" in members}
-        if shards.VIDEO_EXT not in spans:
-            raise KeyError(f"no member {key}.{shards.VIDEO_EXT}")
-        lo = min(o for o, _ in spans.values())
-        hi = max(o + n for o, n in spans.values())
-        f = self._file(uri)
-        f.seek(lo)
-        buf = f.read(hi - lo)
-        return {ext: bytes(buf[o - lo: o - lo + n]) for ext, (o, n) in spans.items()}
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-
 # ----------------------------------------------------------------------------------- decoding
 def frame_stride(fps: float, num_frames: int, frames: int, target_fps: float | None) -> int:
     """Source frames between two sample frames: round(fps / target_fps), shrunk to fit the clip."""
@@ -435,17 +379,14 @@ def caption_draw(seed: int, epoch: int, clip_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def choose_caption(dense: str, record: dict, draw: float, cfg: LoaderConfig) -> str:
+def choose_caption(record: ClipRecord, draw: float, cfg: LoaderConfig) -> str:
     """Empty with probability caption_dropout, else the short caption with probability
     short_caption_prob (when the record has one), else the dense caption."""
     if draw < cfg.caption_dropout:
         return ""
-    if draw < cfg.caption_dropout + cfg.short_caption_prob:
-        caption = record.get("caption")
-        short = caption.get("short") if isinstance(caption, dict) else None
-        if short:
-            return short
-    return dense
+    if draw < cfg.caption_dropout + cfg.short_caption_prob and record.short_caption:
+        return record.short_caption
+    return record.dense_caption
 
 
 # ------------------------------------------------------------------------------------ dataset
@@ -472,12 +413,11 @@ class BucketDataset(IterableDataset):
         """Sample i decoded into `out` ([3, T, H, W] uint8); returns its caption, id, crop and fps."""
         s = self.samples
         parts = reader.read(s.shard[i], s.key[i])
-        record = json.loads(parts.get(shards.RECORD_EXT) or b"{}")
+        record = contract.read_record(parts, where=s.shard[i])
         stride = frame_stride(float(s.fps[i]), int(s.num_frames[i]), spec.frames, self.cfg.target_fps)
-        _, cropped = decode_clip(parts[shards.VIDEO_EXT], spec.frames, stride, spec.size,
+        _, cropped = decode_clip(parts[contract.VIDEO_EXT], spec.frames, stride, spec.size,
                                  _INTERPOLATION[self.cfg.interpolation], self.cfg.decode_threads, out)
-        dense = (parts.get(shards.CAPTION_EXT) or b"").decode()
-        caption = choose_caption(dense, record, caption_draw(self.state.seed, epoch, s.clip_id[i]), self.cfg)
+        caption = choose_caption(record, caption_draw(self.state.seed, epoch, s.clip_id[i]), self.cfg)
         return {"caption": caption, "clip_id": s.clip_id[i], "cropped": cropped, "fps": float(s.fps[i]) / stride}
 
     def _try(self, i: int, spec: BucketSpec, epoch: int, reader: ShardReader, errors: list,
@@ -485,8 +425,7 @@ class BucketDataset(IterableDataset):
         try:
             return self.load(i, spec, epoch, reader, out)
         except Exception as err:  # a bad sample never stops training: it is replaced and counted
-            reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-            errors.append({"clip_id": self.samples.clip_id[i], "shard": self.samples.shard[i], "error": reason})
+            errors.append({"clip_id": self.samples.clip_id[i], "shard": self.samples.shard[i], "error": describe(err)})
             return None
 
     def to_tensor(self, frames: np.ndarray) -> torch.Tensor:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spacetime.io import atomic_path
 from training.checkpoint import resolve_checkpoint
 from training.dit import DiT, DiTConfig
 from training.flow import FlowConfig, euler_sample, guided_velocity, sampling_times
@@ -167,7 +168,7 @@ class Sampler:
     """A DiT checkpoint (or run folder: its newest checkpoint) with its VAE and text encoder, loaded once."""
 
     def __init__(self, checkpoint: str | Path, use_ema: bool = True, device: str | torch.device | None = None):
-        from curation.models import resolve
+        from spacetime.models import resolve
         from training.text_encoder import load_text_encoder
 
         self.path = resolve_checkpoint(checkpoint)
@@ -290,14 +291,12 @@ def write_output(video: torch.Tensor, out_path: str | Path, fps: float = 24.0) -
     frames = to_uint8(video)
     if frames.shape[0] == 1:
         out = out.with_suffix(".png")
-        tmp = out.with_name(out.name + ".tmp")
-        Image.fromarray(frames[0]).save(tmp, format="PNG")
-        tmp.replace(out)
+        with atomic_path(out) as tmp:
+            Image.fromarray(frames[0]).save(tmp, format="PNG")
         return out
     out = out if out.suffix else out.with_suffix(".mp4")
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
     h, w = frames.shape[1:3]
-    with av.open(str(tmp), "w") as container:
+    with atomic_path(out) as tmp, av.open(str(tmp), "w") as container:
         rate = Fraction(fps).limit_denominator(1001)
         stream = container.add_stream("libx264", rate=rate, options={"crf": "16"})  # near-lossless for review
         stream.width, stream.height = w, h
@@ -307,7 +306,6 @@ def write_output(video: torch.Tensor, out_path: str | Path, fps: float = 24.0) -
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    tmp.replace(out)
     return out
 
 
@@ -315,7 +313,7 @@ def read_video(path: str | Path, max_frames: int | None = None) -> torch.Tensor:
     """A video (or image: 1 frame) file -> [3, T, H, W] in [-1, 1], upright."""
     import av
 
-    from curation.analyze import upright
+    from spacetime.frames import upright
 
     out = []
     with av.open(str(path)) as container:
@@ -377,7 +375,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     caption_cfg = None
     if args.upsample and args.caption_config is not None:
         from captioner.config import CaptionConfig
-        from curation.config import load_config
+        from spacetime.config import load_config
 
         caption_cfg = load_config(CaptionConfig, args.caption_config)
     sampler = Sampler(args.checkpoint, use_ema=not args.no_ema, device=args.device)

@@ -1,7 +1,7 @@
 """`spacetime train dit|vae`: the training loop (one process, or every rank under torchrun).
 
     run_train("dit", load_config(TrainConfig, "configs/train/tiny.yaml"), data_dir="out", run_dir="runs/a")
-    torchrun --nproc-per-node 8 -m curation.cli train dit --config configs/train/dit_xl.yaml --data OUT --output RUN
+    torchrun --nproc-per-node 8 -m spacetime train dit --config configs/train/dit_xl.yaml --data OUT --output RUN
 
 One step (kind dit): a bucket-homogeneous batch from the loader -> latents from the frozen VAE
 (computed on the fly) and text embeddings from the frozen text encoder -> rectified-flow loss of the
@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from curation.config import ConfigError, dump_config, load_config
+from spacetime.config import ConfigError, dump_config, load_config
 from training.checkpoint import latest_checkpoint, load_checkpoint, remove_stale, save_checkpoint
 from training.dit import DiT, flops_per_token, num_params
 from training.flow import EMA, flow_loss
@@ -110,7 +110,7 @@ class Metrics:
 # -------------------------------------------------------------------------------------- models
 def load_text_encoder_from(cfg: TrainConfig, device: torch.device):
     """(tokenizer, frozen encoder, embedding dim) from text_encoder.path (tiny: references resolved)."""
-    from curation.models import resolve
+    from spacetime.models import resolve
     from training.text_encoder import load_text_encoder
 
     dtype = cfg.text_encoder.dtype
@@ -130,7 +130,7 @@ def build_vae(cfg: TrainConfig, run_dir: Path, d: Dist, trainable: bool) -> tupl
             raise ConfigError("vae.source diffusers: training a diffusers VAE is not supported")
         return load_diffusers_vae(v.path), {"source": "diffusers", "path": v.path}
     if v.path:
-        from curation.models import resolve
+        from spacetime.models import resolve
 
         path = str(Path(resolve(v.path)).expanduser().resolve())
         vae = load_vae(path, v.arch)
@@ -249,7 +249,7 @@ class VAETask:
         self.init_ref = ref if cfg.vae.path else None
         self.perceptual = None
         if cfg.vae_loss.perceptual_weight > 0:
-            from curation.models import resolve
+            from spacetime.models import resolve
 
             self.perceptual = PerceptualLoss(resolve(cfg.vae_loss.perceptual_weights)).to(d.device)
             log.info("perceptual term on (weight %s, VGG16 weights %s)", cfg.vae_loss.perceptual_weight,

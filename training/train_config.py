@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from curation.config import StrictModel
+from spacetime.config import StrictModel
 from training.config import LoaderConfig
 from training.dit import DiTConfig
 from training.flow import FlowConfig
@@ -34,7 +34,7 @@ from training.vae import VAEArch
 
 class TextEncoderConfig(StrictModel):
     # Hugging Face id (e.g. google/t5-v1_1-xxl), local folder, or tiny:text_encoder.path (a tiny
-    # RANDOM T5 for tests, see curation.models.resolve)
+    # RANDOM T5 for tests, see spacetime.models.resolve)
     path: str = "google/t5-v1_1-xxl"
     max_length: int = Field(120, gt=0)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU

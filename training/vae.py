@@ -34,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from curation.config import StrictModel
+from spacetime.config import StrictModel
+from spacetime.io import atomic_path, atomic_write
 
 
 class VAEArch(StrictModel):
@@ -331,11 +332,10 @@ def save_vae(vae: VideoVAE, folder: str | Path, note: str | None = None) -> Path
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
-    save_file(state, str(folder / (WEIGHTS_FILE + ".tmp")))
-    (folder / (WEIGHTS_FILE + ".tmp")).replace(folder / WEIGHTS_FILE)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
     config = {"arch": vae.arch.model_dump(mode="json"), "note": note}
-    (folder / (CONFIG_FILE + ".tmp")).write_text(json.dumps(config, indent=2) + "\n")
-    (folder / (CONFIG_FILE + ".tmp")).replace(folder / CONFIG_FILE)
+    atomic_write(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return folder
 
 

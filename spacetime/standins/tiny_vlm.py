@@ -375,7 +375,7 @@ _MODEL_CARD = """\
 
 **This is NOT a trained model.** Its weights are random (seed {seed}); it produces meaningless text.
 
-It was built locally by `captioner.tiny_vlm.build_tiny_vlm(out_dir, family="{family}")` so that the
+It was built locally by `spacetime.standins.tiny_vlm.build_tiny_vlm(out_dir, family="{family}")` so that the
 code that loads and runs real captioners (transformers `AutoProcessor` /
 `AutoModelForImageTextToText`, vLLM's `LLM` and OpenAI-compatible server) can be exercised offline on
 a CPU, without downloading real weights.

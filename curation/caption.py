@@ -1,11 +1,9 @@
 """The pipeline's caption stage: dense structured captions for every candidate clip.
 
-Wiring (curation/pipeline.py): after the filters, before extract, as an actor pool whose actors may
-each run several batches at once (so the engine's batch stays full across Ray batches):
-
-    (Caption, "map_batches", "caption")
-    ds.map_batches(Caption, batch_size=res.batch_size, batch_format="numpy",
-                   compute=ActorPoolStrategy(size=res.actors, max_concurrent_calls_per_actor=4), ...)
+The captioner library (`captioner/`) does the work; this is its Ray Data stage. Wiring
+(curation/pipeline.py): after the filters, before extract, as an actor pool whose actors may each
+run several batches at once (`caption.resources.calls_per_actor`), so the engine's batch stays full
+across Ray batches.
 
 Per candidate clip:
     ok      clip["caption"] = dense caption, clip["caption_fields"] = {subjects, actions, scene,
@@ -24,20 +22,19 @@ import time
 from captioner.config import CaptionConfig
 from captioner.core import CaptionResult, Captioner, ClipTask
 from captioner.frames import from_sampled
-from curation.analyze import decode_frames
-from curation.stage import BatchStage
+from curation.stage import BatchStage, add_batch_time
+from spacetime.frames import decode_frames
 
 
 class Caption(BatchStage):
     name = "caption"
 
-    def __init__(self, cfg, out: str, captioner: Captioner | None = None):
-        """`cfg`: a CurateConfig with a `caption` section (CaptionConfig). `captioner`: share an
-        already loaded engine (tests, notebooks); by default each actor loads its own, once."""
-        super().__init__(cfg, out)
-        self.caption_cfg: CaptionConfig = cfg.caption
+    def __init__(self, cfg: CaptionConfig, captioner: Captioner | None = None):
+        """`cfg`: the `caption` section. `captioner`: share an already loaded engine (tests,
+        notebooks); by default each actor loads its own, once."""
+        super().__init__(cfg)
         self.owns_captioner = captioner is None
-        self.captioner = captioner or Captioner(self.caption_cfg)
+        self.captioner = captioner or Captioner(cfg)
 
     # Ray Data runs an async __call__ concurrently (max_concurrent_calls_per_actor), which is what
     # keeps requests from the next batch flowing into the engine while this one finishes.
@@ -45,14 +42,11 @@ class Caption(BatchStage):
         t0 = time.perf_counter()
         metas = [json.loads(m) for m in batch["meta"]]
         sampled = list(batch["sampled"])
-        todo = [i for i, m in enumerate(metas) if m.get("clip") and m["clip"]["status"] == "candidate"]
+        todo = [i for i, m in enumerate(metas) if self.wanted(m)]
         tasks = self._tasks([(metas[i], sampled[i]) for i in todo])
         if tasks:
             self._apply([metas[i] for i in todo], await self.captioner.acaption(tasks))
-        share = (time.perf_counter() - t0) / max(1, len(metas))
-        for m in metas:  # the batch's wall time, shared out per row (batches overlap in time)
-            timings = m.setdefault("timings", {})
-            timings[self.name] = timings.get(self.name, 0.0) + share
+        add_batch_time(metas, self.name, t0)  # batches overlap in time: this is wall time per row
         return {"meta": [json.dumps(m) for m in metas], "sampled": sampled}
 
     def process(self, items: list[tuple[dict, bytes]]) -> None:
@@ -70,8 +64,8 @@ class Caption(BatchStage):
                 frames = decode_frames(sampled) if sampled else None
                 if frames is None:
                     raise ValueError("no sampled frames")
-                tasks.append(ClipTask(clip["clip_id"], from_sampled(clip, frames, self.caption_cfg.frames,
-                                                                    self.caption_cfg.max_pixels)))
+                tasks.append(ClipTask(clip["clip_id"], from_sampled(clip, frames, self.cfg.frames,
+                                                                    self.cfg.max_pixels)))
             except Exception as err:
                 clip.update(status="failed", reason=f"caption: frames unusable: {err}")
         return tasks

@@ -1,8 +1,12 @@
 """Model references in configs, resolved the same way everywhere.
 
-    tiny:<key.path>        a tiny RANDOM stand-in built by `spacetime models build-tiny` (built on
-                           first use into $SPACETIME_TINY_MODELS or ~/.cache/spacetime/tiny-models);
-                           e.g. tiny:clip.pretrained. For offline runs and tests only.
+    tiny:<key.path>        a tiny RANDOM stand-in built by `spacetime models build-tiny` into
+                           $SPACETIME_TINY_MODELS or ~/.cache/spacetime/tiny-models; e.g.
+                           tiny:clip.pretrained. For offline runs and tests only. The resolver never
+                           builds them itself (the builders live in spacetime.standins, above the
+                           wings): the CLI and the tests register a builder with
+                           `register_tiny_builder`; without one a missing build is an error that
+                           says how to build it.
     hf://<org>/<repo>/<file>  one file of a Hugging Face repository (downloaded to the HF cache)
     /a/local/path          used as is
     anything else          passed through (a Hugging Face id, an open_clip pretrained tag)
@@ -16,10 +20,29 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
+
+from spacetime.errors import UserError
+
+TINY_MANIFEST = "tiny_models.json"
+_tiny_builder: Callable[[Path], dict] | None = None
 
 
-class ModelUnavailable(RuntimeError):
-    pass
+class ModelUnavailable(UserError, RuntimeError):
+    """A model reference that cannot be had here; the message names it and what to do."""
+
+
+def default_tiny_dir() -> Path:
+    """`$SPACETIME_TINY_MODELS`, else `~/.cache/spacetime/tiny-models`."""
+    env = os.environ.get("SPACETIME_TINY_MODELS")
+    return Path(env).expanduser() if env else Path("~/.cache/spacetime/tiny-models").expanduser()
+
+
+def register_tiny_builder(builder: Callable[[Path], dict] | None) -> None:
+    """Let `tiny:` references build the stand-ins on first use (`builder(folder)` writes them and
+    TINY_MANIFEST). Called by the CLI and the tests; None switches it off."""
+    global _tiny_builder
+    _tiny_builder = builder
 
 
 OFFLINE_HINT = ("this machine cannot fetch it (no hub access or HF_HUB_OFFLINE=1); put the weights in a "
@@ -28,11 +51,15 @@ OFFLINE_HINT = ("this machine cannot fetch it (no hub access or HF_HUB_OFFLINE=1
 
 
 def _tiny(key: str) -> str:
-    from curation.tiny_models import MANIFEST, build_all, default_tiny_dir
-
     root = default_tiny_dir()
-    manifest_path = root / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else build_all(root)
+    manifest_path = root / TINY_MANIFEST
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+    elif _tiny_builder is not None:
+        manifest = _tiny_builder(root)
+    else:
+        raise ModelUnavailable(f"tiny:{key}: the tiny stand-in models are not built in {root}; run "
+                               f"`spacetime models build-tiny --out {root}` (or set SPACETIME_TINY_MODELS)")
     value = manifest
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:

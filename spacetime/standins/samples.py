@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from curation import testmedia
+from spacetime.standins import testmedia
 
 REAL = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 

@@ -1,9 +1,9 @@
 """Builds every tiny random stand-in model the tests and offline demos need, in one folder.
 
     out_dir/
-      vlm/            tiny random Qwen2.5-VL (captioner.tiny_vlm)       -> transformers, vLLM
-      clip/           tiny open_clip ViT + aesthetic head (curation.clip_models)
-      text_encoder/   tiny random T5 encoder (training.text_encoder)
+      vlm/            tiny random Qwen2.5-VL (tiny_vlm)                 -> transformers, vLLM
+      clip/           tiny open_clip ViT + aesthetic head (tiny_clip)   -> curation.clip_models
+      text_encoder/   tiny random T5 encoder (tiny_text_encoder)        -> training.text_encoder
       tiny_models.json  what is where (absolute paths), written last
 
 Backs `spacetime models build-tiny --out DIR`. Idempotent: complete parts are not rebuilt. None of
@@ -17,13 +17,9 @@ import os
 import time
 from pathlib import Path
 
-MANIFEST = "tiny_models.json"
-
-
-def default_tiny_dir() -> Path:
-    """`$SPACETIME_TINY_MODELS`, else `~/.cache/spacetime/tiny-models`."""
-    env = os.environ.get("SPACETIME_TINY_MODELS")
-    return Path(env).expanduser() if env else Path("~/.cache/spacetime/tiny-models").expanduser()
+from spacetime.models import TINY_MANIFEST as MANIFEST
+from spacetime.models import default_tiny_dir  # noqa: F401 (where `spacetime models build-tiny` writes)
+from spacetime.io import atomic_write
 
 
 def build_all(out_dir: Path, vlm_family: str = "qwen2_5_vl") -> dict:
@@ -34,9 +30,9 @@ def build_all(out_dir: Path, vlm_family: str = "qwen2_5_vl") -> dict:
          "clip": {"model_name", "config_dir", "pretrained", "aesthetic_head", "embed_dim", "image_size"},
          "text_encoder": {"path"}, "build_seconds": {...}}
     """
-    from captioner.tiny_vlm import build_tiny_vlm
-    from curation.clip_models import build_tiny_clip
-    from training.text_encoder import build_tiny_text_encoder
+    from spacetime.standins.tiny_vlm import build_tiny_vlm
+    from spacetime.standins.tiny_clip import build_tiny_clip
+    from spacetime.standins.tiny_text_encoder import build_tiny_text_encoder
 
     root = Path(out_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -61,7 +57,5 @@ def build_all(out_dir: Path, vlm_family: str = "qwen2_5_vl") -> dict:
         "clip": clip,
         "text_encoder": {"path": str(text_encoder)},
     }
-    tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, root / MANIFEST)
+    atomic_write(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return {**manifest, "build_seconds": seconds}

@@ -1,5 +1,11 @@
-"""The `spacetime` command. Each subcommand takes --config FILE, repeated --set key=value and
---print-config; heavy imports happen inside the handlers so `spacetime --help` stays instant."""
+"""The `spacetime` command for every wing (also `python -m spacetime`, `torchrun -m spacetime`).
+
+Each subcommand takes --config FILE, repeated --set key=value and --print-config. The wings
+(curation, captioner, training) and the stand-ins are imported inside the handlers, so
+`spacetime --help` stays instant. `tiny:` model references build the tiny random stand-ins on first
+use: this layer registers that builder with the resolver (spacetime.models), which never imports them.
+Errors a user can fix (spacetime.errors.UserError) print as one line with exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from curation.config import ConfigError, dump_config, load_config
+from spacetime.config import ConfigError, dump_config, load_config
+from spacetime.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -39,7 +46,8 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_models_build_tiny(args: argparse.Namespace) -> int:
-    from curation.tiny_models import build_all, default_tiny_dir
+    from spacetime.models import default_tiny_dir
+    from spacetime.standins.tiny_models import build_all
 
     out = args.out or default_tiny_dir()
     info = build_all(Path(out))
@@ -50,7 +58,7 @@ def cmd_models_build_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
-    from curation.samples import copy_samples
+    from spacetime.standins.samples import copy_samples
 
     for path in copy_samples(args.out):
         print(path)
@@ -76,7 +84,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
 def _caption_config(args: argparse.Namespace):
     """The resolved CaptionConfig of a `spacetime caption` command (tiny: model references built)."""
     from captioner.config import CaptionConfig
-    from curation.models import resolve
+    from spacetime.models import resolve
 
     cfg = _resolve(args, CaptionConfig)
     cfg.model = resolve(cfg.model)
@@ -187,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the DiT or the video VAE (torchrun for several processes)",
                        description="Train on curation outputs; rerunning on an existing --output resumes "
-                                   "exactly. Several processes: torchrun --nproc-per-node N -m curation.cli train ...")
+                                   "exactly. Several processes: torchrun --nproc-per-node N -m spacetime train ...")
     add_train_args(p)
     _config_args(p, CONFIG_DIR / "train" / "tiny.yaml")
     p.set_defaults(func=cmd_train)
@@ -238,23 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _build_tiny(folder: Path) -> dict:
+    from spacetime.standins.tiny_models import build_all
+
+    logging.getLogger("spacetime").info("building the tiny random stand-in models in %s (first use)", folder)
+    return build_all(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from spacetime.models import register_tiny_builder
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    register_tiny_builder(_build_tiny)
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"spacetime: config error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # errors we raise on purpose carry a message naming the input and fix
-        from curation.models import ModelUnavailable
-        from curation.sources import SourceError
-
-        if isinstance(err, (ModelUnavailable, SourceError)) or type(err).__name__ == "RunDirError":
-            print(f"spacetime: {err}", file=sys.stderr)
-            return 2
-        raise
+    except UserError as err:  # raised on purpose: the message names the input and the fix
+        print(f"spacetime: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

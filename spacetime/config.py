@@ -1,4 +1,7 @@
-"""Typed configs: YAML files validated by pydantic models that reject unknown keys.
+"""Config machinery: YAML files validated by pydantic models that reject unknown keys.
+
+Each wing defines its own sections on `StrictModel`; the sections more than one wing uses
+(`Resources`, `S3Config`) live here.
 
 Every subcommand takes `--config FILE` and repeated `--set dotted.key=value`; values given to `--set`
 are parsed as YAML scalars/flow collections (`--set analyze.height=180`, `--set inputs=[a,b]`).
@@ -13,10 +16,12 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from spacetime.errors import UserError
+
 T = TypeVar("T", bound="StrictModel")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not validate; the message names the key and the fix."""
 
 
@@ -36,6 +41,16 @@ class Resources(StrictModel):
     actors: int = 1
     batch_size: int = 1
     calls_per_actor: int = 1  # batches in flight per actor (async stages keep an engine's batch full)
+
+
+class S3Config(StrictModel):
+    """s3:// URIs through pyarrow's S3FileSystem (spacetime.io). Credentials come from the usual AWS
+    environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and are never written to config
+    or logs."""
+
+    endpoint: str | None = None  # e.g. http://127.0.0.1:9000; default: $AWS_ENDPOINT_URL or AWS
+    region: str = "us-east-1"
+    anonymous: bool = False
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

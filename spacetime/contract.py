@@ -1,7 +1,8 @@
 """The data contract: clip ids, the bucket spec, the shard sample layout and the output paths.
 
-This is the ONLY module that knows file names inside a tar or under an output directory. The curation
-writer and every reader (the trainer's loader, `spacetime caption`, the report) import it.
+This is the ONLY module that knows file names inside a tar or under an output directory; the sample
+metadata `<key>.json` is the typed `spacetime.record.ClipRecord`. The curation writer and every reader
+(the trainer's loader, `spacetime caption`, captioner fine-tuning, the report) import it.
 
 Output layout (OUT is the `--output` of `spacetime curate`):
     shards/<bucket>/<bucket>-NNNNNN.tar   WebDataset samples: <key>.mp4 <key>.json <key>.txt
@@ -15,15 +16,18 @@ A sample's key is its clip id. Images are one-frame videos and share the layout.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
+
+from spacetime.config import S3Config
+from spacetime.io import atomic_path, s3_filesystem
+from spacetime.record import ClipRecord
 
 # ---------------------------------------------------------------------------------------- paths
 SHARDS_DIR = "shards"
@@ -174,38 +178,6 @@ def table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
 
 
-# --------------------------------------------------------------------------------- shard writing
-def sample_dict(key: str, video: bytes, record: dict, caption: str) -> dict[str, Any]:
-    """One WebDataset sample: the clip, its record (sorted-key JSON), its dense caption."""
-    return {
-        "__key__": key,
-        VIDEO_EXT: video,
-        RECORD_EXT: json.dumps(record, sort_keys=True, ensure_ascii=False).encode(),
-        CAPTION_EXT: caption.encode(),
-    }
-
-
-def write_shard(path: Path, samples: Iterable[tuple[str, bytes, dict, str]]) -> None:
-    """Write samples (key, video bytes, record, caption) to `path` atomically (temp name + rename).
-
-    webdataset's TarWriter with fixed mtime/owner/mode, so the bytes depend only on the samples.
-    """
-    import webdataset as wds
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as stream:
-        with wds.TarWriter(stream, user="", group="", mode=0o644, mtime=0, encoder=False) as writer:
-            for key, video, record, caption in samples:
-                writer.write(sample_dict(key, video, record, caption))
-    tmp.replace(path)
-
-
-def read_sample_record(sample: dict) -> dict:
-    """Decode the record of a webdataset sample dict (raw bytes values) -> dict."""
-    return json.loads(sample[RECORD_EXT])
-
-
 CAPTIONS_SCHEMA = pa.schema([  # `spacetime caption` output: every clip and its caption verdict
     ("clip_id", pa.string()),
     ("shard", pa.string()),  # the input shard (the output shard has the same path when ok)
@@ -218,21 +190,110 @@ CAPTIONS_SCHEMA = pa.schema([  # `spacetime caption` output: every clip and its 
 ])
 
 
-def read_shard(path: Path) -> Iterator[dict]:
-    """Samples of a WebDataset tar as {"__key__": key, ext: bytes, ...}, in tar order.
-    Sample members are <key>.<ext>; keys have no dots."""
-    current: dict | None = None
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = os.path.basename(member.name)
-            key, _, ext = name.partition(".")
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            current[ext] = tar.extractfile(member).read()
-    if current is not None:
-        yield current
+# ------------------------------------------------------------------------------------- shards
+def write_shard(path: Path, samples: Iterable[tuple[bytes, ClipRecord]]) -> None:
+    """Write samples (clip video bytes, its record) to `path` atomically: <key>.mp4, <key>.json,
+    <key>.txt (the dense caption, empty without one), key = the record's clip id.
+
+    webdataset's TarWriter with fixed mtime/owner/mode, so the bytes depend only on the samples."""
+    import webdataset as wds
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+        with wds.TarWriter(stream, user="", group="", mode=0o644, mtime=0, encoder=False) as writer:
+            for video, record in samples:
+                writer.write({"__key__": record.clip_id, VIDEO_EXT: video, RECORD_EXT: record.to_json(),
+                              CAPTION_EXT: record.dense_caption.encode()})
+
+
+class ShardReader:
+    """Reads samples of WebDataset tars, local or s3://: each shard's member offsets are scanned
+    once (cached), then a sample is one ranged read. A sample is {"__key__": key, ext: bytes}.
+
+        reader = ShardReader(s3_config)
+        reader.read(uri, key)        # one sample, random access
+        for sample in reader.samples(uri): ...   # every sample, in tar order
+        record = read_record(sample, where=uri)
+    """
+
+    def __init__(self, s3: S3Config | None = None, max_open: int = 16, max_indexed: int = 256):
+        self.s3_cfg, self.max_open, self.max_indexed = s3 or S3Config(), max_open, max_indexed
+        self._s3 = None
+        self._files: OrderedDict[str, Any] = OrderedDict()
+        self._members: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
+
+    def _file(self, uri: str):
+        f = self._files.pop(uri, None)
+        if f is None:
+            if uri.startswith("s3://"):
+                if self._s3 is None:
+                    self._s3 = s3_filesystem(self.s3_cfg)
+                f = self._s3.open_input_file(uri[len("s3://"):])
+            else:
+                f = open(uri, "rb")
+            while len(self._files) >= self.max_open:
+                self._files.popitem(last=False)[1].close()
+        self._files[uri] = f
+        return f
+
+    def _index(self, uri: str) -> dict[str, tuple[int, int]]:
+        """{member name: (data offset, size)} of the shard, in tar order."""
+        members = self._members.pop(uri, None)
+        if members is None:
+            f = self._file(uri)
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                members = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+            while len(self._members) >= self.max_indexed:
+                self._members.popitem(last=False)
+        self._members[uri] = members
+        return members
+
+    def _read_spans(self, uri: str, key: str, spans: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+        lo = min(o for o, _ in spans.values())
+        hi = max(o + n for o, n in spans.values())
+        f = self._file(uri)
+        f.seek(lo)
+        buf = f.read(hi - lo)
+        return {"__key__": key, **{ext: bytes(buf[o - lo: o - lo + n]) for ext, (o, n) in spans.items()}}
+
+    def read(self, uri: str, key: str) -> dict[str, bytes]:
+        """Sample `key` of shard `uri` (the members of SAMPLE_EXTS it has; the video is required)."""
+        members = self._index(str(uri))
+        spans = {ext: members[f"{key}.{ext}"] for ext in SAMPLE_EXTS if f"{key}.{ext}" in members}
+        if VIDEO_EXT not in spans:
+            raise KeyError(f"{uri}: no member {key}.{VIDEO_EXT}")
+        return self._read_spans(str(uri), key, spans)
+
+    def samples(self, uri: str | Path) -> Iterator[dict[str, bytes]]:
+        """Every sample of shard `uri` in tar order (members <key>.<ext>; keys have no dots)."""
+        uri = str(uri)
+        grouped: dict[str, dict[str, tuple[int, int]]] = {}
+        for name, span in self._index(uri).items():
+            key, _, ext = name.rpartition("/")[2].partition(".")
+            grouped.setdefault(key, {})[ext] = span
+        for key, spans in grouped.items():
+            yield self._read_spans(uri, key, spans)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_shard(path: str | Path, s3: S3Config | None = None) -> Iterator[dict[str, bytes]]:
+    """Every sample of one shard, in tar order (see ShardReader.samples)."""
+    with ShardReader(s3) as reader:
+        yield from reader.samples(path)
+
+
+def read_record(sample: dict[str, bytes], where: str = "") -> ClipRecord:
+    """The typed record of a sample read from a shard (errors name `where` and the key)."""
+    if RECORD_EXT not in sample:
+        raise KeyError(f"{where}: sample {sample.get('__key__')} has no {RECORD_EXT} member")
+    return ClipRecord.from_json(sample[RECORD_EXT], where=f"{where}:{sample.get('__key__')}.{RECORD_EXT}")

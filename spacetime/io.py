@@ -1,0 +1,71 @@
+"""Atomic writes and URI access shared by every wing.
+
+Every output is written to a temporary name next to its final one and renamed when complete, so a
+reader (or a rerun after a kill) sees a whole file or none. `s3://` URIs go through pyarrow's
+S3FileSystem with the `S3Config` of the command (endpoint, region; credentials from the usual AWS
+environment variables, never from config).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from spacetime.config import S3Config
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary name `path` is written under before its rename: same folder (the rename is
+    atomic), hidden, fixed (a rerun after a kill overwrites its leftover) and with the same suffix
+    (tools that pick a format by extension, like FFmpeg, still work)."""
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path to write; renamed to `path` when the block exits without an error,
+    removed when it raises. Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write `data` (bytes, or text as UTF-8) to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def write_parquet(path: str | Path, table) -> None:
+    """Write a pyarrow table to `path` atomically."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def s3_filesystem(cfg: S3Config):
+    """pyarrow's S3FileSystem for `cfg` (endpoint from the config, else $AWS_ENDPOINT_URL, else AWS)."""
+    from pyarrow import fs
+
+    endpoint = cfg.endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {"region": cfg.region, "anonymous": cfg.anonymous}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return fs.S3FileSystem(**kwargs)
+
+
+def open_uri(uri: str, cfg: S3Config) -> str | BinaryIO:
+    """What av.open() and tarfile take for `uri`: a local path, or a seekable pyarrow file for s3://."""
+    if uri.startswith("s3://"):
+        return s3_filesystem(cfg).open_input_file(uri[len("s3://"):])
+    return uri

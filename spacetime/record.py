@@ -1,0 +1,128 @@
+"""The clip record: ONE typed definition of `<key>.json`, the metadata of every sample in a shard.
+
+The curation writer builds it field by field, `spacetime caption` rewrites its caption, and every
+reader (the trainer's loader, captioner fine-tuning, recaption, caption upsampling examples, tests)
+parses it with `ClipRecord.from_json`. Nothing else knows its keys.
+
+    {"schema_version": 1, "clip_id": "3f0c…",                     # = the sample key
+     "source": {"uri", "digest", "digest_kind"},                    # sha256 | size-etag
+     "span": {"start_frame", "end_frame", "start_time", "end_time", "start_pts", "end_pts"},
+     "fps", "width", "height", "num_frames", "duration", "rotation", "crop", "bucket",
+     "extract_mode", "sampled_idx", "scores": {name: float},
+     "caption": {"dense", "short", "subjects", "actions", "scene", "camera_motion", "shot_type",
+                 "lighting", "style", "on_screen_text", "provenance": {...}} | null,
+     "provenance": {package: version}}
+
+Frames are decoded-frame indices of the source (`end_frame` exclusive); times are seconds from the
+source's first frame; PTS are in the source stream's time base. `width`/`height` are the stored
+clip's (upright, cropped). A record of a newer schema than this code reads is refused with an
+error that says so; unknown keys are errors, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spacetime.errors import UserError
+
+SCHEMA_VERSION = 1
+
+
+class RecordError(UserError, ValueError):
+    """A `<key>.json` that is not a valid clip record; the message names the problem."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class SourceRef(_Record):
+    uri: str
+    digest: str  # content digest of the source file (see curation.sources)
+    digest_kind: str  # sha256 (of the bytes) | size-etag (s3 objects)
+
+
+class Span(_Record):
+    start_frame: int
+    end_frame: int  # exclusive
+    start_time: float  # seconds
+    end_time: float
+    start_pts: int | None = None  # source stream time base
+    end_pts: int | None = None
+
+
+class Caption(_Record):
+    """The captioner's structured answer for the clip; `dense` is also the sample's `<key>.txt`."""
+
+    dense: str
+    short: str | None = None
+    subjects: list[str] = Field(default_factory=list)
+    actions: list[str] = Field(default_factory=list)
+    scene: str | None = None
+    camera_motion: str | None = None
+    shot_type: str | None = None
+    lighting: str | None = None
+    style: str | None = None
+    on_screen_text: str | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)  # model, digests, prompt hash, sampling, seed
+
+
+# The structured fields a captioner answers with, in answer order (captioner.schema builds on this).
+CAPTION_FIELDS: tuple[str, ...] = ("subjects", "actions", "scene", "camera_motion", "shot_type", "lighting",
+                                   "style", "on_screen_text", "dense", "short")
+
+
+class ClipRecord(_Record):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    clip_id: str
+    source: SourceRef
+    span: Span
+    fps: float
+    width: int
+    height: int
+    num_frames: int
+    duration: float  # seconds
+    rotation: int = 0  # the source's display rotation, applied to the stored pixels
+    crop: list[int] | None = None  # [x, y, w, h] of the upright source frame kept (borders filter)
+    bucket: str
+    extract_mode: Literal["copy", "reencode"] | None = None
+    sampled_idx: list[int] = Field(default_factory=list)  # source frames the filters and captioner saw
+    scores: dict[str, float] = Field(default_factory=dict)
+    caption: Caption | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)  # versions of the code that made the clip
+
+    @property
+    def dense_caption(self) -> str:
+        return self.caption.dense if self.caption else ""
+
+    @property
+    def short_caption(self) -> str | None:
+        return self.caption.short if self.caption else None
+
+    def to_json(self) -> bytes:
+        """Sorted-key UTF-8 JSON: the same record always gives the same bytes."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str, where: str = "record") -> "ClipRecord":
+        """Parse and validate `<key>.json`; `where` names it in errors (e.g. "shard.tar:KEY.json")."""
+        try:
+            tree = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RecordError(f"{where}: not JSON ({err})") from None
+        if not isinstance(tree, dict):
+            raise RecordError(f"{where}: expected a JSON object, got {type(tree).__name__}")
+        version = tree.get("schema_version")
+        if version != SCHEMA_VERSION:
+            hint = ("written by a newer spacetime; upgrade to read it" if isinstance(version, int)
+                    and version > SCHEMA_VERSION else "not a spacetime clip record (or a pre-release one); "
+                    "rewrite the dataset with `spacetime curate`")
+            raise RecordError(f"{where}: schema_version {version!r}, this spacetime reads {SCHEMA_VERSION}: {hint}")
+        try:
+            return cls.model_validate(tree)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors())
+            raise RecordError(f"{where}: invalid clip record: {problems}") from None
