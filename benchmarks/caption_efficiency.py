@@ -98,8 +98,6 @@ def make_rows(n: int):
 
 
 def run_pipeline(cfg: CaptionConfig, rows: list[dict], calls: int) -> dict:
-    import types
-
     import ray
 
     from curation.pipeline import unpack
@@ -112,7 +110,7 @@ def run_pipeline(cfg: CaptionConfig, rows: list[dict], calls: int) -> dict:
     try:
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // cfg.resources.batch_size))
         ds = ds.map_batches(
-            TimedCaption, fn_constructor_kwargs={"cfg": types.SimpleNamespace(caption=cfg), "out": "/tmp"},
+            TimedCaption, fn_constructor_kwargs={"cfg": cfg},
             batch_size=cfg.resources.batch_size, batch_format="numpy", num_cpus=cfg.resources.num_cpus,
             compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=calls))
         metas = [unpack(r)[0] for r in ds.iter_rows()]

@@ -1,5 +1,5 @@
 """Typed config of the captioner: the `caption:` section of a curate config, and the whole config of
-`spacetime caption` (same model). Unknown keys are errors (curation.config.StrictModel).
+`spacetime caption` (same model). Unknown keys are errors (spacetime.config.StrictModel).
 
     caption:
       engine: vllm              # vllm | openai | transformers

@@ -27,7 +27,6 @@ DIR/merged (full weights + processor: what `caption.model` points at for vLLM), 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -304,8 +303,6 @@ def finetune(data: Path, base: str, output: Path, ft: FinetuneConfig) -> dict:
 def export(model, processor, base: str, output: Path, ft: FinetuneConfig) -> dict:
     """DIR/merged: full weights (LoRA merged) + processor, loadable by vLLM and transformers;
     DIR/adapter: the LoRA adapter alone (mode lora), for engines that apply adapters."""
-    import torch
-
     out = {}
     if ft.mode == "lora":
         model.save_pretrained(output / "adapter")

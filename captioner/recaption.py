@@ -4,9 +4,9 @@ Reads DATASET/shards/index.parquet and the shards (spacetime.contract), captions
 from its own mp4 (N frames evenly spaced, decoded at the pixel budget), and writes a dataset with
 the same layout:
 
-    DIR/shards/<bucket>/<name>.tar     same shard paths, same sample order; <key>.json gets
-                                       caption, caption_fields, caption_provenance; <key>.txt the
-                                       new dense caption. A clip whose caption failed (after one
+    DIR/shards/<bucket>/<name>.tar     same shard paths, same sample order; the record
+                                       (<key>.json, spacetime.record.ClipRecord) gets the new
+                                       `caption`; <key>.txt the new dense caption. A clip whose caption failed (after one
                                        retry) is left out of the shards, like in `spacetime curate`.
     DIR/shards/index.parquet           the input's rows for the samples written
     DIR/manifest/captions.parquet      one row per input clip: ok | failed, reason, caption, provenance

@@ -13,7 +13,6 @@ Frame numbers are decoded-frame indices (not time x nominal fps, which is wrong 
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import deque
 from dataclasses import dataclass, field

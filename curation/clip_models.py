@@ -19,8 +19,6 @@ functions.
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 from typing import Sequence
 

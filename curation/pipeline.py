@@ -14,7 +14,6 @@ Bad input never stops a run: each failure becomes a manifest row with a readable
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -33,6 +32,7 @@ from curation.stage import Stage, pack, unpack
 from spacetime import contract
 from spacetime.config import S3Config
 from spacetime.errors import describe
+from spacetime.io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ video streams, and a header can claim dimensions that FFmpeg would try to decode
 
 from __future__ import annotations
 
-import os
 from fractions import Fraction
 from pathlib import Path
 

@@ -11,7 +11,6 @@ import glob
 import hashlib
 import os
 from pathlib import Path
-from typing import BinaryIO
 
 from curation.settings import SourcesConfig
 from spacetime.config import S3Config

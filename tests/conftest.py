@@ -23,6 +23,18 @@ _TEST_ENV = {
 os.environ.update(_TEST_ENV)
 
 
+def _register_tiny_builder() -> None:
+    """`tiny:` references build the stand-ins on first use, as under the `spacetime` command (the
+    resolver itself never imports spacetime.standins)."""
+    from spacetime.models import register_tiny_builder
+    from spacetime.standins.tiny_models import build_all
+
+    register_tiny_builder(build_all)
+
+
+_register_tiny_builder()
+
+
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from captioner.core import Captioner
-from captioner.recaption import CAPTIONS_MANIFEST, read_shard, run_recaption
+from captioner.recaption import CAPTIONS_MANIFEST, run_recaption
+from spacetime.contract import read_shard
 from curation.caption import Caption
 from spacetime import contract
 from curation.pipeline import unpack

@@ -8,18 +8,19 @@ answer must be schema-valid JSON (guided decoding, bounded lengths) bound to its
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pyarrow.parquet as pq
 import pytest
 
 from captioner.core import Captioner
-from captioner.recaption import CAPTIONS_MANIFEST, read_shard, run_recaption
+from captioner.recaption import CAPTIONS_MANIFEST, run_recaption
+from spacetime.contract import read_shard
 from captioner.schema import FIELDS
 from curation.caption import Caption
 from captioner.upsample import dataset_examples
 from spacetime import contract
+from spacetime.errors import UserError
 from curation.pipeline import pack, unpack
 from tests.caption_support import TINY_LIMITS, caption_config, clips, make_dataset, stage_rows
 
@@ -125,11 +126,11 @@ def test_recaption_is_idempotent_and_resumable(cfg, captioner, tmp_path):
         before, after = list(read_shard(dataset / shard)), list(read_shard(out / shard))
         assert [s["__key__"] for s in after] == [s["__key__"] for s in before]
         for old, new in zip(before, after):
-            record = json.loads(new[contract.RECORD_EXT])
+            record = contract.read_record(new, where=shard)
             assert new[contract.VIDEO_EXT] == old[contract.VIDEO_EXT]  # the clip itself is untouched
-            assert new[contract.CAPTION_EXT].decode() == record["caption"] == record["caption_fields"]["dense"]
-            assert record["caption"] != "old caption" and record["clip_id"] == new["__key__"]
-            assert record["caption_provenance"]["request"]["id"].startswith(new["__key__"] + "-")
+            assert new[contract.CAPTION_EXT].decode() == record.caption.dense and record.caption.short
+            assert record.caption.dense != "old caption" and record.clip_id == new["__key__"]
+            assert record.caption.provenance["request"]["id"].startswith(new["__key__"] + "-")
     manifest = pq.read_table(out / CAPTIONS_MANIFEST).to_pylist()
     assert sorted(r["clip_id"] for r in manifest) == sorted(clip_ids) and {r["status"] for r in manifest} == {"ok"}
 
@@ -147,7 +148,7 @@ def test_recaption_is_idempotent_and_resumable(cfg, captioner, tmp_path):
 
     # another caption config is refused, by name
     other = cfg.model_copy(update={"prompt_version": "v2"})
-    with pytest.raises(RuntimeError, match="caption.prompt_version"):
+    with pytest.raises(UserError, match="caption.prompt_version"):
         run_recaption(dataset, out, other, captioner=captioner)
 
     # upsampling through the same engine, few-shot from the recaptioned dataset

@@ -14,6 +14,7 @@ import pytest
 import webdataset as wds
 
 from spacetime import contract
+from spacetime.record import SCHEMA_VERSION, ClipRecord
 from spacetime.standins import testmedia as tm
 from spacetime.config import load_config
 from curation.pipeline import run_curation
@@ -125,7 +126,7 @@ def test_portrait_pixels_are_upright(curated):
         clip_first = next(c.decode(video=0)).to_ndarray(format="rgb24").astype(np.float32)
     with av.open(str(gt.path)) as c:
         frames = list(c.decode(video=0))
-    start = json.loads(sample["json"])["start_frame"]
+    start = ClipRecord.from_json(sample[contract.RECORD_EXT]).span.start_frame
     expected = tm.display_rotate(frames[start].to_ndarray(format="rgb24"), frames[start].rotation).astype(np.float32)
     assert clip_first.shape == expected.shape
     assert np.abs(clip_first - expected).mean() < 6.0  # same picture, upright (only coding loss)
@@ -139,9 +140,10 @@ def test_every_sample_decodes_and_matches_index(curated):
     for shard in sorted({r["shard"] for r in index.values()}):
         for sample in wds.WebDataset(str(curated["out"] / shard), shardshuffle=False):
             key = sample["__key__"]
-            row, record = index[key], contract.read_sample_record(sample)
-            for field in ("clip_id", "width", "height", "num_frames", "fps", "bucket", "source_uri"):
-                assert record[field] == row[field], (key, field)
+            row, record = index[key], contract.read_record(sample, where=shard)
+            for field in ("clip_id", "width", "height", "num_frames", "fps", "bucket"):
+                assert getattr(record, field) == row[field], (key, field)
+            assert record.source.uri == row["source_uri"] and record.clip_id == key
             with av.open(__import__("io").BytesIO(sample[contract.VIDEO_EXT])) as c:
                 frames = [f for f in c.decode(video=0)]
             assert len(frames) == row["num_frames"]
@@ -162,14 +164,54 @@ def test_captions_land_in_shards_and_manifest(curated):
     assert index and all(r["has_caption"] for r in index.values())
     for shard in sorted({r["shard"] for r in index.values()}):
         for sample in wds.WebDataset(str(curated["out"] / shard), shardshuffle=False):
-            record = contract.read_sample_record(sample)
+            caption = contract.read_record(sample, where=shard).caption
             text = sample[contract.CAPTION_EXT].decode()
-            assert text and text == record["caption_fields"]["dense"] == manifest[sample["__key__"]]["caption"]
-            assert set(record["caption_fields"]) == set(FIELDS)
-            prov = record["caption_provenance"]
+            assert text and text == caption.dense == manifest[sample["__key__"]]["caption"]
+            assert all(getattr(caption, f) not in (None, "", []) for f in FIELDS if f != "on_screen_text")
+            prov = caption.provenance
             assert prov["request"]["id"].startswith(sample["__key__"])  # bound to this clip's request
             assert prov["prompt_hash"] and prov["model"]
     assert curated["summary"]["stage_seconds"].get("caption", 0) > 0
+
+
+def test_every_written_record_round_trips_through_the_typed_record(curated):
+    """What the writer wrote is exactly a ClipRecord: parsing and re-serialising gives the same bytes,
+    and its span, crop, scores and provenance agree with the manifest row of the clip."""
+    manifest = {c["clip_id"]: c for c in curated["clips"]}
+    raws = [(shard, s) for shard in sorted({r["shard"] for r in curated["index"]})
+            for s in contract.read_shard(curated["out"] / shard)]
+    assert len(raws) == len(curated["index"])
+    for shard, sample in raws:
+        raw = sample[contract.RECORD_EXT]
+        record = ClipRecord.from_json(raw, where=shard)
+        assert record.to_json() == raw
+        assert record.schema_version == SCHEMA_VERSION
+        row = manifest[record.clip_id]
+        assert (record.span.start_frame, record.span.end_frame) == (row["start_frame"], row["end_frame"])
+        assert record.scores == json.loads(row["scores"]) and record.scores
+        assert record.extract_mode == row["extract_mode"] and record.provenance["spacetime"]
+        assert record.caption is not None and record.caption.short
+
+
+def test_loader_yields_the_short_caption_curate_wrote(curated):
+    """The loader with short_caption_prob 1.0 hands the trainer the short caption of each clip's record,
+    as `spacetime curate` wrote it (the writer and the loader share one record type)."""
+    from training.config import LoaderConfig
+    from training.data.loader import BucketLoader
+
+    captions = {s["__key__"]: contract.read_record(s).caption
+                for shard in sorted({r["shard"] for r in curated["index"]})
+                for s in contract.read_shard(curated["out"] / shard)}
+    cfg = LoaderConfig(data=[str(curated["out"])], token_budget=1 << 20, max_batch_size=1, num_workers=0,
+                       log_every=0, short_caption_prob=1.0)
+    loader = BucketLoader(cfg)
+    seen = {}
+    for batch in loader:
+        if batch["stats"]["epoch"] > 0:
+            break
+        seen.update(zip(batch["clip_id"], batch["caption"]))
+    assert set(seen) == set(captions)
+    assert all(seen[k] == captions[k].short and seen[k] != captions[k].dense for k in seen)
 
 
 def test_manifest_accounts_for_everything(curated):

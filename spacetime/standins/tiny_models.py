@@ -13,7 +13,6 @@ these models is trained: they exist so that the real loading code runs without d
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 

@@ -1,0 +1,59 @@
+"""The clip record (<key>.json): one typed definition, strict on read, byte-stable on write."""
+
+import json
+
+import pytest
+
+from spacetime.record import CAPTION_FIELDS, SCHEMA_VERSION, Caption, ClipRecord, RecordError, SourceRef, Span
+
+
+def full_record() -> ClipRecord:
+    return ClipRecord(
+        clip_id="0123456789abcdef0123", source=SourceRef(uri="s3://b/v.mp4", digest="ab" * 32, digest_kind="size-etag"),
+        span=Span(start_frame=30, end_frame=76, start_time=1.2, end_time=3.04, start_pts=15360, end_pts=38912),
+        fps=25.0, width=640, height=352, num_frames=46, duration=1.84, rotation=90, crop=[0, 4, 640, 352],
+        bucket="16x9_240p_32f", extract_mode="reencode", sampled_idx=[30, 42, 54, 66],
+        scores={"aesthetic": 5.1, "motion": 0.02}, provenance={"spacetime": "0.1.0"},
+        caption=Caption(dense="A cyclist rides.", short="cyclist", subjects=["cyclist"], actions=["rides"],
+                        scene="road", camera_motion="pan", shot_type="wide", lighting="day", style="real",
+                        on_screen_text="", provenance={"model": "m", "prompt_hash": "h"}))
+
+
+def test_round_trip_is_exact_and_deterministic():
+    record = full_record()
+    data = record.to_json()
+    assert ClipRecord.from_json(data) == record
+    assert ClipRecord.from_json(data).to_json() == data
+    tree = json.loads(data)
+    assert tree["schema_version"] == SCHEMA_VERSION and list(tree) == sorted(tree)
+    assert record.short_caption == "cyclist" and record.dense_caption == "A cyclist rides."
+
+
+def test_caption_fields_are_the_stored_caption_fields():
+    """The captioner answers with exactly the fields the record stores (captioner.schema builds on them)."""
+    from captioner.schema import FIELDS, CaptionAnswer
+
+    assert set(CAPTION_FIELDS) <= set(Caption.model_fields)
+    assert FIELDS == CAPTION_FIELDS and set(CaptionAnswer.model_fields) == {"clip_id", *CAPTION_FIELDS}
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda t: t.update(schema_version=2), "schema_version 2, this spacetime reads 1: written by a newer"),
+    (lambda t: t.pop("schema_version"), "schema_version None"),
+    (lambda t: t.update(caption_fields={"short": "x"}), "caption_fields: Extra inputs are not permitted"),
+    (lambda t: t["caption"].update(shrot="typo"), "caption.shrot: Extra inputs are not permitted"),
+    (lambda t: t.pop("bucket"), "bucket: Field required"),
+    (lambda t: t.update(width="wide"), "width: Input should be a valid integer"),
+])
+def test_bad_records_are_refused_with_the_reason(mutate, message):
+    tree = json.loads(full_record().to_json())
+    mutate(tree)
+    with pytest.raises(RecordError, match="shard.tar:k.json: .*" + message.replace("(", r"\(")):
+        ClipRecord.from_json(json.dumps(tree), where="shard.tar:k.json")
+
+
+def test_not_json_is_a_record_error():
+    with pytest.raises(RecordError, match="x.json: not JSON"):
+        ClipRecord.from_json(b"\xff\x00", where="x.json")
+    with pytest.raises(RecordError, match="expected a JSON object"):
+        ClipRecord.from_json(b"[1, 2]", where="x.json")
