@@ -13,7 +13,7 @@ optionally torch.compile per block, applied by training.parallel like the traine
 FLOPs per token come from training.dit.flops_per_token (3 x the forward matmul FLOPs, attention
 included; recomputation under activation checkpointing is NOT counted: model FLOPs). Prints the
 device, tokens/s, achieved TFLOP/s and MFU = achieved / peak, with the peak used (dense bf16 of the
-GPU: training.train.PEAK_TFLOPS by device name, or --peak-tflops).
+GPU: training.metrics.PEAK_TFLOPS by device name, or --peak-tflops).
 
 On a machine without a GPU it runs a small config on the CPU in fp32 so the script itself is
 exercised; that figure is NOT a meaningful MFU and is labelled so.
@@ -33,7 +33,7 @@ from spacetime.contract import Bucket
 from training.dit import DiT, DiTConfig, flops_per_token, num_params
 from training.flow import FlowConfig, flow_loss
 from training.parallel import Dist, parallelize
-from training.train import PEAK_TFLOPS, peak_tflops
+from training.metrics import PEAK_TFLOPS, peak_tflops
 from training.train_config import ParallelConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("MFU: not reported on a CPU (no meaningful peak; run on a GPU)")
     elif peak:
         print(f"MFU: {achieved / peak:.1%} of a {peak:.0f} TFLOP/s dense bf16 peak"
-              + ("" if args.peak_tflops else f" (training.train.PEAK_TFLOPS for {name})"))
+              + ("" if args.peak_tflops else f" (training.metrics.PEAK_TFLOPS for {name})"))
     else:
         known = ", ".join(f"{k} {v:.0f}" for k, v in PEAK_TFLOPS.items())
         print(f"MFU: no peak known for {name} (give --peak-tflops; known GPUs: {known})")

@@ -1,4 +1,4 @@
-"""Throughput of the bucketed loader (training.loader) on a video bucket and an image bucket.
+"""Throughput of the bucketed loader (training.data) on a video bucket and an image bucket.
 
     .venv/bin/python benchmarks/loader_throughput.py [--workers 0 2] [--steps 20] [--dtype uint8] [--data DIR]
 
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from spacetime import contract
 from spacetime.standins import testmedia
 from training.config import LoaderConfig
-from training.loader import BucketLoader
+from training.data.loader import BucketLoader
 
 
 def write_dataset(out: Path, kind: str, count: int) -> Path:

@@ -41,6 +41,7 @@ from pydantic import Field
 
 from captioner.config import CaptionConfig
 from spacetime.config import StrictModel
+from spacetime.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +199,11 @@ def build_model(base: str, ft: FinetuneConfig, dtype):
 def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> None:
     import torch
 
-    final = out / "checkpoints" / f"step-{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     trainable = {k: v for k, v in model.state_dict().items() if k in _trainable_names(model)}
-    torch.save({"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "py_rng": random.getstate()},
-               tmp / "state.pt")
-    tmp.replace(final)
+    with atomic_dir(out / "checkpoints" / f"step-{step}") as tmp:
+        torch.save({"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "py_rng": random.getstate()},
+                   tmp / "state.pt")
 
 
 def _trainable_names(model) -> set[str]:
@@ -308,15 +305,12 @@ def export(model, processor, base: str, output: Path, ft: FinetuneConfig) -> dic
         model.save_pretrained(output / "adapter")
         out["adapter"] = str(output / "adapter")
         model = model.merge_and_unload()
-    merged = output / "merged.tmp"
-    shutil.rmtree(merged, ignore_errors=True)
-    model.save_pretrained(merged)  # in the training dtype (fp32): bf16 would round small LoRA deltas away
-    processor.save_pretrained(merged)
-    for name in ("chat_template.jinja", "chat_template.json", "README.md"):
-        src = Path(base) / name
-        if src.exists() and not (merged / name).exists():
-            shutil.copy(src, merged / name)
-    shutil.rmtree(output / "merged", ignore_errors=True)
-    merged.replace(output / "merged")
+    with atomic_dir(output / "merged") as merged:
+        model.save_pretrained(merged)  # in the training dtype (fp32): bf16 would round small LoRA deltas away
+        processor.save_pretrained(merged)
+        for name in ("chat_template.jinja", "chat_template.json", "README.md"):
+            src = Path(base) / name
+            if src.exists() and not (merged / name).exists():
+                shutil.copy(src, merged / name)
     out["merged"] = str(output / "merged")
     return out

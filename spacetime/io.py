@@ -1,7 +1,7 @@
 """Atomic writes and URI access shared by every wing.
 
 Every output is written to a temporary name next to its final one and renamed when complete, so a
-reader (or a rerun after a kill) sees a whole file or none. `s3://` URIs go through pyarrow's
+reader (or a rerun after a kill) sees a whole file (or folder) or none. `s3://` URIs go through pyarrow's
 S3FileSystem with the `S3Config` of the command (endpoint, region; credentials from the usual AWS
 environment variables, never from config).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -36,6 +37,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yields an empty temporary folder to fill; it replaces `path` (and whatever was there) when the
+    block exits without an error, and is removed when it raises. For multi-file outputs such as
+    checkpoints and exported models."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a killed run
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:

@@ -1,4 +1,4 @@
-"""The bucketed, resumable loader (training.loader) on real shards.
+"""The bucketed, resumable loader (training.data) on real shards.
 
 One real curation run (module fixture) over generated media in several buckets, including a wide
 clip that needs a centre crop, a rotated portrait clip and 1-frame images; a second dataset with
@@ -22,9 +22,12 @@ import torch
 from spacetime import contract
 from spacetime.standins import testmedia as tm
 from spacetime.config import ConfigError, load_config
+from spacetime.record import Caption, ClipRecord
 from training.config import LoaderConfig
-from training.loader import (BucketLoader, LoaderState, caption_draw, choose_caption, decode_clip, frame_stride,
-                             latent_tokens, plan_steps)
+from training.data.decode import caption_draw, choose_caption, decode_clip, frame_stride
+from training.data.index import latent_tokens
+from training.data.loader import BucketLoader
+from training.data.plan import LoaderState, plan_steps
 from tests.helpers import CONFIGS, free_port
 from tests.test_curate_s3 import s3_server  # noqa: F401  (fixture: a real S3 server on 127.0.0.1)
 
@@ -280,6 +283,13 @@ def test_resume_from_two_ranks_onto_one_keeps_the_global_order(curated, two_rank
 
 
 # ----------------------------------------------------------------------- captions and corruption
+def _record(curated, row: dict) -> ClipRecord:
+    """The clip record curation wrote for an index row."""
+    with tarfile.open(curated["out"] / row["shard"]) as tar:
+        data = tar.extractfile(f"{row['key']}.{contract.RECORD_EXT}").read()
+    return ClipRecord.from_json(data)
+
+
 def _rewrite(curated, name: str, bucket: str, broken: int | None = None) -> tuple[Path, list[dict]]:
     """A dataset of `bucket`'s samples with dense and short captions; sample `broken` truncated."""
     rows = [r for r in curated["index"] if r["bucket"] == bucket]
@@ -288,11 +298,10 @@ def _rewrite(curated, name: str, bucket: str, broken: int | None = None) -> tupl
     for i, r in enumerate(rows):
         with tarfile.open(curated["out"] / r["shard"]) as tar:
             video = tar.extractfile(f"{r['key']}.{contract.VIDEO_EXT}").read()
-            record = json.loads(tar.extractfile(f"{r['key']}.{contract.RECORD_EXT}").read())
         if i == broken:
             video = video[: len(video) // 2]
-        record["caption"] = {"short": f"short {r['key']}"}
-        samples.append((r["key"], video, record, f"dense {r['key']}"))
+        caption = Caption(dense=f"dense {r['key']}", short=f"short {r['key']}")
+        samples.append((video, _record(curated, r).model_copy(update={"caption": caption})))
     rel = contract.shard_path(bucket, 0)
     contract.write_shard(out / rel, samples)
     index = [dict(r, shard=rel, has_caption=True) for r in rows]
@@ -317,9 +326,12 @@ def test_captions_dense_short_or_empty_deterministically(curated):
     assert kinds == {"", "short", "dense"}
 
     draws = [caption_draw(0, 0, f"clip{i}") for i in range(4000)]
-    picked = [choose_caption("d", {"caption": {"short": "s"}}, u, cfg) for u in draws]
+    record = _record(curated, curated["index"][0])
+    with_short = record.model_copy(update={"caption": Caption(dense="d", short="s")})
+    picked = [choose_caption(with_short, u, cfg) for u in draws]
     assert abs(picked.count("") / 4000 - 0.25) < 0.03 and abs(picked.count("s") / 4000 - 0.5) < 0.03
-    assert choose_caption("d", {}, 0.5, cfg) == "d"  # no short caption recorded: the dense one
+    dense_only = record.model_copy(update={"caption": Caption(dense="d")})
+    assert choose_caption(dense_only, 0.5, cfg) == "d"  # no short caption recorded: the dense one
     assert draws[:50] != [caption_draw(0, 1, f"clip{i}") for i in range(50)]  # redrawn every epoch
 
 
@@ -327,7 +339,7 @@ def test_corrupt_mp4_in_a_shard_is_skipped_and_counted(curated, caplog):
     data, index = _rewrite(curated, "corrupt", "4x3_240p_32f", broken=1)
     broken = index[1]["clip_id"]
     loader = BucketLoader(loader_cfg([data], token_budget=9600, max_batch_size=4, num_workers=1))
-    with caplog.at_level("ERROR", logger="training.loader"):
+    with caplog.at_level("ERROR", logger="training.data.loader"):
         [batch] = run_steps(loader, steps=1)
     assert batch["shape"] == [4, 3, 32, 240, 320]  # the batch keeps its shape
     assert broken not in batch["ids"] and len(set(batch["ids"])) == 3  # replaced by a good sample of the batch

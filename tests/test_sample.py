@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from spacetime.cli import main
 from spacetime.config import load_config
 from tests.helpers import CONFIGS
 from tests.train_data import make_dataset
@@ -20,7 +21,6 @@ from training.sample import (
     image_to_video,
     interpolate,
     loop,
-    main_sample,
     sample,
     video_to_video,
     write_output,
@@ -145,7 +145,7 @@ def test_upsample_runs_the_captioner(checkpoint, sampler, tiny_models):
 def test_cli_image_to_video(checkpoint, tiny_models, monkeypatch, tmp_path):
     monkeypatch.setenv("SPACETIME_TINY_MODELS", tiny_models["root"])
     Image.fromarray(np.full((32, 48, 3), 200, np.uint8)).save(tmp_path / "first.png")
-    assert main_sample(["--checkpoint", str(checkpoint), "--prompt", "a disc", "--width", "48", "--height", "32",
+    assert main(["sample", "--checkpoint", str(checkpoint), "--prompt", "a disc", "--width", "48", "--height", "32",
                         "--frames", "5", "--steps", "2", "--mode", "i2v", "--image", str(tmp_path / "first.png"),
                         "--out", str(tmp_path / "i2v.mp4")]) == 0
     with av.open(str(tmp_path / "i2v.mp4")) as c:

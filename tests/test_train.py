@@ -40,7 +40,7 @@ def env(tiny_models) -> dict:
 
 def train_cmd(data: Path, run: Path, steps: int, *overrides: str) -> list[str]:
     sets = [x for o in ("log.progress=false", *overrides) for x in ("--set", o)]
-    return [sys.executable, "-m", "training.train", "dit", "--config", str(TINY), "--data", str(data),
+    return [sys.executable, "-m", "spacetime", "train", "dit", "--config", str(TINY), "--data", str(data),
             "--output", str(run), "--max-steps", str(steps), *sets]
 
 

@@ -92,7 +92,7 @@ def test_train_vae_reduces_reconstruction_error(tmp_path, tiny_models, monkeypat
     on clips of a moving disc: reconstruction MSE of the exported RUN/vae on the training clips falls
     by >= 5x from the untrained VAE's (measured 0.21 -> 0.013, 16.7x) and below half the clips'
     variance (the error of predicting their mean; a plateau the first ~60 steps sit on)."""
-    from training.loader import BucketLoader
+    from training.data.loader import BucketLoader
     from training.train import run_train
 
     monkeypatch.setenv("SPACETIME_TINY_MODELS", tiny_models["root"])

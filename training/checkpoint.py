@@ -11,7 +11,7 @@
         meta.json           kind, step, world size, model arguments, VAE / text-encoder references,
                             the resolved config: all the sampler needs besides the weights
 
-Atomic: rank 0 writes RUN/checkpoints/.step-N.tmp and renames it to step-N when complete, so a
+Atomic (spacetime.io.atomic_dir): rank 0 writes RUN/checkpoints/.step-N.tmp and renames it to step-N, so a
 killed run never leaves a half checkpoint under a final name; stale temp folders are removed at
 start. Gathering full tensors is a collective (every rank calls save/load); only rank 0 writes.
 Loading reads the files on every rank (RUN must be on a filesystem every node sees).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from spacetime.io import atomic_dir
 from training.flow import EMA
 from training.parallel import Dist
 
@@ -120,20 +120,15 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, ema: 
     rngs = _gather(rng_state(generator), d)
     final = checkpoint_dir(run_dir, step)
     if d.is_main:
-        tmp = final.parent / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
-        if ema_sd is not None:
-            save_file({k: v.contiguous() for k, v in ema_sd.items()}, str(tmp / "ema.safetensors"))
-        torch.save(optim_sd, tmp / "optimizer.pt")
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, "rng": rngs,
-                    "extra": extra or {}}, tmp / "trainer.pt")
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": d.world_size,
-                                                   "saved_at": time.time()}, indent=2, default=str) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
+            if ema_sd is not None:
+                save_file({k: v.contiguous() for k, v in ema_sd.items()}, str(tmp / "ema.safetensors"))
+            torch.save(optim_sd, tmp / "optimizer.pt")
+            torch.save({"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, "rng": rngs,
+                        "extra": extra or {}}, tmp / "trainer.pt")
+            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": d.world_size,
+                                                       "saved_at": time.time()}, indent=2, default=str) + "\n")
         if keep:
             for old in list_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

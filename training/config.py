@@ -1,6 +1,6 @@
-"""Typed config sections of the trainer (pydantic; unknown keys are errors, see curation.config).
+"""Typed config sections of the trainer (pydantic; unknown keys are errors, see spacetime.config).
 
-`LoaderConfig` is the `loader:` section of a training config; `training.loader` documents what each
+`LoaderConfig` is the `loader:` section of a training config; `training.data` documents what each
 field does to the batches.
 """
 
@@ -15,7 +15,7 @@ from spacetime.config import S3Config
 
 
 class LoaderConfig(StrictModel):
-    """The bucketed, resumable loader (training.loader.BucketLoader)."""
+    """The bucketed, resumable loader (training.data.loader.BucketLoader)."""
 
     # Curation output directories (what `spacetime curate --output` wrote): local paths or
     # s3://bucket/prefix. Each holds shards/index.parquet and the shards it lists.

@@ -35,7 +35,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -338,9 +337,6 @@ def read_image(path: str | Path) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-from training.cli_args import MODES, add_sample_args  # noqa: E402,F401 (torch-free, for the CLI)
-
-
 def conditions_from_args(args: argparse.Namespace, temporal: int = 4) -> list[Condition]:
     def need(name):
         value = getattr(args, name)
@@ -385,17 +381,3 @@ def cmd_sample(args: argparse.Namespace) -> int:
                     caption_config=caption_cfg, sampler=sampler)
     print(f"{result.path} ({args.frames} frame{'s' if args.frames > 1 else ''}, {args.width}x{args.height})")
     return 0
-
-
-def main_sample(argv: list[str] | None = None) -> int:
-    """`python -m training.sample --checkpoint RUN --prompt TEXT --out a.mp4 [...]`."""
-    parser = argparse.ArgumentParser(prog="spacetime sample", description=__doc__.split("\n\n")[0])
-    add_sample_args(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    return cmd_sample(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main_sample())

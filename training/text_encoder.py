@@ -7,7 +7,6 @@ that tests build (`spacetime.standins.tiny_text_encoder`).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 

@@ -117,7 +117,7 @@ class LogConfig(StrictModel):
     progress: bool = True  # tqdm bar on rank 0 (off when stderr is not a terminal)
     tensorboard: bool = True  # RUN/tensorboard if the tensorboard package is installed
     # dense bf16 peak of ONE device in TFLOP/s for MFU; None: looked up from the GPU's name
-    # (training.train.PEAK_TFLOPS), no MFU on CPU
+    # (training.metrics.PEAK_TFLOPS), no MFU on CPU
     peak_tflops: float | None = Field(None, gt=0)
 
 

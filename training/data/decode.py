@@ -1,0 +1,116 @@
+"""One sample's pixels and caption: pure functions of its bytes, its record and (seed, epoch).
+
+    stride = frame_stride(fps, num_frames, frames, cfg.target_fps)
+    frames_u8, cropped = decode_clip(mp4_bytes, frames, stride, (W, H))   # [3, T, H, W] uint8
+    caption = choose_caption(record, caption_draw(seed, epoch, clip_id), cfg)
+
+Frames. A sample of bucket `A_Rp_Ff` gives the FIRST F frames of its clip at the clip's fps (with
+`target_fps`, every k-th frame, k = round(fps / target_fps), reduced so the F frames fit in the
+clip), resized to the bucket's `Bucket.target_size()`.
+
+Resize rule. Scale (keeping the aspect ratio) by s = max(W / w, H / h), the smallest scale at
+which the frame covers the W x H target (each side rounded, never below the target), then take
+the centred W x H crop. The cropped fraction 1 - W*H / (w*s * h*s) is reported per step (0 when
+the clip has the class's exact ratio). Frames are shown upright: a display rotation, if any,
+is applied (spacetime.frames.upright).
+
+Decoding. PyAV decodes from the start of the clip (curated clips start on a keyframe) and stops
+after the last frame needed; each frame is resized and cropped by swscale and written planar into
+the caller's uint8 buffer (one slot of the batch: training.data.dataset converts the whole batch to
+the output dtype once).
+
+Captions. Drawn per (seed, epoch, clip id), so a resumed or re-sharded run draws the same ones:
+empty with probability caption_dropout, else the short caption with probability
+short_caption_prob, else the dense caption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import av
+import numpy as np
+
+from spacetime.frames import upright
+from spacetime.record import ClipRecord
+from training.config import LoaderConfig
+
+# LoaderConfig.interpolation -> the swscale name PyAV takes
+INTERPOLATION = {"area": "AREA", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS"}
+
+
+# -------------------------------------------------------------------------------------- frames
+def frame_stride(fps: float, num_frames: int, frames: int, target_fps: float | None) -> int:
+    """Source frames between two sample frames: round(fps / target_fps), shrunk to fit the clip."""
+    if target_fps is None or frames <= 1 or fps <= 0:
+        return 1
+    stride = max(1, round(fps / target_fps))
+    return max(1, min(stride, (num_frames - 1) // (frames - 1)))
+
+
+def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
+    """Smallest aspect-preserving size of a width x height frame that covers target (W, H)."""
+    tw, th = target
+    scale = max(tw / width, th / height)
+    return max(tw, round(width * scale)), max(th, round(height * scale))
+
+
+def resize_crop(frame: av.VideoFrame, target: tuple[int, int], interpolation: str) -> tuple[np.ndarray, float]:
+    """Upright frame, resized to cover `target` and centre-cropped: ([H, W, 3] uint8, cropped fraction)."""
+    rotation = int(getattr(frame, "rotation", 0) or 0)
+    turned = rotation % 180 != 0
+    w, h = (frame.height, frame.width) if turned else (frame.width, frame.height)
+    rw, rh = cover_size(w, h, target)
+    cw, ch = (rh, rw) if turned else (rw, rh)  # swscale works before the rotation
+    image = frame.reformat(width=cw, height=ch, format="rgb24", interpolation=interpolation).to_ndarray()
+    image = upright(image, rotation)
+    tw, th = target
+    x0, y0 = (rw - tw) // 2, (rh - th) // 2
+    return image[y0:y0 + th, x0:x0 + tw], 1.0 - (tw * th) / (rw * rh)
+
+
+def decode_clip(data: bytes, frames: int, stride: int, target: tuple[int, int], interpolation: str = "AREA",
+                threads: int = 1, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Frames 0, stride, 2*stride, ... (`frames` of them) of an encoded clip, decoding no further
+    than the last one, each resized+cropped to `target` (W, H): ([3, T, H, W] uint8 (into `out` if
+    given), cropped fraction). Planar, so the float conversion of a batch is one contiguous pass."""
+    tw, th = target
+    if out is None:
+        out = np.empty((3, frames, th, tw), np.uint8)
+    n, cropped = 0, 0.0
+    with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = threads
+        if threads != 1:
+            stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            if i % stride:
+                continue
+            image, cropped = resize_crop(frame, target, interpolation)
+            out[:, n] = image.transpose(2, 0, 1)
+            n += 1
+            if n == frames:
+                break
+    if n < frames:
+        raise ValueError(f"decoded {n} of the {frames} frames its bucket needs (stride {stride})")
+    return out, cropped
+
+
+# ------------------------------------------------------------------------------------ captions
+def caption_draw(seed: int, epoch: int, clip_id: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, epoch, clip id)."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{clip_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def choose_caption(record: ClipRecord, draw: float, cfg: LoaderConfig) -> str:
+    """Empty with probability caption_dropout, else the short caption with probability
+    short_caption_prob (when the record has one), else the dense caption."""
+    if draw < cfg.caption_dropout:
+        return ""
+    if draw < cfg.caption_dropout + cfg.short_caption_prob and record.short_caption:
+        return record.short_caption
+    return record.dense_caption

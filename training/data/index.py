@@ -1,0 +1,199 @@
+"""The sample table and the per-bucket batching the loader plans with.
+
+    samples = read_index(cfg.data, cfg.s3)   # every row of shards/index.parquet, with its bucket
+    specs = bucket_specs(samples, cfg)       # per bucket: size, tokens/sample, batch, epoch length
+
+Buckets. Every row of shards/index.parquet is assigned to the bucket its `bucket` column names,
+through the same spec curation wrote it with (`spacetime.contract.Bucket.parse`; `bucket_for` when
+the column is null): no tar is opened to plan. Images are 1-frame videos (frame tier 1). A sample
+of bucket `A_Rp_Ff` gives the FIRST F frames of its clip at the clip's fps (training.data.decode
+picks and resizes them) at the bucket's `Bucket.target_size()`.
+
+Token budget. Tokens of a sample = latent frames x latent height x latent width / patch volume
+with latent frames = 1 + (F - 1) // vae_temporal (causal first frame), latent size = size /
+vae_spatial, each divided by the patch (t, h, w) rounded up. Batch per rank and bucket =
+max(1, token_budget // tokens), capped by max_batch_size.
+
+Sampling, in tokens. A bucket's natural token mass is (its samples) x (tokens per sample);
+`bucket_weights` (fnmatch patterns, last match wins) multiply it, and `image_token_fraction`
+rescales image buckets so they carry that share of the epoch's tokens. A multiplier m makes an
+epoch draw round(m x n) samples of a bucket of n: a random subset when m < 1 (a new one each
+epoch), whole passes plus a partial one when m > 1 (only then does a sample repeat within an
+epoch); training.data.plan draws them. The planned token share of every bucket is logged at start
+(`BucketLoader.describe()`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from spacetime import contract
+from spacetime.config import S3Config
+from training.config import LoaderConfig
+
+log = logging.getLogger(__name__)
+
+_INDEX_COLUMNS = ("shard", "key", "clip_id", "width", "height", "num_frames", "fps", "bucket")
+
+
+# ------------------------------------------------------------------------------------- samples
+@dataclass
+class Samples:
+    """The sample table of every data directory, in a canonical order (bucket, clip id, shard)."""
+
+    shard: list[str]  # full URI of the tar: <data dir>/<index shard column>
+    key: list[str]
+    clip_id: list[str]
+    bucket: list[str]
+    num_frames: np.ndarray  # int
+    fps: np.ndarray  # float
+    fingerprint: str  # of the (clip id, bucket) list; a resume on other data is refused
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+
+def _read_index_table(root: str, s3: S3Config):
+    if root.startswith("s3://"):
+        from spacetime.io import s3_filesystem
+
+        path = f"{root[len('s3://'):].rstrip('/')}/{contract.INDEX_PATH}"
+        return pq.read_table(path, filesystem=s3_filesystem(s3)), f"s3://{path}"
+    path = Path(root).expanduser() / contract.INDEX_PATH
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no index; is {root} the --output of `spacetime curate`?")
+    return pq.read_table(path), str(path)
+
+
+def _row_bucket(row: dict, where: str) -> tuple[str, bool]:
+    """The bucket an index row names (the current spec's when the column is null), and whether the
+    current spec would give another one."""
+    spec = contract.bucket_for(row["width"], row["height"], row["num_frames"])
+    if row["bucket"] is None:
+        return spec.name, False
+    bucket = contract.Bucket.parse(row["bucket"])
+    if bucket.aspect not in contract.ASPECT_CLASSES or bucket.frames not in contract.FRAME_TIERS:
+        raise ValueError(f"{where}: clip {row['clip_id']}: unknown bucket {row['bucket']!r}")
+    if bucket.frames > row["num_frames"]:
+        raise ValueError(f"{where}: clip {row['clip_id']} has {row['num_frames']} frames, "
+                         f"fewer than its bucket {row['bucket']} needs")
+    return bucket.name, bucket != spec
+
+
+def read_index(data: list[str], s3: S3Config) -> Samples:
+    """Read shards/index.parquet of every data directory and assign each row its bucket."""
+    if not data:
+        raise ValueError("loader.data is empty: give the curation output directories to train on")
+    rows: list[tuple] = []
+    stale = 0
+    for root in data:
+        table, where = _read_index_table(root, s3)
+        missing = [c for c in _INDEX_COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{where}: index lacks columns {missing}; rerun `spacetime curate`")
+        base = root.rstrip("/")
+        for r in table.select(list(_INDEX_COLUMNS)).to_pylist():
+            name, changed = _row_bucket(r, where)
+            stale += changed
+            rows.append((name, r["clip_id"], f"{base}/{r['shard']}", r["key"], r["num_frames"], r["fps"] or 0.0))
+    if stale:
+        log.warning("%d index rows name another bucket than the current spec gives (index written "
+                    "by an older curation?); the index's buckets are used", stale)
+    rows.sort()
+    digest = hashlib.sha256("\n".join(f"{r[1]} {r[0]}" for r in rows).encode()).hexdigest()[:16]
+    return Samples(shard=[r[2] for r in rows], key=[r[3] for r in rows], clip_id=[r[1] for r in rows],
+                   bucket=[r[0] for r in rows], num_frames=np.array([r[4] for r in rows], np.int64),
+                   fps=np.array([r[5] for r in rows], np.float64), fingerprint=digest)
+
+
+# ---------------------------------------------------------------------------------- token math
+def latent_tokens(frames: int, width: int, height: int, cfg: LoaderConfig) -> int:
+    """Latent patches of a `frames` x `height` x `width` sample (see the module docstring)."""
+    pt, ph, pw = cfg.patch
+    lt = 1 + (frames - 1) // cfg.vae_temporal
+    lh, lw = math.ceil(height / cfg.vae_spatial), math.ceil(width / cfg.vae_spatial)
+    return math.ceil(lt / pt) * math.ceil(lh / ph) * math.ceil(lw / pw)
+
+
+def bucket_weight(name: str, weights: dict[str, float]) -> float:
+    """The weight of the last pattern of `weights` that matches `name` (1.0 if none does)."""
+    weight = 1.0
+    for pattern, w in weights.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            weight = w
+    return weight
+
+
+# -------------------------------------------------------------------------------- bucket specs
+@dataclass(frozen=True)
+class BucketSpec:
+    """One bucket of the plan: its samples (indices into Samples) and how it is batched."""
+
+    name: str
+    frames: int  # frames per sample (the frame tier)
+    size: tuple[int, int]  # (width, height) of every sample
+    tokens: int  # latent tokens per sample
+    batch: int  # samples per rank per step
+    members: np.ndarray  # indices into Samples, canonical order
+    length: int  # samples of this bucket in one epoch (members x multiplier)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    frames: int
+    size: tuple[int, int]
+    tokens: int
+    batch: int
+
+
+def _bucket_shape(name: str, cfg: LoaderConfig) -> _Shape:
+    """Frames, size, tokens per sample and batch per rank of bucket `name`."""
+    bucket = contract.Bucket.parse(name)
+    w, h = bucket.target_size()
+    tokens = latent_tokens(bucket.frames, w, h, cfg)
+    batch = max(1, cfg.token_budget // tokens)
+    if cfg.max_batch_size:
+        batch = min(batch, cfg.max_batch_size)
+    return _Shape(bucket.frames, (w, h), tokens, batch)
+
+
+def _apply_image_fraction(mult: dict[str, float], sizes: dict[str, int], shapes: dict[str, _Shape],
+                          fraction: float) -> None:
+    """Rescale the multipliers in place so image buckets carry `fraction` of the epoch's tokens."""
+    mass = {n: mult[n] * sizes[n] * shapes[n].tokens for n in mult}
+    img = sum(m for n, m in mass.items() if shapes[n].frames == 1)
+    vid = sum(m for n, m in mass.items() if shapes[n].frames != 1)
+    if img <= 0 or vid <= 0:
+        log.warning("image_token_fraction=%s ignored: the data has %s", fraction,
+                    "no image bucket" if img == 0 else "no video bucket")
+        return
+    for n in mult:
+        is_image = shapes[n].frames == 1
+        if fraction >= 1.0 and not is_image:
+            mult[n] = 0.0
+        elif fraction < 1.0 and is_image:
+            mult[n] *= fraction * vid / ((1.0 - fraction) * img)
+
+
+def bucket_specs(samples: Samples, cfg: LoaderConfig) -> list[BucketSpec]:
+    """Per-bucket batching and epoch length from the token budget and the token weights."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(samples.bucket):
+        groups.setdefault(name, []).append(i)
+    names = sorted(groups)
+    shapes = {n: _bucket_shape(n, cfg) for n in names}
+    mult = {n: bucket_weight(n, cfg.bucket_weights) for n in names}
+    if cfg.image_token_fraction is not None:
+        _apply_image_fraction(mult, {n: len(groups[n]) for n in names}, shapes, cfg.image_token_fraction)
+    return [BucketSpec(name=n, frames=shapes[n].frames, size=shapes[n].size, tokens=shapes[n].tokens,
+                       batch=shapes[n].batch, members=np.array(groups[n], np.int64),
+                       length=int(round(mult[n] * len(groups[n]))))
+            for n in names]
