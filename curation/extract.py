@@ -119,7 +119,7 @@ def extract_clip(clip: dict, source: dict, cfg: ExtractConfig, s3: S3Config, sta
     final = staging / f"{clip['clip_id']}.mp4"
     crop = tuple(clip["crop"]) if clip.get("crop") else None
     mode = None
-    with atomic_path(final) as tmp:
+    with atomic_path(final, unique=True) as tmp:  # a duplicate source may extract the same clip at once
         if (cfg.stream_copy and clip["start_is_keyframe"] and not clip["rotation"] and crop is None
                 and source["codec"] in COPYABLE_CODECS and not source.get("is_image")):
             try:

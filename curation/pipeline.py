@@ -31,7 +31,7 @@ from curation.settings import (AnalyzeConfig, CurateConfig, ExtractConfig, Probe
 from curation.stage import Stage, pack, unpack
 from spacetime import contract
 from spacetime.config import S3Config
-from spacetime.errors import describe
+from spacetime.errors import UserError, describe
 from spacetime.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,9 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
     from curation.write import CompletionTracker, RunDir, finalize
 
     wall_start = time.time()
+    if output.startswith("s3://"):
+        raise UserError(f"--output {output}: s3:// outputs are not supported yet; curate into a local folder "
+                        "and copy it (e.g. `aws s3 sync OUT s3://bucket/prefix`)")
     out = Path(output).resolve()
     uris = list_inputs(inputs, cfg.sources)
     if not uris:

@@ -131,9 +131,26 @@ def clip_record(clip: dict, source: dict, versions: dict) -> ClipRecord:
         provenance=versions)
 
 
+def mark_duplicates(records: list[dict]) -> None:
+    """A source whose content digest equals an earlier one's (in `records` order: sorted URIs, so the
+    original does not depend on which finished first) becomes status `duplicate` with `duplicate_of`
+    the original's URI; its clips (the same clip ids: ids are content-addressed) are dropped, so no
+    key appears twice in the dataset."""
+    first: dict[str, str] = {}
+    for r in records:
+        source = r["source"]
+        if source["status"] != "ok":
+            continue
+        original = first.setdefault(source["digest"], source["uri"])
+        if original != source["uri"]:
+            source.update(status="duplicate", duplicate_of=original, num_clips=0, num_kept=0)
+            r["clips"] = []
+
+
 def finalize(run: RunDir, uris: list[str], target_mb: float, wall_start: float, versions: dict) -> dict:
     """Assemble shards, index, manifests and summary from the completion records of `uris`."""
     records = [json.loads(run.done_path(u).read_text()) for u in uris]
+    mark_duplicates(records)
     sources = [r["source"] for r in records]
     clips = [c for r in records for c in r["clips"]]
     kept = [c for c in clips if c["status"] == "kept"]
@@ -173,7 +190,8 @@ def _summary(records, clips, kept, num_shards, wall, versions) -> dict:
         timings.update(r.get("timings", {}))
     reasons = Counter((c.get("reason") or "").split(":")[0] for c in clips if c["status"] != "kept")
     return {
-        "sources": {"total": len(sources), "ok": len(ok), "failed": len(sources) - len(ok)},
+        "sources": {"total": len(sources), "ok": len(ok), "failed": sum(s["status"] == "failed" for s in sources),
+                    "duplicate": sum(s["status"] == "duplicate" for s in sources)},
         "clips": {"total": len(clips), "kept": len(kept),
                   "rejected": sum(c["status"] == "rejected" for c in clips),
                   "failed": sum(c["status"] == "failed" for c in clips), "reasons": dict(reasons)},

@@ -74,7 +74,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
         raise ConfigError("spacetime curate: give at least one --input URI")
     if args.output is None:
         raise ConfigError("spacetime curate: give --output DIR")
-    summary = run_curation(args.input, str(args.output), cfg, ray_address=args.ray_address)
+    summary = run_curation(args.input, args.output, cfg, ray_address=args.ray_address)
     print(f"curated {summary['sources']['ok']}/{summary['sources']['total']} sources: "
           f"{summary['clips']['kept']} clips kept of {summary['clips']['total']} "
           f"in {summary['shards']} shards -> {args.output}")
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--output resumes.")
     p.add_argument("--input", action="append", default=[], metavar="URI",
                    help="file, folder, glob, s3://bucket/prefix, or a .txt file listing URIs (repeatable)")
-    p.add_argument("--output", type=Path, default=None, metavar="DIR", help="output folder")
+    p.add_argument("--output", default=None, metavar="DIR", help="output folder (a local path; s3:// outputs are refused for now)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (default: $RAY_ADDRESS, else a local embedded Ray)")
     _config_args(p, CONFIG_DIR / "curate" / "default.yaml")

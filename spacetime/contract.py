@@ -134,8 +134,9 @@ SOURCES_SCHEMA = pa.schema([
     ("digest", pa.string()),
     ("digest_kind", pa.string()),  # sha256 (content) | size-etag (remote, see curation.sources)
     ("size_bytes", pa.int64()),
-    ("status", pa.string()),  # ok | failed
+    ("status", pa.string()),  # ok | failed | duplicate (same content digest as `duplicate_of`)
     ("error", pa.string()),
+    ("duplicate_of", pa.string()),  # the URI of the source with the same content, processed once
     ("container", pa.string()),
     ("codec", pa.string()),
     ("width", pa.int32()),  # displayed (rotation applied)

@@ -25,12 +25,14 @@ def temp_path(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, unique: bool = False) -> Iterator[Path]:
     """Yields a temporary path to write; renamed to `path` when the block exits without an error,
-    removed when it raises. Parent folders are created."""
+    removed when it raises. Parent folders are created. `unique`: a temp name of this writer alone,
+    for paths that two workers may write at once (with the same bytes, e.g. a clip of two
+    byte-identical sources); the default fixed name lets a rerun overwrite a killed run's leftover."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+    tmp = temp_path(path) if not unique else path.with_name(f".{path.stem}.tmp-{os.getpid()}-{os.urandom(4).hex()}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -71,3 +71,22 @@ def test_real_model_profile_fails_early_offline(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "improved-aesthetic-predictor" in out.stderr and "configs/curate/tiny.yaml" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_s3_output_is_refused_clearly_not_written_as_a_folder(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.mp4").write_bytes(b"x")
+    out = subprocess.run([sys.executable, "-m", "spacetime", "curate", "--config", str(ROOT / "configs/curate/tiny.yaml"),
+                          "--input", str(tmp_path / "in"), "--output", "s3://bucket/prefix"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and "s3:// outputs are not supported yet" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "s3:").exists()
+
+
+def test_help_imports_no_heavy_library_or_wing_internals():
+    """`spacetime --help` stays instant: building the parser loads no torch, Ray, vLLM, PyAV or model code."""
+    code = ("import sys; from spacetime.cli import build_parser; build_parser().format_help(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'vllm', 'av', 'open_clip', "
+            "'transformers', 'cv2'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

@@ -58,8 +58,10 @@ def curated(tmp_path_factory, ray_local):
     bad = tm.make_bad_inputs(root / "bad")
     listing = root / "bad-list.txt"  # a text file listing URIs is an input too
     listing.write_text("# bad inputs\n" + "\n".join(str(p) for p in bad.values()) + "\n")
+    (root / "zdup").mkdir()  # byte-identical to good/bikes.mp4, listed after it
+    shutil.copyfile(root / "good" / "bikes.mp4", root / "zdup" / "bikes_copy.mp4")
     out = root / "out"
-    summary = run_curation([str(root / "good"), str(listing)], str(out), tiny_config())
+    summary = run_curation([str(root / "good"), str(listing), str(root / "zdup")], str(out), tiny_config())
     return {"root": root, "out": out, "truth": truth, "bad": bad, "summary": summary,
             "sources": {r["uri"]: r for r in pq.read_table(out / contract.SOURCES_MANIFEST).to_pylist()},
             "clips": pq.read_table(out / contract.CLIPS_MANIFEST).to_pylist(),
@@ -212,6 +214,19 @@ def test_loader_yields_the_short_caption_curate_wrote(curated):
         seen.update(zip(batch["clip_id"], batch["caption"]))
     assert set(seen) == set(captions)
     assert all(seen[k] == captions[k].short and seen[k] != captions[k].dense for k in seen)
+
+
+def test_a_duplicate_source_is_recorded_once_and_no_key_repeats(curated):
+    """A byte-identical copy under another name is a `duplicate` of the first URI (sorted order),
+    contributes no clip, and a stock webdataset pipeline reads every shard without a duplicate key."""
+    copy, original = _source(curated, "bikes_copy.mp4"), _source(curated, "bikes.mp4")
+    assert copy["status"] == "duplicate" and copy["duplicate_of"] == original["uri"] and original["status"] == "ok"
+    assert copy["digest"] == original["digest"] and copy["num_clips"] == 0
+    assert not [c for c in curated["clips"] if c["source_uri"] == copy["uri"]]
+    assert curated["summary"]["sources"]["duplicate"] == 1
+    shards = sorted({str(curated["out"] / r["shard"]) for r in curated["index"]})
+    keys = [s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False)]
+    assert len(keys) == len(set(keys)) == len(curated["index"])
 
 
 def test_manifest_accounts_for_everything(curated):
