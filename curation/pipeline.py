@@ -245,6 +245,15 @@ def preflight(cfg: CurateConfig) -> None:
             preflight_hf_model(cfg.caption.model)
 
 
+def _log_progress(counts, total: int, wall: float, cores: float) -> None:
+    from curation.write import throughput
+
+    rates = throughput(counts["video_seconds"], counts["clips"], wall, cores)
+    log.info("%d/%d sources, %d clips (%d kept); %.2f video-h per wall-h, %s per core-h, %.2f clips/s",
+             counts["sources"], total, counts["clips"], counts["kept"], rates["video_hours_per_wall_hour"],
+             rates["video_hours_per_core_hour"], rates["clips_per_second"])
+
+
 def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address: str | None = None) -> dict:
     """Curate `inputs` into `output` (resumable: rerunning the same command continues)."""
     import ray.data
@@ -280,15 +289,23 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         for spec in stages(cfg, str(out)):
             ds = _apply(ds, spec)
+        cores = float(ray.cluster_resources().get("CPU", 0))
         tracker = CompletionTracker(run)
+        last_log = time.time()
         with tqdm(total=len(pending), desc="sources", unit="src", disable=None) as bar:
             for row in ds.iter_rows():
                 if tracker.add(unpack(row)[0]):
                     bar.update(1)
+                if cfg.progress.log_every_s and time.time() - last_log >= cfg.progress.log_every_s:
+                    last_log = time.time()
+                    _log_progress(tracker.counts, len(pending), last_log - wall_start, cores)
         missing = [u for u in pending if not run.is_done(u)]
         if missing:
             raise RuntimeError(f"{len(missing)} sources did not complete (first: {missing[0]}); rerun to resume")
-    summary = finalize(run, uris, cfg.write.shard_size_mb, wall_start, _versions())
+    else:
+        tracker, cores = None, 0.0
+    summary = finalize(run, uris, cfg.write.shard_size_mb, wall_start, _versions(), cores,
+                       dict(tracker.counts) if tracker else None)
     from curation.report import build_report
 
     build_report(out)

@@ -74,6 +74,10 @@ class ExtractConfig(StrictModel):
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1.0))
 
 
+class ProgressConfig(StrictModel):
+    log_every_s: float = 30.0  # a progress line (sources, clips, video-hours per wall/core-hour) this often; 0: never
+
+
 class WriteConfig(StrictModel):
     shard_size_mb: float = 256.0  # target tar size per shard
 
@@ -145,3 +149,4 @@ class CurateConfig(StrictModel):
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     caption: CaptionConfig | None = None  # None: no captioning stage (shards get empty .txt)
     write: WriteConfig = Field(default_factory=WriteConfig)
+    progress: ProgressConfig = Field(default_factory=ProgressConfig)

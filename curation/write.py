@@ -63,10 +63,12 @@ class CompletionTracker:
 
     def __init__(self, run: RunDir):
         self.run = run
+        # Rows of sources still in flight only: a completed source leaves nothing behind here.
         self.rows: dict[str, list[dict]] = defaultdict(list)
         self.seen: dict[str, Counter] = defaultdict(Counter)
         self.need: dict[str, dict[int, int]] = defaultdict(dict)
         self.final: dict[str, int] = {}
+        self.counts: Counter = Counter()  # sources, clips, kept, video_seconds of completed sources
 
     def add(self, meta: dict) -> bool:
         """Record one row; returns True (and writes the completion record) if its source is done."""
@@ -85,6 +87,8 @@ class CompletionTracker:
 
     def _complete(self, uri: str) -> None:
         rows = self.rows.pop(uri)
+        for state in (self.seen, self.need, self.final):
+            state.pop(uri, None)
         source = next((r["source"] for r in rows if r.get("final")), rows[0]["source"])
         clips = sorted((r["clip"] for r in rows if r.get("clip")), key=lambda c: c["start_frame"])
         timings: Counter = Counter()
@@ -93,6 +97,8 @@ class CompletionTracker:
         source = dict(source, num_clips=len(clips), num_kept=sum(c["status"] == "kept" for c in clips))
         record = {"source": source, "clips": clips, "timings": dict(timings)}
         atomic_write(self.run.done_path(uri), json.dumps(record, sort_keys=True).encode())
+        self.counts.update(sources=1, clips=len(clips), kept=source["num_kept"],
+                           video_seconds=(source.get("duration") or 0) if source["status"] == "ok" else 0)
 
 
 def _pack_shards(kept: list[dict], target_bytes: int) -> dict[str, list[dict]]:
@@ -147,8 +153,19 @@ def mark_duplicates(records: list[dict]) -> None:
             r["clips"] = []
 
 
-def finalize(run: RunDir, uris: list[str], target_mb: float, wall_start: float, versions: dict) -> dict:
-    """Assemble shards, index, manifests and summary from the completion records of `uris`."""
+def throughput(video_seconds: float, clips: int, wall: float, cores: float) -> dict:
+    """Rates of a run: video-hours per wall-hour and per core-hour (wall x the cores Ray had), clips/s."""
+    wall = max(wall, 1e-9)
+    return {"video_hours_per_wall_hour": round(video_seconds / wall, 3),
+            "video_hours_per_core_hour": round(video_seconds / (wall * cores), 3) if cores else None,
+            "clips_per_second": round(clips / wall, 3)}
+
+
+def finalize(run: RunDir, uris: list[str], target_mb: float, wall_start: float, versions: dict,
+             cores: float = 0.0, processed: dict | None = None) -> dict:
+    """Assemble shards, index, manifests and summary from the completion records of `uris`.
+    `processed`: the tracker's counts of what THIS invocation processed (its throughput); `cores`:
+    the CPUs Ray had."""
     records = [json.loads(run.done_path(u).read_text()) for u in uris]
     mark_duplicates(records)
     sources = [r["source"] for r in records]
@@ -175,6 +192,9 @@ def finalize(run: RunDir, uris: list[str], target_mb: float, wall_start: float, 
     write_parquet(run.out / contract.CLIPS_MANIFEST, contract.table(
         [dict(c, scores=c["scores_json"]) for c in clips], contract.CLIPS_SCHEMA))
     summary = _summary(records, clips, kept, len(layout), time.time() - wall_start, versions)
+    processed = processed or {}
+    summary.update(cores=cores, processed_this_invocation=dict(processed), throughput=throughput(
+        processed.get("video_seconds", 0.0), processed.get("clips", 0), time.time() - wall_start, cores))
     atomic_write(run.out / contract.SUMMARY_PATH, json.dumps(summary, indent=1, sort_keys=True).encode())
     shutil.rmtree(run.staging, ignore_errors=True)  # everything staged now lives in the shards
     return summary
@@ -200,6 +220,5 @@ def _summary(records, clips, kept, num_shards, wall, versions) -> dict:
         "hours_in": hours_in, "hours_out": hours_out,
         "stage_seconds": {k: round(v, 3) for k, v in sorted(timings.items())},
         "wall_seconds_this_invocation": round(wall, 3),
-        "source_hours_per_wall_hour": round(hours_in * 3600 / wall, 3) if wall > 0 else None,
         "versions": versions,
     }

@@ -236,6 +236,12 @@ def test_manifest_accounts_for_everything(curated):
     assert len({c["clip_id"] for c in clips}) == len(clips)
     summary = curated["summary"]
     assert summary["clips"]["kept"] == len(index) and summary["sources"]["total"] == len(curated["sources"])
+    processed, rates = summary["processed_this_invocation"], summary["throughput"]
+    assert processed["sources"] == summary["sources"]["total"] and processed["kept"] >= summary["clips"]["kept"]
+    assert summary["cores"] == 2 and rates["clips_per_second"] > 0
+    assert rates["video_hours_per_core_hour"] == pytest.approx(rates["video_hours_per_wall_hour"] / 2, rel=0.01)
+    assert processed["video_seconds"] == pytest.approx(sum(s["duration"] or 0 for s in curated["sources"].values()
+                                                           if s["status"] in ("ok", "duplicate")))
     assert not (curated["out"] / contract.WORK_DIR / "clips").exists()
 
 
