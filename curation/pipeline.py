@@ -245,6 +245,41 @@ def preflight(cfg: CurateConfig) -> None:
             preflight_hf_model(cfg.caption.model)
 
 
+def _unit_writer(run, units: list[list[str]], cfg: CurateConfig):
+    """The driver's scheduler of unit writes; each write is a Ray task sized by write.resources."""
+    import ray
+
+    from curation.write import UnitWriter, write_unit
+
+    task = ray.remote(write_unit).options(num_cpus=cfg.write.resources.num_cpus, max_retries=2)
+    target, versions, out = int(cfg.write.shard_size_mb * 1024**2), _versions(), str(run.out)
+    return UnitWriter(run, units, lambda n, uris, first: task.remote(out, n, uris, first, target, versions))
+
+
+def _run_stages(pending: list[str], cfg: CurateConfig, out: str, tracker, writer, wall_start: float,
+                cores: float) -> None:
+    """Stream the pending sources through the stages; completed sources are recorded (tracker) and
+    their units written as soon as they are ready (writer)."""
+    import ray.data
+    from tqdm import tqdm
+
+    items = [pack({"source": {"uri": u, "status": "pending"}}) for u in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    for spec in stages(cfg, out):
+        ds = _apply(ds, spec)
+    last_log = time.time()
+    with tqdm(total=len(pending), desc="sources", unit="src", disable=None) as bar:
+        for row in ds.iter_rows():
+            meta = unpack(row)[0]
+            if tracker.add(meta):
+                bar.update(1)
+                writer.source_done(meta["source"]["uri"])
+            writer.poll()
+            if cfg.progress.log_every_s and time.time() - last_log >= cfg.progress.log_every_s:
+                last_log = time.time()
+                _log_progress(tracker.counts, len(pending), last_log - wall_start, cores)
+
+
 def _log_progress(counts, total: int, wall: float, cores: float) -> None:
     from curation.write import throughput
 
@@ -255,13 +290,10 @@ def _log_progress(counts, total: int, wall: float, cores: float) -> None:
 
 
 def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address: str | None = None) -> dict:
-    """Curate `inputs` into `output` (resumable: rerunning the same command continues)."""
-    import ray.data
-    from tqdm import tqdm
-
-    from spacetime.config import dump_config
+    """Curate `inputs` into `output` (resumable: rerunning the same command continues). One run per
+    output at a time: a second one is refused (spacetime.lease.LeaseHeld names the holder)."""
     from curation.sources import list_inputs
-    from curation.write import CompletionTracker, RunDir, finalize
+    from spacetime.lease import Lease
 
     wall_start = time.time()
     if output.startswith("s3://"):
@@ -272,43 +304,46 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
     if not uris:
         raise RuntimeError(f"no video found in inputs {inputs} (extensions: {cfg.sources.extensions})")
     preflight(cfg)
+    with Lease(str(out)) as lease:
+        summary = _curate(uris, out, cfg, ray_address, lease, wall_start)
+    log.info("kept %d of %d clips in %d shards", summary["clips"]["kept"], summary["clips"]["total"],
+             summary["shards"])
+    return summary
+
+
+def _curate(uris: list[str], out: Path, cfg: CurateConfig, ray_address: str | None, lease, wall_start: float) -> dict:
+    import ray
+
+    from curation.report import build_report
+    from curation.write import CompletionTracker, RunDir, finalize, plan_units
+    from spacetime.config import dump_config
+
     run = RunDir(out)
     # Resources do not change results, so a rerun may use other ones; everything else must match.
-    result_cfg = cfg.model_dump(mode="json", exclude={"ray": True})
+    result_cfg = cfg.model_dump(mode="json", exclude={"ray": True, "progress": True})
     for section in result_cfg.values():
         if isinstance(section, dict):
             section.pop("resources", None)
     run.claim({"inputs": uris, "config": result_cfg, "spacetime": metadata.version("spacetime")})
     (out / "config.yaml").write_text(dump_config(cfg))
     pending = [u for u in uris if not run.is_done(u)]
-    log.info("%d sources, %d already done, %d to process -> %s", len(uris), len(uris) - len(pending),
-             len(pending), out)
-    if pending:
+    units = plan_units(uris, cfg.write.unit_sources)
+    unwritten = [n for n in range(len(units)) if not run.is_unit_done(n)]
+    log.info("%d sources, %d already done, %d to process; %d of %d work units to write -> %s", len(uris),
+             len(uris) - len(pending), len(pending), len(unwritten), len(units), out)
+    tracker, cores = CompletionTracker(run), 0.0
+    if pending or unwritten:
         init_ray(cfg, ray_address)
-        items = [pack({"source": {"uri": u, "status": "pending"}}) for u in pending]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        for spec in stages(cfg, str(out)):
-            ds = _apply(ds, spec)
         cores = float(ray.cluster_resources().get("CPU", 0))
-        tracker = CompletionTracker(run)
-        last_log = time.time()
-        with tqdm(total=len(pending), desc="sources", unit="src", disable=None) as bar:
-            for row in ds.iter_rows():
-                if tracker.add(unpack(row)[0]):
-                    bar.update(1)
-                if cfg.progress.log_every_s and time.time() - last_log >= cfg.progress.log_every_s:
-                    last_log = time.time()
-                    _log_progress(tracker.counts, len(pending), last_log - wall_start, cores)
+        writer = _unit_writer(run, units, cfg)
+        writer.poll()  # units a killed run completed but did not commit
+        if pending:
+            _run_stages(pending, cfg, str(out), tracker, writer, wall_start, cores)
         missing = [u for u in pending if not run.is_done(u)]
         if missing:
             raise RuntimeError(f"{len(missing)} sources did not complete (first: {missing[0]}); rerun to resume")
-    else:
-        tracker, cores = None, 0.0
-    summary = finalize(run, uris, cfg.write.shard_size_mb, wall_start, _versions(), cores,
-                       dict(tracker.counts) if tracker else None)
-    from curation.report import build_report
-
+        writer.wait()
+    lease.check()  # another run took the output over: publish nothing
+    summary = finalize(run, uris, len(units), wall_start, _versions(), cores, dict(tracker.counts))
     build_report(out)
-    log.info("kept %d of %d clips in %d shards", summary["clips"]["kept"], summary["clips"]["total"],
-             summary["shards"])
     return summary

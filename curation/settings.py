@@ -79,7 +79,12 @@ class ProgressConfig(StrictModel):
 
 
 class WriteConfig(StrictModel):
-    shard_size_mb: float = 256.0  # target tar size per shard
+    shard_size_mb: float = 256.0  # target tar size per shard (a unit's clips of one bucket may make fewer)
+    # Sources per work unit: the sorted inputs are cut into units whose shards depend on their own
+    # sources only and are written as soon as the unit (and every earlier one) completes. Smaller
+    # units: earlier first shard, smaller tars; it changes the shard layout, so it is part of a run's identity.
+    unit_sources: int = Field(16, ge=1)
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25))  # each unit's write task
 
 
 # ------------------------------------------------------------------------------------- filters

@@ -1,16 +1,28 @@
-"""Stage 6, write: per-source completion records, then shards, index, manifests and summary.
+"""Stage 6, write: per-source completion records, shards per work unit while the job runs, then
+index, manifests and summary (metadata only).
 
-Exactly once. Workers stage each extracted clip as OUT/.work/clips/<clip_id>.mp4 (temp name +
-rename). When every row of a source has come back, the driver writes OUT/.work/done/<source>.json:
-from then on a rerun skips that source. When all sources are done, shards are assembled from the
-records alone in a fixed order (bucket, source order, start frame) with fixed tar metadata, so a
-killed-and-rerun job writes the same bytes as an uninterrupted one. Every output is written to a
-temporary name and renamed.
+Exactly once, streaming:
+- Workers stage each extracted clip as OUT/.work/clips/<clip_id>.mp4 (temp name + rename). When every
+  row of a source has come back, the driver writes OUT/.work/done/<source>.json: from then on a rerun
+  skips that source.
+- Work units are the sorted inputs cut into runs of `write.unit_sources`: a pure function of the
+  input list, so a rerun finds the same units. As soon as a unit's sources (and every earlier
+  unit's) are complete, a Ray task writes the unit's shards from its records and staged clips, in a
+  fixed order (bucket, source order, start frame) with fixed tar metadata, then commits the unit
+  with OUT/.work/units/<unit>.json (its index rows) and drops its staged clips. A shard depends
+  only on its unit's sources, so a killed-and-rerun job writes the same bytes as an uninterrupted one.
+- Units are committed in order because of duplicates: a source whose content digest equals a
+  source with a smaller URI is a `duplicate` and adds no clip, and that is known for certain only
+  once every source before it has been probed.
+- When every unit is committed, `finalize` writes the index, manifests and summary from the
+  records: no video byte is copied after the last source completes.
+Every output is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -21,6 +33,9 @@ from spacetime import contract
 from spacetime.errors import UserError
 from spacetime.io import atomic_write, write_parquet
 from spacetime.record import Caption, ClipRecord, SourceRef, Span
+
+
+log = logging.getLogger(__name__)
 
 
 class RunDirError(UserError, RuntimeError):
@@ -35,6 +50,7 @@ class RunDir:
         self.work = out / contract.WORK_DIR
         self.staging = self.work / "clips"
         self.done = self.work / "done"
+        self.units = self.work / "units"
         self.fingerprint = self.work / "run.json"
 
     def done_path(self, uri: str) -> Path:
@@ -42,6 +58,15 @@ class RunDir:
 
     def is_done(self, uri: str) -> bool:
         return self.done_path(uri).exists()
+
+    def record(self, uri: str) -> dict:
+        return json.loads(self.done_path(uri).read_text())
+
+    def unit_path(self, unit: int) -> Path:
+        return self.units / f"{unit:06d}.json"
+
+    def is_unit_done(self, unit: int) -> bool:
+        return self.unit_path(unit).exists()
 
     def claim(self, fingerprint: dict) -> None:
         """Start or resume a run; refuse an output made with other inputs or config."""
@@ -101,9 +126,9 @@ class CompletionTracker:
                            video_seconds=(source.get("duration") or 0) if source["status"] == "ok" else 0)
 
 
-def _pack_shards(kept: list[dict], target_bytes: int) -> dict[str, list[dict]]:
-    """Deterministic assignment of kept clips to shard paths: per bucket, in the given order,
-    a new shard whenever adding a clip would pass the target size."""
+def _pack_shards(kept: list[dict], target_bytes: int, unit: int) -> dict[str, list[dict]]:
+    """Deterministic assignment of a unit's kept clips to shard paths: per bucket, in the given
+    order, a new shard whenever adding a clip would pass the target size."""
     by_bucket: dict[str, list[dict]] = defaultdict(list)
     for clip in kept:
         by_bucket[clip["bucket"]].append(clip)
@@ -113,7 +138,7 @@ def _pack_shards(kept: list[dict], target_bytes: int) -> dict[str, list[dict]]:
         for clip in by_bucket[bucket]:
             if size and size + clip["bytes"] > target_bytes:
                 number, size = number + 1, 0
-            layout.setdefault(contract.shard_path(bucket, number), []).append(clip)
+            layout.setdefault(contract.shard_path(bucket, number, unit), []).append(clip)
             size += clip["bytes"]
     return layout
 
@@ -137,20 +162,118 @@ def clip_record(clip: dict, source: dict, versions: dict) -> ClipRecord:
         provenance=versions)
 
 
-def mark_duplicates(records: list[dict]) -> None:
-    """A source whose content digest equals an earlier one's (in `records` order: sorted URIs, so the
-    original does not depend on which finished first) becomes status `duplicate` with `duplicate_of`
-    the original's URI; its clips (the same clip ids: ids are content-addressed) are dropped, so no
-    key appears twice in the dataset."""
-    first: dict[str, str] = {}
+def mark_duplicate(record: dict, first: dict[str, str]) -> None:
+    """Mark the completion record of a source whose content digest equals an earlier one's (`first`:
+    digest -> first URI, filled in sorted URI order, so the original does not depend on which
+    source finished first) as status `duplicate` with `duplicate_of` the original's URI; its clips
+    (the same clip ids: ids are content-addressed) are dropped, so no key appears twice."""
+    source = record["source"]
+    if source["status"] != "ok":
+        return
+    original = first.setdefault(source["digest"], source["uri"])
+    if original != source["uri"]:
+        source.update(status="duplicate", duplicate_of=original, num_clips=0, num_kept=0)
+        record["clips"] = []
+
+
+# ----------------------------------------------------------------------------------- work units
+def plan_units(uris: list[str], size: int) -> list[list[str]]:
+    """The sorted inputs cut into runs of `size` sources: the same list always gives the same units."""
+    return [uris[i:i + size] for i in range(0, len(uris), size)]
+
+
+def write_unit(out: str, unit: int, uris: list[str], first: dict[str, str], target_bytes: int,
+               versions: dict) -> dict:
+    """Write the shards of one unit and commit it (runs as a Ray task, on any node that sees OUT).
+
+    `first`: digest -> first URI for every digest seen in EARLIER units (duplicates are decided with
+    it). Writes each shard atomically, then OUT/.work/units/<unit>.json with the unit's index rows,
+    then removes the unit's staged clips. Idempotent (a retried task finds the commit). Returns
+    {"unit", "shards", "samples"}."""
+    run = RunDir(Path(out))
+    if run.is_unit_done(unit):  # a retried task whose first attempt committed: nothing left to do
+        done = json.loads(run.unit_path(unit).read_text())
+        return {"unit": unit, "shards": len(done["shards"]), "samples": len(done["index"])}
+    first = dict(first)
+    records = [run.record(u) for u in uris]
     for r in records:
-        source = r["source"]
-        if source["status"] != "ok":
-            continue
-        original = first.setdefault(source["digest"], source["uri"])
-        if original != source["uri"]:
-            source.update(status="duplicate", duplicate_of=original, num_clips=0, num_kept=0)
-            r["clips"] = []
+        mark_duplicate(r, first)
+    kept = [c for r in records for c in r["clips"] if c["status"] == "kept"]
+    by_source = {r["source"]["uri"]: r["source"] for r in records}
+    index = []
+    layout = _pack_shards(kept, target_bytes, unit)
+    for rel, members in layout.items():
+        contract.write_shard(run.out / rel, [(Path(c["path"]).read_bytes(),
+                                              clip_record(c, by_source[c["source_uri"]], versions)) for c in members])
+        index += [index_row(c, rel) for c in members]
+    atomic_write(run.unit_path(unit), json.dumps({"unit": unit, "sources": uris, "shards": sorted(layout),
+                                                  "index": index}, sort_keys=True))
+    # Not a duplicate's clips: they share ids, hence staged files, with the original's, which another
+    # unit's task may still be reading (finalize removes whatever staging is left).
+    for c in (c for r in records for c in r["clips"] if c.get("path")):
+        Path(c["path"]).unlink(missing_ok=True)
+    return {"unit": unit, "shards": len(layout), "samples": len(index)}
+
+
+def index_row(clip: dict, shard: str) -> dict:
+    return dict(shard=shard, key=clip["clip_id"], clip_id=clip["clip_id"], source_uri=clip["source_uri"],
+                width=clip["width"], height=clip["height"], num_frames=clip["num_frames"], fps=clip["fps"],
+                duration=clip["end_time"] - clip["start_time"], bucket=clip["bucket"],
+                has_caption=bool(clip.get("caption")))
+
+
+class UnitWriter:
+    """Driver side of the units: submits each unit's write task, in unit order, once its sources and
+    every earlier unit's are complete; keeps the digest -> first URI map of the submitted units.
+
+        writer = UnitWriter(run, units, submit)   # submit(unit, uris, first) -> a Ray ObjectRef
+        writer.source_done(uri)                  # as the tracker completes sources
+        writer.poll()                            # submits what became ready, reaps finished tasks
+        writer.wait()                            # at the end: every unit committed
+    """
+
+    def __init__(self, run: RunDir, units: list[list[str]], submit):
+        self.run, self.units, self.submit = run, units, submit
+        self.next = 0  # the first unit not yet submitted
+        self.first: dict[str, str] = {}  # grows with the distinct sources: what dedup must remember
+        self.complete = {u for unit in units for u in unit if run.is_done(u)}
+        self.in_flight: dict = {}  # ObjectRef -> unit
+        self.shards_written = 0
+
+    def source_done(self, uri: str) -> None:
+        self.complete.add(uri)
+
+    def poll(self) -> None:
+        import ray
+
+        while self.next < len(self.units) and all(u in self.complete for u in self.units[self.next]):
+            uris = self.units[self.next]
+            if not self.run.is_unit_done(self.next):
+                self.in_flight[self.submit(self.next, uris, dict(self.first))] = self.next
+            for u in uris:
+                mark_duplicate(self.run.record(u), self.first)
+                self.complete.discard(u)
+            self.next += 1
+        if self.in_flight:
+            ready, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=0)
+            for ref in ready:
+                self._reap(ref)
+
+    def _reap(self, ref) -> None:
+        import ray
+
+        unit = self.in_flight.pop(ref)
+        result = ray.get(ref)  # a failed write raises here, naming the task's error
+        self.shards_written += result["shards"]
+        log.debug("unit %d committed: %d shards, %d samples", unit, result["shards"], result["samples"])
+
+    def wait(self) -> None:
+        import ray
+
+        self.poll()
+        while self.in_flight:
+            ref = ray.wait(list(self.in_flight), num_returns=1)[0][0]
+            self._reap(ref)
 
 
 def throughput(video_seconds: float, clips: int, wall: float, cores: float) -> dict:
@@ -161,42 +284,36 @@ def throughput(video_seconds: float, clips: int, wall: float, cores: float) -> d
             "clips_per_second": round(clips / wall, 3)}
 
 
-def finalize(run: RunDir, uris: list[str], target_mb: float, wall_start: float, versions: dict,
+def finalize(run: RunDir, uris: list[str], units: int, wall_start: float, versions: dict,
              cores: float = 0.0, processed: dict | None = None) -> dict:
-    """Assemble shards, index, manifests and summary from the completion records of `uris`.
-    `processed`: the tracker's counts of what THIS invocation processed (its throughput); `cores`:
-    the CPUs Ray had."""
-    records = [json.loads(run.done_path(u).read_text()) for u in uris]
-    mark_duplicates(records)
+    """Index, manifests and summary from the completion records of `uris` and the commit records of
+    the `units` units (metadata only: the shards are written). `processed`: the tracker's counts of
+    what THIS invocation processed (its throughput); `cores`: the CPUs Ray had."""
+    first: dict[str, str] = {}
+    records = [run.record(u) for u in uris]
+    for r in records:
+        mark_duplicate(r, first)
+    unit_records = [json.loads(run.unit_path(n).read_text()) for n in range(units)]
+    index = [row for u in unit_records for row in u["index"]]
+    shard_of = {row["clip_id"]: row["shard"] for row in index}
     sources = [r["source"] for r in records]
     clips = [c for r in records for c in r["clips"]]
     kept = [c for c in clips if c["status"] == "kept"]
-    by_source = {s["uri"]: s for s in sources}
-    layout = _pack_shards(kept, int(target_mb * 1024**2))
-    index = []
-    for rel, members in layout.items():
-        path = run.out / rel
-        if not path.exists():  # shards are complete under their final name, or absent
-            contract.write_shard(path, [(Path(c["path"]).read_bytes(), clip_record(c, by_source[c["source_uri"]], versions))
-                                        for c in members])
-        for c in members:
-            c["shard"] = rel
-            index.append(dict(shard=rel, key=c["clip_id"], clip_id=c["clip_id"], source_uri=c["source_uri"],
-                              width=c["width"], height=c["height"], num_frames=c["num_frames"], fps=c["fps"],
-                              duration=c["end_time"] - c["start_time"], bucket=c["bucket"],
-                              has_caption=bool(c.get("caption"))))
+    for c in kept:
+        c["shard"] = shard_of[c["clip_id"]]
     for c in clips:
         c["scores_json"] = json.dumps(c.get("scores") or {}, sort_keys=True)
     write_parquet(run.out / contract.INDEX_PATH, contract.table(index, contract.INDEX_SCHEMA))
     write_parquet(run.out / contract.SOURCES_MANIFEST, contract.table(sources, contract.SOURCES_SCHEMA))
     write_parquet(run.out / contract.CLIPS_MANIFEST, contract.table(
         [dict(c, scores=c["scores_json"]) for c in clips], contract.CLIPS_SCHEMA))
-    summary = _summary(records, clips, kept, len(layout), time.time() - wall_start, versions)
+    summary = _summary(records, clips, kept, sum(len(u["shards"]) for u in unit_records), time.time() - wall_start,
+                       versions)
     processed = processed or {}
     summary.update(cores=cores, processed_this_invocation=dict(processed), throughput=throughput(
         processed.get("video_seconds", 0.0), processed.get("clips", 0), time.time() - wall_start, cores))
     atomic_write(run.out / contract.SUMMARY_PATH, json.dumps(summary, indent=1, sort_keys=True).encode())
-    shutil.rmtree(run.staging, ignore_errors=True)  # everything staged now lives in the shards
+    shutil.rmtree(run.staging, ignore_errors=True)  # leftovers only (e.g. a duplicate extracted after its unit)
     return summary
 
 

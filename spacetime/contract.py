@@ -5,7 +5,7 @@ metadata `<key>.json` is the typed `spacetime.record.ClipRecord`. The curation w
 (the trainer's loader, `spacetime caption`, captioner fine-tuning, the report) import it.
 
 Output layout (OUT is the `--output` of `spacetime curate`):
-    shards/<bucket>/<bucket>-NNNNNN.tar   WebDataset samples: <key>.mp4 <key>.json <key>.txt
+    shards/<bucket>/<bucket>-UUUUUU-NNNN.tar   WebDataset samples (unit U, shard N): <key>.mp4 .json .txt
     shards/index.parquet                  one row per sample (INDEX_SCHEMA)
     manifest/sources.parquet              every input and its fate
     manifest/clips.parquet                every candidate clip, kept or not, with its reason
@@ -39,15 +39,17 @@ REPORT_DIR = "report"
 CAPTIONS_MANIFEST = "manifest/captions.parquet"  # `spacetime caption` (recaption) outputs
 CAPTION_SUMMARY = "caption_summary.json"
 WORK_DIR = ".work"  # staging and per-source completion records; resumable state of a run
+LEASE_PATH = f"{WORK_DIR}/lease.json"  # the live run's lease on the output (spacetime.lease)
 
 # Extensions of one sample inside a tar: the clip (native resolution), its record, its dense caption.
 VIDEO_EXT, RECORD_EXT, CAPTION_EXT = "mp4", "json", "txt"
 SAMPLE_EXTS = (VIDEO_EXT, RECORD_EXT, CAPTION_EXT)
 
 
-def shard_path(bucket: str, number: int) -> str:
-    """Relative path of shard `number` of `bucket`: shards/<bucket>/<bucket>-000000.tar."""
-    return f"{SHARDS_DIR}/{bucket}/{bucket}-{number:06d}.tar"
+def shard_path(bucket: str, number: int, unit: int = 0) -> str:
+    """Relative path of shard `number` of work unit `unit` in `bucket`:
+    shards/<bucket>/<bucket>-<unit:06d>-<number:04d>.tar (a unit's shards depend on its sources only)."""
+    return f"{SHARDS_DIR}/{bucket}/{bucket}-{unit:06d}-{number:04d}.tar"
 
 
 # ------------------------------------------------------------------------------------- clip ids

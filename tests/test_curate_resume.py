@@ -1,5 +1,6 @@
 """Exactly once: a SIGKILLed `spacetime curate`, rerun, writes the same bytes as an uninterrupted
-run; a rerun with another config is refused. Runs the real CLI in subprocesses."""
+run; a second run on a live run's output is refused; a rerun with another config is refused. Runs
+the real CLI in subprocesses."""
 
 import filecmp
 import os
@@ -20,7 +21,7 @@ def curate_cmd(inputs, out, *extra):
     # Without the caption stage: a VLM's sampled tokens may change with how requests are batched
     # (engines are not batch-invariant), so caption text is not part of the byte-identity claim.
     cmd = [sys.executable, "-m", "spacetime", "curate", "--config", str(CONFIGS / "curate/tiny.yaml"),
-           "--output", str(out), "--set", "caption=null", *extra]
+           "--output", str(out), "--set", "caption=null", "--set", "write.unit_sources=2", *extra]
     for i in inputs:
         cmd += ["--input", str(i)]
     return cmd
@@ -44,12 +45,26 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     clean = tmp_path / "clean"
     done = run(curate_cmd([media], clean))
     assert done.returncode == 0, done.stderr[-3000:]
+    # Shards are written per work unit (2 sources) by the unit's task and committed before the
+    # metadata; finalize writes no video byte. (When small sources complete in one burst, as here,
+    # the units are written right after it; benchmarks/curation_scale.py measures time to first shard.)
+    units = {int(p.stem): p.stat().st_mtime for p in (clean / contract.WORK_DIR / "units").glob("*.json")}
+    tars = list((clean / contract.SHARDS_DIR).rglob("*.tar"))
+    assert len(units) == 4 and len({p.name.rsplit("-", 2)[1] for p in tars}) > 1
+    assert all(p.stat().st_mtime <= units[int(p.name.rsplit("-", 2)[1])] for p in tars)
+    assert max(units.values()) <= (clean / contract.INDEX_PATH).stat().st_mtime
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(curate_cmd([media], killed), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     records = killed / contract.WORK_DIR / "done"
     deadline = time.time() + 300
+    # one writer per output: a second run while the first lives is refused, naming the holder
+    while time.time() < deadline and not (killed / contract.WORK_DIR / "lease.json").exists():
+        time.sleep(0.02)
+    second = run(curate_cmd([media], killed))
+    assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr and proc.poll() is None
     while time.time() < deadline and not (records.exists() and any(records.glob("*.json"))):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started

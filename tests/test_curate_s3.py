@@ -1,10 +1,4 @@
-"""s3:// inputs: a real S3-compatible server process (moto's server mode) on 127.0.0.1."""
-
-import os
-import subprocess
-import sys
-import time
-import urllib.request
+"""s3:// inputs: a real S3-compatible server process (moto's server mode) on 127.0.0.1 (conftest's s3_server)."""
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,36 +9,7 @@ from spacetime.config import load_config
 from curation.pipeline import run_curation
 from curation.settings import CurateConfig
 from curation.sources import list_inputs
-from tests.helpers import CONFIGS, free_port, start_local_ray
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    port = free_port()
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto server did not start")
-            time.sleep(0.2)
-    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+from tests.helpers import CONFIGS, start_local_ray
 
 
 def test_curate_from_s3(s3_server, tmp_path):

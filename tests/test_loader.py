@@ -29,7 +29,6 @@ from training.data.index import latent_tokens
 from training.data.loader import BucketLoader
 from training.data.plan import LoaderState, plan_steps
 from tests.helpers import CONFIGS, free_port
-from tests.test_curate_s3 import s3_server  # noqa: F401  (fixture: a real S3 server on 127.0.0.1)
 
 WIDE_SIZE = (352, 240)  # 4x3 class, 240p: covered at scale 1, then 32 columns cropped -> 1 - 320/352
 
