@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from spacetime import contract
+from spacetime.record import Caption, ClipRecord, SourceRef, Span
 from spacetime.standins import testmedia
 from training.config import LoaderConfig
 from training.data.loader import BucketLoader
@@ -43,8 +44,11 @@ def write_dataset(out: Path, kind: str, count: int) -> Path:
         key = contract.clip_id(f"{kind}{i:04d}".ljust(64, "0"), 0, frames)
         bucket = contract.bucket_for(640, 360, frames).name
         rel = contract.shard_path(bucket, 0)
-        samples.append((key, path.read_bytes(), {"clip_id": key, "fps": 25.0, "width": 640, "height": 360,
-                                                 "num_frames": frames}, f"a benchmark {kind} {i}"))
+        record = ClipRecord(clip_id=key, source=SourceRef(uri=str(path), digest=key, digest_kind="sha256"),
+                            span=Span(start_frame=0, end_frame=frames, start_time=0.0, end_time=frames / 25.0),
+                            fps=25.0, width=640, height=360, num_frames=frames, duration=frames / 25.0,
+                            bucket=bucket, caption=Caption(dense=f"a benchmark {kind} {i}"))
+        samples.append((path.read_bytes(), record))
         rows.append(dict(shard=rel, key=key, clip_id=key, source_uri=str(path), width=640, height=360,
                          num_frames=frames, fps=25.0, duration=frames / 25.0, bucket=bucket, has_caption=True))
     contract.write_shard(root / rel, samples)
