@@ -14,14 +14,14 @@ Bad input never stops a run: each failure becomes a manifest row with a readable
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import traceback
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-
-from dataclasses import dataclass, field
 from typing import Any
 
 from curation.caption import Caption
@@ -315,6 +315,7 @@ def _curate(uris: list[str], out: Path, cfg: CurateConfig, ray_address: str | No
     import ray
 
     from curation.report import build_report
+    from curation.versions import VersionLog
     from curation.write import CompletionTracker, RunDir, finalize, plan_units
     from spacetime.config import dump_config
 
@@ -324,13 +325,20 @@ def _curate(uris: list[str], out: Path, cfg: CurateConfig, ray_address: str | No
     for section in result_cfg.values():
         if isinstance(section, dict):
             section.pop("resources", None)
-    run.claim({"inputs": uris, "config": result_cfg, "spacetime": metadata.version("spacetime")})
-    (out / "config.yaml").write_text(dump_config(cfg))
-    pending = [u for u in uris if not run.is_done(u)]
-    units = plan_units(uris, cfg.write.unit_sources)
+    run.claim({"config": result_cfg, "spacetime": metadata.version("spacetime")})
+    versions = VersionLog(run)
+    current, earlier = versions.plan(uris, cfg.write.unit_sources)
+    every = earlier + ([current] if current else [])
+    sources = [u for v in every for u in v.sources]  # processing order: version, then URI
+    pending = [u for u in sources if not run.is_done(u)]
+    units = [chunk for v in every for chunk in plan_units(v.sources, cfg.write.unit_sources)]
     unwritten = [n for n in range(len(units)) if not run.is_unit_done(n)]
-    log.info("%d sources, %d already done, %d to process; %d of %d work units to write -> %s", len(uris),
-             len(uris) - len(pending), len(pending), len(unwritten), len(units), out)
+    log.info("%d sources, %d already done, %d to process; %d of %d work units to write -> %s", len(sources),
+             len(sources) - len(pending), len(pending), len(unwritten), len(units), out)
+    if current is None:
+        log.info("no new input: %s stays at version %d", out, earlier[-1].version)
+        return json.loads((out / contract.SUMMARY_PATH).read_text())
+    (out / "config.yaml").write_text(dump_config(cfg))
     tracker, cores = CompletionTracker(run), 0.0
     if pending or unwritten:
         init_ray(cfg, ray_address)
@@ -344,6 +352,9 @@ def _curate(uris: list[str], out: Path, cfg: CurateConfig, ray_address: str | No
             raise RuntimeError(f"{len(missing)} sources did not complete (first: {missing[0]}); rerun to resume")
         writer.wait()
     lease.check()  # another run took the output over: publish nothing
-    summary = finalize(run, uris, len(units), wall_start, _versions(), cores, dict(tracker.counts))
+    summary = finalize(run, sources, len(units), wall_start, _versions(), cores, dict(tracker.counts),
+                       current.version)
+    versions.publish(current)
     build_report(out)
+    log.info("published version %d: %d new sources", current.version, len(current.sources))
     return summary

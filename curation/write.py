@@ -11,9 +11,9 @@ Exactly once, streaming:
   fixed order (bucket, source order, start frame) with fixed tar metadata, then commits the unit
   with OUT/.work/units/<unit>.json (its index rows) and drops its staged clips. A shard depends
   only on its unit's sources, so a killed-and-rerun job writes the same bytes as an uninterrupted one.
-- Units are committed in order because of duplicates: a source whose content digest equals a
-  source with a smaller URI is a `duplicate` and adds no clip, and that is known for certain only
-  once every source before it has been probed.
+- Units are committed in order because of duplicates: a source whose content digest equals a source
+  before it (an earlier dataset version, or a smaller URI) is a `duplicate` and adds no clip, and
+  that is known for certain only once every source before it has been probed.
 - When every unit is committed, `finalize` writes the index, manifests and summary from the
   records: no video byte is copied after the last source completes.
 Every output is written to a temporary name and renamed.
@@ -69,14 +69,15 @@ class RunDir:
         return self.unit_path(unit).exists()
 
     def claim(self, fingerprint: dict) -> None:
-        """Start or resume a run; refuse an output made with other inputs or config."""
+        """Start or resume a run; refuse an output made with another config (inputs may grow: see
+        curation.versions)."""
         if self.fingerprint.exists():
             old = json.loads(self.fingerprint.read_text())
             if old != fingerprint:
                 changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
                 raise RunDirError(
-                    f"{self.out} holds a run with different {', '.join(changed)}; rerunning resumes only "
-                    "the same command. Use a new --output, or delete this one to start over.")
+                    f"{self.out} holds a dataset made with a different {', '.join(changed)}; a rerun may add "
+                    "inputs but not change results. Use a new --output, or delete this one to start over.")
         elif (self.out / contract.SUMMARY_PATH).exists():
             raise RunDirError(f"{self.out}: finished output without run state; use a new --output")
         atomic_write(self.fingerprint, json.dumps(fingerprint, sort_keys=True, indent=1).encode())
@@ -164,8 +165,8 @@ def clip_record(clip: dict, source: dict, versions: dict) -> ClipRecord:
 
 def mark_duplicate(record: dict, first: dict[str, str]) -> None:
     """Mark the completion record of a source whose content digest equals an earlier one's (`first`:
-    digest -> first URI, filled in sorted URI order, so the original does not depend on which
-    source finished first) as status `duplicate` with `duplicate_of` the original's URI; its clips
+    digest -> first URI, filled in processing order: dataset version, then sorted URI, so the
+    original does not depend on which source finished first) as status `duplicate` with `duplicate_of` the original's URI; its clips
     (the same clip ids: ids are content-addressed) are dropped, so no key appears twice."""
     source = record["source"]
     if source["status"] != "ok":
@@ -285,10 +286,12 @@ def throughput(video_seconds: float, clips: int, wall: float, cores: float) -> d
 
 
 def finalize(run: RunDir, uris: list[str], units: int, wall_start: float, versions: dict,
-             cores: float = 0.0, processed: dict | None = None) -> dict:
-    """Index, manifests and summary from the completion records of `uris` and the commit records of
-    the `units` units (metadata only: the shards are written). `processed`: the tracker's counts of
-    what THIS invocation processed (its throughput); `cores`: the CPUs Ray had."""
+             cores: float = 0.0, processed: dict | None = None, version: int = 1) -> dict:
+    """Publish dataset version `version`: index, manifests and summary from the completion records of
+    `uris` (every source so far, in processing order: version, then URI) and the commit records of
+    units 0..`units`-1 (metadata only: the shards are written). Written under versions/vNNNNNN/, then
+    the pointer latest.json, then the stable paths (see curation.versions). `processed`: the
+    tracker's counts of what THIS invocation processed (its throughput); `cores`: the CPUs Ray had."""
     first: dict[str, str] = {}
     records = [run.record(u) for u in uris]
     for r in records:
@@ -301,18 +304,25 @@ def finalize(run: RunDir, uris: list[str], units: int, wall_start: float, versio
     kept = [c for c in clips if c["status"] == "kept"]
     for c in kept:
         c["shard"] = shard_of[c["clip_id"]]
-    for c in clips:
-        c["scores_json"] = json.dumps(c.get("scores") or {}, sort_keys=True)
-    write_parquet(run.out / contract.INDEX_PATH, contract.table(index, contract.INDEX_SCHEMA))
-    write_parquet(run.out / contract.SOURCES_MANIFEST, contract.table(sources, contract.SOURCES_SCHEMA))
-    write_parquet(run.out / contract.CLIPS_MANIFEST, contract.table(
-        [dict(c, scores=c["scores_json"]) for c in clips], contract.CLIPS_SCHEMA))
     summary = _summary(records, clips, kept, sum(len(u["shards"]) for u in unit_records), time.time() - wall_start,
                        versions)
     processed = processed or {}
-    summary.update(cores=cores, processed_this_invocation=dict(processed), throughput=throughput(
+    summary.update(version=version, cores=cores, processed_this_invocation=dict(processed), throughput=throughput(
         processed.get("video_seconds", 0.0), processed.get("clips", 0), time.time() - wall_start, cores))
-    atomic_write(run.out / contract.SUMMARY_PATH, json.dumps(summary, indent=1, sort_keys=True).encode())
+    tables = {contract.INDEX_PATH: contract.table(index, contract.INDEX_SCHEMA),
+              contract.SOURCES_MANIFEST: contract.table(sources, contract.SOURCES_SCHEMA),
+              contract.CLIPS_MANIFEST: contract.table(
+                  [dict(c, scores=json.dumps(c.get("scores") or {}, sort_keys=True)) for c in clips],
+                  contract.CLIPS_SCHEMA)}
+    summary_bytes = json.dumps(summary, indent=1, sort_keys=True).encode()
+    folder = run.out / contract.version_dir(version)
+    for rel, table in tables.items():
+        write_parquet(folder / Path(rel).name, table)
+    atomic_write(folder / contract.SUMMARY_PATH, summary_bytes)
+    atomic_write(run.out / contract.LATEST_PATH, json.dumps({"version": version, "path": contract.version_dir(version)}))
+    for rel, table in tables.items():
+        write_parquet(run.out / rel, table)
+    atomic_write(run.out / contract.SUMMARY_PATH, summary_bytes)
     shutil.rmtree(run.staging, ignore_errors=True)  # leftovers only (e.g. a duplicate extracted after its unit)
     return summary
 

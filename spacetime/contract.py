@@ -10,6 +10,7 @@ Output layout (OUT is the `--output` of `spacetime curate`):
     manifest/sources.parquet              every input and its fate
     manifest/clips.parquet                every candidate clip, kept or not, with its reason
     summary.json                          counts, hours, stage times, throughput
+    versions/vNNNNNN/, latest.json        each published version's index, manifests and summary; the pointer
 A sample's key is its clip id. Images are one-frame videos and share the layout.
 """
 
@@ -35,6 +36,8 @@ INDEX_PATH = "shards/index.parquet"
 SOURCES_MANIFEST = "manifest/sources.parquet"
 CLIPS_MANIFEST = "manifest/clips.parquet"
 SUMMARY_PATH = "summary.json"
+VERSIONS_DIR = "versions"  # versions/vNNNNNN/: the index, manifests and summary of each published version
+LATEST_PATH = "latest.json"  # {"version": N, "path": "versions/vNNNNNN"}: written after that version's files
 REPORT_DIR = "report"
 CAPTIONS_MANIFEST = "manifest/captions.parquet"  # `spacetime caption` (recaption) outputs
 CAPTION_SUMMARY = "caption_summary.json"
@@ -44,6 +47,11 @@ LEASE_PATH = f"{WORK_DIR}/lease.json"  # the live run's lease on the output (spa
 # Extensions of one sample inside a tar: the clip (native resolution), its record, its dense caption.
 VIDEO_EXT, RECORD_EXT, CAPTION_EXT = "mp4", "json", "txt"
 SAMPLE_EXTS = (VIDEO_EXT, RECORD_EXT, CAPTION_EXT)
+
+
+def version_dir(version: int) -> str:
+    """Relative folder of a published version's metadata: versions/v000001."""
+    return f"{VERSIONS_DIR}/v{version:06d}"
 
 
 def shard_path(bucket: str, number: int, unit: int = 0) -> str:

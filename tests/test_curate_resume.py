@@ -3,13 +3,16 @@ run; a second run on a live run's output is refused; a rerun with another config
 the real CLI in subprocesses."""
 
 import filecmp
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pyarrow.parquet as pq
+import webdataset as wds
 
 from spacetime import contract
 from spacetime.standins import testmedia as tm
@@ -92,4 +95,45 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     again = run(curate_cmd([media], killed))
     assert again.returncode == 0 and f"{len(list(media.iterdir()))} already done" in again.stderr
     other = run(curate_cmd([media], killed, "--set", "split.max_duration=4"))
-    assert other.returncode != 0 and "different config" in other.stderr
+    assert other.returncode == 2 and "different config" in other.stderr
+
+
+def test_a_grown_input_list_publishes_a_new_version_and_leaves_old_shards_alone(tmp_path):
+    """Incremental ingest: rerunning with more inputs processes only the new sources, publishes
+    version 2 (pointer written after its files, stable paths replaced), never rewrites version 1's
+    shards, and a new copy of a version-1 source is a duplicate of it."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    shutil.copyfile(tm.real_footage("bikes.mp4"), first / "bikes.mp4")
+    tm.make_square(first / "square.mp4", num_frames=40)
+    tm.make_multishot(second / "multishot.mp4")
+    shutil.copyfile(first / "bikes.mp4", second / "bikes_again.mp4")
+    out = tmp_path / "out"
+    assert run(curate_cmd([first], out)).returncode == 0
+    v1_shards = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / contract.SHARDS_DIR).rglob("*.tar")}
+    v1_index = pq.read_table(out / contract.INDEX_PATH)
+    assert v1_shards and json.loads((out / contract.LATEST_PATH).read_text())["version"] == 1
+
+    grown = run(curate_cmd([first, second], out))
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert "2 already done, 2 to process" in grown.stderr and "published version 2" in grown.stderr
+    for path, (data, mtime) in v1_shards.items():
+        assert path.read_bytes() == data and path.stat().st_mtime_ns == mtime, path
+    index = pq.read_table(out / contract.INDEX_PATH)
+    keys = index.column("key").to_pylist()
+    assert set(v1_index.column("key").to_pylist()) < set(keys) and len(keys) == len(set(keys))
+    sources = {os.path.basename(r["uri"]): r for r in pq.read_table(out / contract.SOURCES_MANIFEST).to_pylist()}
+    assert sources["bikes_again.mp4"]["status"] == "duplicate"
+    assert sources["bikes_again.mp4"]["duplicate_of"] == sources["bikes.mp4"]["uri"]
+    latest = json.loads((out / contract.LATEST_PATH).read_text())
+    assert latest == {"version": 2, "path": contract.version_dir(2)}
+    assert pq.read_table(out / contract.version_dir(1) / "index.parquet").equals(v1_index)
+    assert pq.read_table(out / latest["path"] / "index.parquet").equals(index)
+    tars = sorted(str(p) for p in (out / contract.SHARDS_DIR).rglob("*.tar"))
+    assert sorted(s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)) == sorted(keys)
+
+    # the first inputs alone: nothing new, the dataset keeps every source so far
+    again = run(curate_cmd([first], out))
+    assert again.returncode == 0 and "stays at version 2" in again.stderr, again.stderr[-3000:]
+    assert pq.read_table(out / contract.INDEX_PATH).equals(index)
