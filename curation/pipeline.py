@@ -352,8 +352,7 @@ def _curate(uris: list[str], out: Path, cfg: CurateConfig, ray_address: str | No
             raise RuntimeError(f"{len(missing)} sources did not complete (first: {missing[0]}); rerun to resume")
         writer.wait()
     lease.check()  # another run took the output over: publish nothing
-    summary = finalize(run, sources, len(units), wall_start, _versions(), cores, dict(tracker.counts),
-                       current.version)
+    summary = finalize(run, units, wall_start, _versions(), cores, dict(tracker.counts), current.version)
     versions.publish(current)
     build_report(out)
     log.info("published version %d: %d new sources", current.version, len(current.sources))

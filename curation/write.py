@@ -21,6 +21,7 @@ Every output is written to a temporary name and renamed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -28,10 +29,12 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from curation.sources import source_key
 from spacetime import contract
 from spacetime.errors import UserError
-from spacetime.io import atomic_write, write_parquet
+from spacetime.io import atomic_path, atomic_write
 from spacetime.record import Caption, ClipRecord, SourceRef, Span
 
 
@@ -285,67 +288,85 @@ def throughput(video_seconds: float, clips: int, wall: float, cores: float) -> d
             "clips_per_second": round(clips / wall, 3)}
 
 
-def finalize(run: RunDir, uris: list[str], units: int, wall_start: float, versions: dict,
-             cores: float = 0.0, processed: dict | None = None, version: int = 1) -> dict:
-    """Publish dataset version `version`: index, manifests and summary from the completion records of
-    `uris` (every source so far, in processing order: version, then URI) and the commit records of
-    units 0..`units`-1 (metadata only: the shards are written). Written under versions/vNNNNNN/, then
-    the pointer latest.json, then the stable paths (see curation.versions). `processed`: the
-    tracker's counts of what THIS invocation processed (its throughput); `cores`: the CPUs Ray had."""
-    first: dict[str, str] = {}
-    records = [run.record(u) for u in uris]
-    for r in records:
-        mark_duplicate(r, first)
-    unit_records = [json.loads(run.unit_path(n).read_text()) for n in range(units)]
-    index = [row for u in unit_records for row in u["index"]]
-    shard_of = {row["clip_id"]: row["shard"] for row in index}
-    sources = [r["source"] for r in records]
-    clips = [c for r in records for c in r["clips"]]
-    kept = [c for c in clips if c["status"] == "kept"]
-    for c in kept:
-        c["shard"] = shard_of[c["clip_id"]]
-    summary = _summary(records, clips, kept, sum(len(u["shards"]) for u in unit_records), time.time() - wall_start,
-                       versions)
+def finalize(run: RunDir, units: list[list[str]], wall_start: float, versions: dict, cores: float = 0.0,
+             processed: dict | None = None, version: int = 1) -> dict:
+    """Publish dataset version `version`: index, manifests and summary from the commit records of
+    `units` (every unit so far, in processing order: version, then URI) and the completion records of
+    their sources. Metadata only (the shards are written), streamed a unit at a time so the driver's
+    memory does not grow with the dataset. Written under versions/vNNNNNN/, then the pointer
+    latest.json, then copied to the stable paths (see curation.versions). `processed`: the tracker's
+    counts of what THIS invocation processed (its throughput); `cores`: the CPUs Ray had."""
+    folder = run.out / contract.version_dir(version)
+    files = {contract.INDEX_PATH: contract.INDEX_SCHEMA, contract.SOURCES_MANIFEST: contract.SOURCES_SCHEMA,
+             contract.CLIPS_MANIFEST: contract.CLIPS_SCHEMA}
+    totals, first = _Totals(), {}
+    with contextlib.ExitStack() as stack:
+        writers = {rel: pq.ParquetWriter(stack.enter_context(atomic_path(folder / Path(rel).name)), schema)
+                   for rel, schema in files.items()}
+        for writer in writers.values():
+            stack.callback(writer.close)  # runs before each file's rename (ExitStack unwinds in reverse)
+        for n, uris in enumerate(units):
+            committed = json.loads(run.unit_path(n).read_text())
+            records = [run.record(u) for u in uris]
+            for r in records:
+                mark_duplicate(r, first)
+            shard_of = {row["clip_id"]: row["shard"] for row in committed["index"]}
+            clips = [dict(c, shard=shard_of.get(c["clip_id"]), scores=json.dumps(c.get("scores") or {}, sort_keys=True))
+                     for r in records for c in r["clips"]]
+            rows = {contract.INDEX_PATH: committed["index"], contract.SOURCES_MANIFEST: [r["source"] for r in records],
+                    contract.CLIPS_MANIFEST: clips}
+            for rel, schema in files.items():
+                writers[rel].write_table(contract.table(rows[rel], schema))
+            totals.add(records, committed)
+    summary = totals.summary(time.time() - wall_start, versions)
     processed = processed or {}
     summary.update(version=version, cores=cores, processed_this_invocation=dict(processed), throughput=throughput(
         processed.get("video_seconds", 0.0), processed.get("clips", 0), time.time() - wall_start, cores))
-    tables = {contract.INDEX_PATH: contract.table(index, contract.INDEX_SCHEMA),
-              contract.SOURCES_MANIFEST: contract.table(sources, contract.SOURCES_SCHEMA),
-              contract.CLIPS_MANIFEST: contract.table(
-                  [dict(c, scores=json.dumps(c.get("scores") or {}, sort_keys=True)) for c in clips],
-                  contract.CLIPS_SCHEMA)}
     summary_bytes = json.dumps(summary, indent=1, sort_keys=True).encode()
-    folder = run.out / contract.version_dir(version)
-    for rel, table in tables.items():
-        write_parquet(folder / Path(rel).name, table)
     atomic_write(folder / contract.SUMMARY_PATH, summary_bytes)
     atomic_write(run.out / contract.LATEST_PATH, json.dumps({"version": version, "path": contract.version_dir(version)}))
-    for rel, table in tables.items():
-        write_parquet(run.out / rel, table)
+    for rel in files:
+        with atomic_path(run.out / rel) as tmp:
+            shutil.copyfile(folder / Path(rel).name, tmp)
     atomic_write(run.out / contract.SUMMARY_PATH, summary_bytes)
     shutil.rmtree(run.staging, ignore_errors=True)  # leftovers only (e.g. a duplicate extracted after its unit)
     return summary
 
 
-def _summary(records, clips, kept, num_shards, wall, versions) -> dict:
-    sources = [r["source"] for r in records]
-    ok = [s for s in sources if s["status"] == "ok"]
-    hours_in = sum(s.get("duration") or 0 for s in ok) / 3600
-    hours_out = sum(c["end_time"] - c["start_time"] for c in kept) / 3600
-    timings: Counter = Counter()
-    for r in records:
-        timings.update(r.get("timings", {}))
-    reasons = Counter((c.get("reason") or "").split(":")[0] for c in clips if c["status"] != "kept")
-    return {
-        "sources": {"total": len(sources), "ok": len(ok), "failed": sum(s["status"] == "failed" for s in sources),
-                    "duplicate": sum(s["status"] == "duplicate" for s in sources)},
-        "clips": {"total": len(clips), "kept": len(kept),
-                  "rejected": sum(c["status"] == "rejected" for c in clips),
-                  "failed": sum(c["status"] == "failed" for c in clips), "reasons": dict(reasons)},
-        "shards": num_shards,
-        "buckets": dict(Counter(c["bucket"] for c in kept)),
-        "hours_in": hours_in, "hours_out": hours_out,
-        "stage_seconds": {k: round(v, 3) for k, v in sorted(timings.items())},
-        "wall_seconds_this_invocation": round(wall, 3),
-        "versions": versions,
-    }
+class _Totals:
+    """The summary's counts, accumulated a unit at a time."""
+
+    def __init__(self):
+        self.sources, self.clips, self.reasons = Counter(), Counter(), Counter()
+        self.buckets, self.timings = Counter(), Counter()
+        self.hours_in = self.hours_out = 0.0
+        self.shards = 0
+
+    def add(self, records: list[dict], committed: dict) -> None:
+        self.shards += len(committed["shards"])
+        for r in records:
+            source = r["source"]
+            self.sources[source["status"]] += 1
+            self.hours_in += (source.get("duration") or 0) / 3600 if source["status"] == "ok" else 0
+            self.timings.update(r.get("timings", {}))
+            for c in r["clips"]:
+                self.clips[c["status"]] += 1
+                if c["status"] == "kept":
+                    self.buckets[c["bucket"]] += 1
+                    self.hours_out += (c["end_time"] - c["start_time"]) / 3600
+                else:
+                    self.reasons[(c.get("reason") or "").split(":")[0]] += 1
+
+    def summary(self, wall: float, versions: dict) -> dict:
+        return {
+            "sources": {"total": sum(self.sources.values()), "ok": self.sources["ok"], "failed": self.sources["failed"],
+                        "duplicate": self.sources["duplicate"]},
+            "clips": {"total": sum(self.clips.values()), "kept": self.clips["kept"], "rejected": self.clips["rejected"],
+                      "failed": self.clips["failed"], "reasons": dict(self.reasons)},
+            "shards": self.shards,
+            "buckets": dict(self.buckets),
+            "hours_in": self.hours_in, "hours_out": self.hours_out,
+            "stage_seconds": {k: round(v, 3) for k, v in sorted(self.timings.items())},
+            "wall_seconds_this_invocation": round(wall, 3),
+            "versions": versions,
+        }
