@@ -245,7 +245,7 @@ def preflight(cfg: CurateConfig) -> None:
             preflight_hf_model(cfg.caption.model)
 
 
-def _unit_writer(run, units: list[list[str]], cfg: CurateConfig):
+def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str]):
     """The driver's scheduler of unit writes; each write is a Ray task sized by write.resources."""
     import ray
 
@@ -253,7 +253,7 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig):
 
     task = ray.remote(write_unit).options(num_cpus=cfg.write.resources.num_cpus, max_retries=2)
     target, versions, out = int(cfg.write.shard_size_mb * 1024**2), _versions(), str(run.out)
-    return UnitWriter(run, units, lambda n, uris, first: task.remote(out, n, uris, first, target, versions))
+    return UnitWriter(run, units, lambda n, uris, first: task.remote(out, n, uris, first, target, versions), done)
 
 
 def _run_stages(pending: list[str], cfg: CurateConfig, out: str, tracker, writer, wall_start: float,
@@ -327,7 +327,7 @@ def _curate(uris: list[str], out: Path, cfg: CurateConfig, ray_address: str | No
             section.pop("resources", None)
     run.claim({"config": result_cfg, "spacetime": metadata.version("spacetime")})
     versions = VersionLog(run)
-    current, earlier = versions.plan(uris, cfg.write.unit_sources)
+    current, earlier = versions.plan(uris)
     every = earlier + ([current] if current else [])
     sources = [u for v in every for u in v.sources]  # processing order: version, then URI
     pending = [u for u in sources if not run.is_done(u)]
@@ -343,7 +343,7 @@ def _curate(uris: list[str], out: Path, cfg: CurateConfig, ray_address: str | No
     if pending or unwritten:
         init_ray(cfg, ray_address)
         cores = float(ray.cluster_resources().get("CPU", 0))
-        writer = _unit_writer(run, units, cfg)
+        writer = _unit_writer(run, units, cfg, set(sources) - set(pending))
         writer.poll()  # units a killed run completed but did not commit
         if pending:
             _run_stages(pending, cfg, str(out), tracker, writer, wall_start, cores)

@@ -7,9 +7,10 @@ OUT/versions/vNNNNNN/, then the pointer OUT/latest.json (readers that know versi
 never see a half-written version), then replaces the stable paths (shards/index.parquet,
 manifest/*.parquet, summary.json) one by one, each atomically, for readers that know nothing of
 versions. Every version's metadata covers all sources so far: an input missing from a later run
-stays in the dataset.
+stays in the dataset. Units follow from the versions' source lists (curation.write.plan_units), so
+they are not stored.
 
-    OUT/.work/versions/000001.json   {"version", "sources", "first_unit", "units", "published"}
+    OUT/.work/versions/000001.json   {"version", "sources", "published"}
 
 A killed run resumes its unpublished version when rerun with the same inputs; other inputs are
 refused until that version is finished. A changed result-affecting config is refused (RunDir.claim):
@@ -19,7 +20,6 @@ one output holds one config.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 
 from curation.write import RunDir, RunDirError
@@ -30,8 +30,6 @@ from spacetime.io import atomic_write
 class Version:
     version: int
     sources: list[str]  # the URIs new in this version, sorted
-    first_unit: int
-    units: int
     published: bool = False
 
 
@@ -47,7 +45,7 @@ class VersionLog:
     def save(self, version: Version) -> None:
         atomic_write(self.dir / f"{version.version:06d}.json", json.dumps(asdict(version), indent=1))
 
-    def plan(self, uris: list[str], unit_sources: int) -> tuple[Version | None, list[Version]]:
+    def plan(self, uris: list[str]) -> tuple[Version | None, list[Version]]:
         """(the version this run builds, or None when nothing is new; the published versions before it)."""
         versions = self.all()
         if versions and not versions[-1].published:  # a killed run's version: finish it first
@@ -61,8 +59,7 @@ class VersionLog:
         new = sorted(set(uris) - {u for v in versions for u in v.sources})
         if not new:
             return None, versions
-        first = versions[-1].first_unit + versions[-1].units if versions else 0
-        current = Version(len(versions) + 1, new, first, math.ceil(len(new) / unit_sources))
+        current = Version(len(versions) + 1, new)
         self.save(current)
         return current, versions
 

@@ -167,10 +167,11 @@ def clip_record(clip: dict, source: dict, versions: dict) -> ClipRecord:
 
 
 def mark_duplicate(record: dict, first: dict[str, str]) -> None:
-    """Mark the completion record of a source whose content digest equals an earlier one's (`first`:
-    digest -> first URI, filled in processing order: dataset version, then sorted URI, so the
-    original does not depend on which source finished first) as status `duplicate` with `duplicate_of` the original's URI; its clips
-    (the same clip ids: ids are content-addressed) are dropped, so no key appears twice."""
+    """Mark the completion record of a source whose content digest equals an earlier one's as status
+    `duplicate` with `duplicate_of` the original's URI. `first`: digest -> first URI, filled in
+    processing order (dataset version, then sorted URI), so the original does not depend on which
+    source finished first. Its clips (the same ids: ids are content-addressed) are dropped, so no key
+    appears twice."""
     source = record["source"]
     if source["status"] != "ok":
         return
@@ -230,19 +231,19 @@ class UnitWriter:
     """Driver side of the units: submits each unit's write task, in unit order, once its sources and
     every earlier unit's are complete; keeps the digest -> first URI map of the submitted units.
 
-        writer = UnitWriter(run, units, submit)   # submit(unit, uris, first) -> a Ray ObjectRef
+        writer = UnitWriter(run, units, submit, done)   # submit(unit, uris, first) -> a Ray ObjectRef
         writer.source_done(uri)                  # as the tracker completes sources
         writer.poll()                            # submits what became ready, reaps finished tasks
         writer.wait()                            # at the end: every unit committed
     """
 
-    def __init__(self, run: RunDir, units: list[list[str]], submit):
+    def __init__(self, run: RunDir, units: list[list[str]], submit, done: set[str]):
+        """`done`: the sources completed before this invocation."""
         self.run, self.units, self.submit = run, units, submit
         self.next = 0  # the first unit not yet submitted
         self.first: dict[str, str] = {}  # grows with the distinct sources: what dedup must remember
-        self.complete = {u for unit in units for u in unit if run.is_done(u)}
+        self.complete = set(done)
         self.in_flight: dict = {}  # ObjectRef -> unit
-        self.shards_written = 0
 
     def source_done(self, uri: str) -> None:
         self.complete.add(uri)
@@ -268,7 +269,6 @@ class UnitWriter:
 
         unit = self.in_flight.pop(ref)
         result = ray.get(ref)  # a failed write raises here, naming the task's error
-        self.shards_written += result["shards"]
         log.debug("unit %d committed: %d shards, %d samples", unit, result["shards"], result["samples"])
 
     def wait(self) -> None:
