@@ -102,7 +102,7 @@ def run_pipeline(cfg: CaptionConfig, rows: list[dict], calls: int) -> dict:
 
     from curation.pipeline import unpack
 
-    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -6,7 +6,7 @@
   clip always gives the same bytes. Pixels are rotated upright (display matrix applied) and the crop
   box (borders filter) applied; no resize. yuv420p needs even sizes: an odd last row/column is cut.
   Re-encoded clips are constant frame rate at the source's average rate.
-Clips are staged as files (never carried in Ray objects); the writer packs them into shards.
+Clips are staged on the output store (never carried in Ray objects); the unit writer packs them into shards.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import numpy as np
 from curation.settings import ExtractConfig
 from spacetime.config import S3Config
 from spacetime.frames import decode_all, upright
-from spacetime.io import atomic_path, open_uri
+from spacetime.io import open_uri
+from spacetime.store import Store
 
 COPYABLE_CODECS = {"h264", "hevc", "av1", "vp9", "mpeg4"}
 
@@ -114,12 +115,12 @@ def reencode(uri: str, s3: S3Config, clip: dict, cfg: ExtractConfig, out: Path,
     return written
 
 
-def extract_clip(clip: dict, source: dict, cfg: ExtractConfig, s3: S3Config, staging: Path) -> dict:
-    """Write clip `clip_id` to staging/<clip_id>.mp4 (temp name + rename); returns fields to record."""
-    final = staging / f"{clip['clip_id']}.mp4"
+def extract_clip(clip: dict, source: dict, cfg: ExtractConfig, s3: S3Config, store: Store, rel: str) -> dict:
+    """Write the clip to `rel` on the output store (published whole, see spacetime.store); returns
+    the fields to record."""
     crop = tuple(clip["crop"]) if clip.get("crop") else None
     mode = None
-    with atomic_path(final, unique=True) as tmp:  # a duplicate source may extract the same clip at once
+    with store.writing(rel, unique=True) as tmp:  # a duplicate source may extract the same clip at once
         if (cfg.stream_copy and clip["start_is_keyframe"] and not clip["rotation"] and crop is None
                 and source["codec"] in COPYABLE_CODECS and not source.get("is_image")):
             try:
@@ -132,8 +133,8 @@ def extract_clip(clip: dict, source: dict, cfg: ExtractConfig, s3: S3Config, sta
             if frames != clip["num_frames"]:
                 raise RuntimeError(f"decoded {frames} of the span's {clip['num_frames']} frames")
             mode = "reencode"
-    with av.open(str(final)) as c:
-        s = c.streams.video[0].codec_context
-        width, height = s.width, s.height
-    return {"extract_mode": mode, "width": width, "height": height, "path": str(final),
-            "bytes": final.stat().st_size}
+        with av.open(str(tmp)) as c:
+            s = c.streams.video[0].codec_context
+            width, height = s.width, s.height
+        size = tmp.stat().st_size
+    return {"extract_mode": mode, "width": width, "height": height, "bytes": size}

@@ -21,7 +21,6 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from curation.caption import Caption
@@ -32,7 +31,7 @@ from curation.stage import Stage, pack, unpack
 from spacetime import contract
 from spacetime.config import S3Config
 from spacetime.errors import UserError, describe
-from spacetime.io import atomic_write
+from spacetime.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ class Split(Stage):
             yield pack(self.timed(m, t0), s)
 
 
-def write_thumbnail(sampled: bytes, path: Path, width: int = 192) -> None:
+def write_thumbnail(sampled: bytes, store: Store, rel: str, width: int = 192) -> None:
     """The middle sampled frame as a small JPEG, for the report (every clip: kept or rejected)."""
     import cv2
 
@@ -136,28 +135,29 @@ def write_thumbnail(sampled: bytes, path: Path, width: int = 192) -> None:
     ok, data = cv2.imencode(".jpg", cv2.resize(frame[..., ::-1], (width, height), interpolation=cv2.INTER_AREA),
                             [cv2.IMWRITE_JPEG_QUALITY, 80])
     if ok:
-        atomic_write(path, data.tobytes())
+        store.write(rel, data.tobytes())
 
 
 class Extract(Stage):
     name = "extract"
 
-    def __init__(self, cfg: ExtractConfig, s3: S3Config, out: str):
+    def __init__(self, cfg: ExtractConfig, s3: S3Config, out: Store):
         super().__init__(cfg)
-        self.s3, self.out = s3, Path(out)
+        self.s3, self.out = s3, out
 
     def __call__(self, row: dict) -> dict:
         from curation.extract import extract_clip
+        from curation.write import staged_clip
 
         t0 = time.perf_counter()
         meta, sampled = unpack(row)
         clip = meta.get("clip")
         if clip and sampled:
-            write_thumbnail(sampled, self.out / contract.REPORT_DIR / "thumbs" / f"{clip['clip_id']}.jpg")
+            write_thumbnail(sampled, self.out, f"{contract.REPORT_DIR}/thumbs/{clip['clip_id']}.jpg")
         if clip and clip["status"] == "candidate":
             try:
-                clip.update(extract_clip(clip, meta["source"], self.cfg, self.s3,
-                                         self.out / contract.WORK_DIR / "clips"))
+                clip.update(extract_clip(clip, meta["source"], self.cfg, self.s3, self.out,
+                                         staged_clip(clip["clip_id"])))
                 clip["bucket"] = contract.bucket_for(clip["width"], clip["height"], clip["num_frames"]).name
                 clip["status"] = "kept"
             except Exception as err:
@@ -174,7 +174,7 @@ class StageSpec:
     args: dict[str, Any] = field(default_factory=dict)  # constructor kwargs; args["cfg"].resources runs it
 
 
-def stages(cfg: CurateConfig, out: str) -> list[StageSpec]:
+def stages(cfg: CurateConfig, out: Store) -> list[StageSpec]:
     """The pipeline, in order. Each stage gets its own section (and what it shares: S3 settings)."""
     s3, f = cfg.sources.s3, cfg.filters
     return [
@@ -216,7 +216,8 @@ def init_ray(cfg: CurateConfig, address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+        # address="local": an embedded Ray of its own, never a cluster that happens to run on this machine
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                  include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
@@ -252,11 +253,11 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str])
     from curation.write import UnitWriter, write_unit
 
     task = ray.remote(write_unit).options(num_cpus=cfg.write.resources.num_cpus, max_retries=2)
-    target, versions, out = int(cfg.write.shard_size_mb * 1024**2), _versions(), str(run.out)
-    return UnitWriter(run, units, lambda n, uris, first: task.remote(out, n, uris, first, target, versions), done)
+    target, versions, store = int(cfg.write.shard_size_mb * 1024**2), _versions(), run.store
+    return UnitWriter(run, units, lambda n, uris, first: task.remote(store, n, uris, first, target, versions), done)
 
 
-def _run_stages(pending: list[str], cfg: CurateConfig, out: str, tracker, writer, wall_start: float,
+def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, tracker, writer, wall_start: float,
                 cores: float) -> None:
     """Stream the pending sources through the stages; completed sources are recorded (tracker) and
     their units written as soon as they are ready (writer)."""
@@ -296,25 +297,26 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
     from spacetime.lease import Lease
 
     wall_start = time.time()
-    if output.startswith("s3://"):
-        raise UserError(f"--output {output}: s3:// outputs are not supported yet; curate into a local folder "
-                        "and copy it (e.g. `aws s3 sync OUT s3://bucket/prefix`)")
-    out = Path(output).resolve()
+    try:
+        out = Store(output, cfg.sources.s3)  # the inputs' S3 settings serve an s3:// output too
+    except ValueError as err:
+        raise UserError(f"--output: {err}") from None
     uris = list_inputs(inputs, cfg.sources)
     if not uris:
         raise RuntimeError(f"no video found in inputs {inputs} (extensions: {cfg.sources.extensions})")
     preflight(cfg)
-    with Lease(str(out)) as lease:
+    with Lease(out.uri, cfg.sources.s3) as lease:
         summary = _curate(uris, out, cfg, ray_address, lease, wall_start)
     log.info("kept %d of %d clips in %d shards", summary["clips"]["kept"], summary["clips"]["total"],
              summary["shards"])
     return summary
 
 
-def _curate(uris: list[str], out: Path, cfg: CurateConfig, ray_address: str | None, lease, wall_start: float) -> dict:
+def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | None, lease, wall_start: float) -> dict:
     import ray
 
     from curation.report import build_report
+    from curation.sources import source_key
     from curation.versions import VersionLog
     from curation.write import CompletionTracker, RunDir, finalize, plan_units
     from spacetime.config import dump_config
@@ -330,15 +332,16 @@ def _curate(uris: list[str], out: Path, cfg: CurateConfig, ray_address: str | No
     current, earlier = versions.plan(uris)
     every = earlier + ([current] if current else [])
     sources = [u for v in every for u in v.sources]  # processing order: version, then URI
-    pending = [u for u in sources if not run.is_done(u)]
+    done, committed = run.done_keys(), run.committed_units()  # one listing each, not a request per source
+    pending = [u for u in sources if source_key(u) not in done]
     units = [chunk for v in every for chunk in plan_units(v.sources, cfg.write.unit_sources)]
-    unwritten = [n for n in range(len(units)) if not run.is_unit_done(n)]
+    unwritten = [n for n in range(len(units)) if n not in committed]
     log.info("%d sources, %d already done, %d to process; %d of %d work units to write -> %s", len(sources),
-             len(sources) - len(pending), len(pending), len(unwritten), len(units), out)
+             len(sources) - len(pending), len(pending), len(unwritten), len(units), out.uri)
     if current is None:
-        log.info("no new input: %s stays at version %d", out, earlier[-1].version)
-        return json.loads((out / contract.SUMMARY_PATH).read_text())
-    (out / "config.yaml").write_text(dump_config(cfg))
+        log.info("no new input: %s stays at version %d", out.uri, earlier[-1].version)
+        return json.loads(out.read_bytes(contract.SUMMARY_PATH))
+    out.write("config.yaml", dump_config(cfg))
     tracker, cores = CompletionTracker(run), 0.0
     if pending or unwritten:
         init_ray(cfg, ray_address)
@@ -346,8 +349,9 @@ def _curate(uris: list[str], out: Path, cfg: CurateConfig, ray_address: str | No
         writer = _unit_writer(run, units, cfg, set(sources) - set(pending))
         writer.poll()  # units a killed run completed but did not commit
         if pending:
-            _run_stages(pending, cfg, str(out), tracker, writer, wall_start, cores)
-        missing = [u for u in pending if not run.is_done(u)]
+            _run_stages(pending, cfg, out, tracker, writer, wall_start, cores)
+        done = run.done_keys()
+        missing = [u for u in pending if source_key(u) not in done]
         if missing:
             raise RuntimeError(f"{len(missing)} sources did not complete (first: {missing[0]}); rerun to resume")
         writer.wait()

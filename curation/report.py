@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import yaml
 
 from spacetime import contract
 from spacetime.io import atomic_write
+from spacetime.store import Store
 
 # score key -> (config section under filters, threshold key(s), higher is better)
 THRESHOLDS = {
@@ -73,26 +75,39 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _sheet(clips: list[dict], report: Path, limit: int) -> str:
+def _sheet(clips: list[dict], thumbs: set[str], limit: int) -> str:
     cells = []
     for c in clips[:limit]:
-        thumb = report / "thumbs" / f"{c['clip_id']}.jpg"
-        if thumb.exists():
+        thumb = f"{c['clip_id']}.jpg"
+        if thumb in thumbs:
             caption = f"{Path(c['source_uri']).name} [{c['start_frame']}:{c['end_frame']})"
-            cells.append(f'<figure><img src="thumbs/{thumb.name}" alt="{html.escape(caption)}" loading="eager">'
+            cells.append(f'<figure><img src="thumbs/{thumb}" alt="{html.escape(caption)}" loading="eager">'
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     more = f"<p>… and {len(clips) - limit} more</p>" if len(clips) > limit else ""
     return f'<div class="sheet">{"".join(cells) or "<p>none</p>"}</div>{more}'
 
 
-def build_report(out: Path, sheet_limit: int = 48) -> Path:
-    """(Re)build OUT/report/index.html from the manifests, summary and resolved config."""
-    out = Path(out)
-    report = out / contract.REPORT_DIR
-    sources = pq.read_table(out / contract.SOURCES_MANIFEST).to_pylist()
-    clips = pq.read_table(out / contract.CLIPS_MANIFEST).to_pylist()
-    summary = json.loads((out / contract.SUMMARY_PATH).read_text())
-    config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
+def build_report(out: str | Path | Store, sheet_limit: int = 48) -> str:
+    """(Re)build OUT/report/index.html from the manifests, summary and resolved config; returns its
+    URI. On an s3:// output the page and plots are made in a local folder, then uploaded."""
+    store = out if isinstance(out, Store) else Store(out)
+    if store.local is not None:
+        return _build(store, store.local / contract.REPORT_DIR, sheet_limit)
+    with tempfile.TemporaryDirectory(prefix="spacetime-report-") as folder:
+        _build(store, Path(folder), sheet_limit)
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            store.write(f"{contract.REPORT_DIR}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+    return store.uri_of(f"{contract.REPORT_DIR}/index.html")
+
+
+def _build(store: Store, report: Path, sheet_limit: int) -> str:
+    def table(rel: str) -> list[dict]:
+        return pq.read_table(store.path(rel), filesystem=store.fs).to_pylist()
+
+    sources, clips = table(contract.SOURCES_MANIFEST), table(contract.CLIPS_MANIFEST)
+    summary = json.loads(store.read_bytes(contract.SUMMARY_PATH))
+    config = yaml.safe_load(store.read_bytes("config.yaml")) if store.exists("config.yaml") else {}
+    thumbs = set(store.list(f"{contract.REPORT_DIR}/thumbs", ".jpg"))
     for c in clips:
         c["scores"] = json.loads(c["scores"] or "{}")
         c["duration"] = (c["end_time"] or 0) - (c["start_time"] or 0)
@@ -134,7 +149,7 @@ def build_report(out: Path, sheet_limit: int = 48) -> Path:
     errors = [[s["uri"], s["error"]] for s in sources if s["status"] == "failed"]
     errors += [[f"{c['source_uri']} [{c['start_frame']}:{c['end_frame']})", c["reason"]] for c in clips if c["status"] == "failed"]
     rejected_sheets = "".join(
-        f"<h3>{html.escape(reason)} ({len(cs)})</h3>{_sheet(cs, report, sheet_limit // 2)}"
+        f"<h3>{html.escape(reason)} ({len(cs)})</h3>{_sheet(cs, thumbs, sheet_limit // 2)}"
         for reason, cs in sorted(by_reason.items()) if reason != "failed")
 
     page = f"""<!doctype html>
@@ -153,11 +168,11 @@ figure {{ margin: 0; width: 192px; font-size: 10px; }} figure img {{ width: 192p
 <h2>Funnel</h2>{_table(["stage", "clips", "hours"], funnel)}
 <h2>Scores and distributions</h2><div class="plots">{"".join(f'<img src="{p}" alt="{p}">' for p in plots)}</div>
 <h2>Buckets</h2>{_table(["bucket", "clips", "hours"], bucket_rows)}
-<h2>Kept clips ({len(kept)})</h2>{_sheet(kept, report, sheet_limit)}
+<h2>Kept clips ({len(kept)})</h2>{_sheet(kept, thumbs, sheet_limit)}
 <h2>Rejected clips, by reason</h2>{rejected_sheets or "<p>none</p>"}
 <h2>Errors ({len(errors)})</h2>{_table(["input", "error"], errors) if errors else "<p>none</p>"}
 <h2>Stage times (s)</h2>{_table(["stage", "seconds"], [[k, v] for k, v in summary["stage_seconds"].items()])}
 </body></html>
 """
     atomic_write(report / "index.html", page)
-    return report / "index.html"
+    return str(report / "index.html")

@@ -23,7 +23,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from curation.write import RunDir, RunDirError
-from spacetime.io import atomic_write
+from spacetime import contract
 
 
 @dataclass
@@ -37,13 +37,14 @@ class VersionLog:
     """The versions of one output, oldest first."""
 
     def __init__(self, run: RunDir):
-        self.run, self.dir = run, run.work / "versions"
+        self.run, self.dir = run, f"{contract.WORK_DIR}/versions"
 
     def all(self) -> list[Version]:
-        return [Version(**json.loads(p.read_text())) for p in sorted(self.dir.glob("*.json"))]
+        store = self.run.store
+        return [Version(**json.loads(store.read_bytes(f"{self.dir}/{name}"))) for name in store.list(self.dir, ".json")]
 
     def save(self, version: Version) -> None:
-        atomic_write(self.dir / f"{version.version:06d}.json", json.dumps(asdict(version), indent=1))
+        self.run.store.write(f"{self.dir}/{version.version:06d}.json", json.dumps(asdict(version), indent=1))
 
     def plan(self, uris: list[str]) -> tuple[Version | None, list[Version]]:
         """(the version this run builds, or None when nothing is new; the published versions before it)."""

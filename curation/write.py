@@ -1,8 +1,9 @@
 """Stage 6, write: per-source completion records, shards per work unit while the job runs, then
 index, manifests and summary (metadata only).
 
-Exactly once, streaming:
-- Workers stage each extracted clip as OUT/.work/clips/<clip_id>.mp4 (temp name + rename). When every
+Everything goes through the output's spacetime.store.Store (a local folder or s3://bucket/prefix), so
+no node needs a folder shared with the others. Exactly once, streaming:
+- Workers stage each extracted clip as OUT/.work/clips/<clip_id>.mp4 (published whole). When every
   row of a source has come back, the driver writes OUT/.work/done/<source>.json: from then on a rerun
   skips that source.
 - Work units are the sorted inputs cut into runs of `write.unit_sources`: a pure function of the
@@ -16,7 +17,7 @@ Exactly once, streaming:
   that is known for certain only once every source before it has been probed.
 - When every unit is committed, `finalize` writes the index, manifests and summary from the
   records: no video byte is copied after the last source completes.
-Every output is written to a temporary name and renamed.
+Every file is published whole (spacetime.store: temp name + rename locally, one upload on S3).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -34,11 +34,21 @@ import pyarrow.parquet as pq
 from curation.sources import source_key
 from spacetime import contract
 from spacetime.errors import UserError
-from spacetime.io import atomic_path, atomic_write
 from spacetime.record import Caption, ClipRecord, SourceRef, Span
-
+from spacetime.store import Store
 
 log = logging.getLogger(__name__)
+
+# The run's state under OUT/.work (contract.WORK_DIR): staged clips, completion records, unit commits.
+STAGING_DIR = f"{contract.WORK_DIR}/clips"
+DONE_DIR = f"{contract.WORK_DIR}/done"
+UNITS_DIR = f"{contract.WORK_DIR}/units"
+RUN_PATH = f"{contract.WORK_DIR}/run.json"
+
+
+def staged_clip(clip_id: str) -> str:
+    """Where the extract stage stages a clip until its unit is written."""
+    return f"{STAGING_DIR}/{clip_id}.mp4"
 
 
 class RunDirError(UserError, RuntimeError):
@@ -46,44 +56,50 @@ class RunDirError(UserError, RuntimeError):
 
 
 class RunDir:
-    """Paths and resumable state of one output directory."""
+    """Paths and resumable state of one output (a spacetime.store.Store: local folder or s3://)."""
 
-    def __init__(self, out: Path):
-        self.out = out
-        self.work = out / contract.WORK_DIR
-        self.staging = self.work / "clips"
-        self.done = self.work / "done"
-        self.units = self.work / "units"
-        self.fingerprint = self.work / "run.json"
+    def __init__(self, store: Store):
+        self.store = store
+        self.out = store.uri  # for messages
 
-    def done_path(self, uri: str) -> Path:
-        return self.done / f"{source_key(uri)}.json"
+    def done_path(self, uri: str) -> str:
+        return f"{DONE_DIR}/{source_key(uri)}.json"
 
     def is_done(self, uri: str) -> bool:
-        return self.done_path(uri).exists()
+        return self.store.exists(self.done_path(uri))
+
+    def done_keys(self) -> set[str]:
+        """The source keys (curation.sources.source_key) with a completion record: one listing."""
+        return {name[:-len(".json")] for name in self.store.list(DONE_DIR, ".json")}
 
     def record(self, uri: str) -> dict:
-        return json.loads(self.done_path(uri).read_text())
+        return json.loads(self.store.read_bytes(self.done_path(uri)))
 
-    def unit_path(self, unit: int) -> Path:
-        return self.units / f"{unit:06d}.json"
+    def unit_path(self, unit: int) -> str:
+        return f"{UNITS_DIR}/{unit:06d}.json"
 
     def is_unit_done(self, unit: int) -> bool:
-        return self.unit_path(unit).exists()
+        return self.store.exists(self.unit_path(unit))
+
+    def committed_units(self) -> set[int]:
+        return {int(name[:-len(".json")]) for name in self.store.list(UNITS_DIR, ".json")}
+
+    def unit(self, unit: int) -> dict:
+        return json.loads(self.store.read_bytes(self.unit_path(unit)))
 
     def claim(self, fingerprint: dict) -> None:
         """Start or resume a run; refuse an output made with another config (inputs may grow: see
         curation.versions)."""
-        if self.fingerprint.exists():
-            old = json.loads(self.fingerprint.read_text())
+        if self.store.exists(RUN_PATH):
+            old = json.loads(self.store.read_bytes(RUN_PATH))
             if old != fingerprint:
                 changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
                 raise RunDirError(
                     f"{self.out} holds a dataset made with a different {', '.join(changed)}; a rerun may add "
                     "inputs but not change results. Use a new --output, or delete this one to start over.")
-        elif (self.out / contract.SUMMARY_PATH).exists():
+        elif self.store.exists(contract.SUMMARY_PATH):
             raise RunDirError(f"{self.out}: finished output without run state; use a new --output")
-        atomic_write(self.fingerprint, json.dumps(fingerprint, sort_keys=True, indent=1).encode())
+        self.store.write(RUN_PATH, json.dumps(fingerprint, sort_keys=True, indent=1))
 
 
 class CompletionTracker:
@@ -125,7 +141,7 @@ class CompletionTracker:
             timings.update(r.get("timings", {}))
         source = dict(source, num_clips=len(clips), num_kept=sum(c["status"] == "kept" for c in clips))
         record = {"source": source, "clips": clips, "timings": dict(timings)}
-        atomic_write(self.run.done_path(uri), json.dumps(record, sort_keys=True).encode())
+        self.run.store.write(self.run.done_path(uri), json.dumps(record, sort_keys=True))
         self.counts.update(sources=1, clips=len(clips), kept=source["num_kept"],
                            video_seconds=(source.get("duration") or 0) if source["status"] == "ok" else 0)
 
@@ -187,17 +203,18 @@ def plan_units(uris: list[str], size: int) -> list[list[str]]:
     return [uris[i:i + size] for i in range(0, len(uris), size)]
 
 
-def write_unit(out: str, unit: int, uris: list[str], first: dict[str, str], target_bytes: int,
+def write_unit(store: Store, unit: int, uris: list[str], first: dict[str, str], target_bytes: int,
                versions: dict) -> dict:
-    """Write the shards of one unit and commit it (runs as a Ray task, on any node that sees OUT).
+    """Write the shards of one unit and commit it (a Ray task, on any node: it reads and writes the
+    output store only).
 
     `first`: digest -> first URI for every digest seen in EARLIER units (duplicates are decided with
     it). Writes each shard atomically, then OUT/.work/units/<unit>.json with the unit's index rows,
     then removes the unit's staged clips. Idempotent (a retried task finds the commit). Returns
     {"unit", "shards", "samples"}."""
-    run = RunDir(Path(out))
+    run = RunDir(store)
     if run.is_unit_done(unit):  # a retried task whose first attempt committed: nothing left to do
-        done = json.loads(run.unit_path(unit).read_text())
+        done = run.unit(unit)
         return {"unit": unit, "shards": len(done["shards"]), "samples": len(done["index"])}
     first = dict(first)
     records = [run.record(u) for u in uris]
@@ -208,15 +225,16 @@ def write_unit(out: str, unit: int, uris: list[str], first: dict[str, str], targ
     index = []
     layout = _pack_shards(kept, target_bytes, unit)
     for rel, members in layout.items():
-        contract.write_shard(run.out / rel, [(Path(c["path"]).read_bytes(),
-                                              clip_record(c, by_source[c["source_uri"]], versions)) for c in members])
+        with store.writing(rel) as tmp:
+            contract.write_shard(tmp, [(store.read_bytes(staged_clip(c["clip_id"])),
+                                        clip_record(c, by_source[c["source_uri"]], versions)) for c in members])
         index += [index_row(c, rel) for c in members]
-    atomic_write(run.unit_path(unit), json.dumps({"unit": unit, "sources": uris, "shards": sorted(layout),
-                                                  "index": index}, sort_keys=True))
+    store.write(run.unit_path(unit), json.dumps({"unit": unit, "sources": uris, "shards": sorted(layout),
+                                                 "index": index}, sort_keys=True))
     # Not a duplicate's clips: they share ids, hence staged files, with the original's, which another
     # unit's task may still be reading (finalize removes whatever staging is left).
-    for c in (c for r in records for c in r["clips"] if c.get("path")):
-        Path(c["path"]).unlink(missing_ok=True)
+    for c in (c for r in records for c in r["clips"] if c["status"] == "kept"):
+        store.delete(staged_clip(c["clip_id"]))
     return {"unit": unit, "shards": len(layout), "samples": len(index)}
 
 
@@ -296,17 +314,17 @@ def finalize(run: RunDir, units: list[list[str]], wall_start: float, versions: d
     memory does not grow with the dataset. Written under versions/vNNNNNN/, then the pointer
     latest.json, then copied to the stable paths (see curation.versions). `processed`: the tracker's
     counts of what THIS invocation processed (its throughput); `cores`: the CPUs Ray had."""
-    folder = run.out / contract.version_dir(version)
+    store, folder = run.store, contract.version_dir(version)
     files = {contract.INDEX_PATH: contract.INDEX_SCHEMA, contract.SOURCES_MANIFEST: contract.SOURCES_SCHEMA,
              contract.CLIPS_MANIFEST: contract.CLIPS_SCHEMA}
     totals, first = _Totals(), {}
     with contextlib.ExitStack() as stack:
-        writers = {rel: pq.ParquetWriter(stack.enter_context(atomic_path(folder / Path(rel).name)), schema)
+        writers = {rel: pq.ParquetWriter(stack.enter_context(store.writing(f"{folder}/{Path(rel).name}")), schema)
                    for rel, schema in files.items()}
         for writer in writers.values():
             stack.callback(writer.close)  # runs before each file's rename (ExitStack unwinds in reverse)
         for n, uris in enumerate(units):
-            committed = json.loads(run.unit_path(n).read_text())
+            committed = run.unit(n)
             records = [run.record(u) for u in uris]
             for r in records:
                 mark_duplicate(r, first)
@@ -322,14 +340,13 @@ def finalize(run: RunDir, units: list[list[str]], wall_start: float, versions: d
     processed = processed or {}
     summary.update(version=version, cores=cores, processed_this_invocation=dict(processed), throughput=throughput(
         processed.get("video_seconds", 0.0), processed.get("clips", 0), time.time() - wall_start, cores))
-    summary_bytes = json.dumps(summary, indent=1, sort_keys=True).encode()
-    atomic_write(folder / contract.SUMMARY_PATH, summary_bytes)
-    atomic_write(run.out / contract.LATEST_PATH, json.dumps({"version": version, "path": contract.version_dir(version)}))
+    summary_text = json.dumps(summary, indent=1, sort_keys=True)
+    store.write(f"{folder}/{contract.SUMMARY_PATH}", summary_text)
+    store.write(contract.LATEST_PATH, json.dumps({"version": version, "path": folder}))
     for rel in files:
-        with atomic_path(run.out / rel) as tmp:
-            shutil.copyfile(folder / Path(rel).name, tmp)
-    atomic_write(run.out / contract.SUMMARY_PATH, summary_bytes)
-    shutil.rmtree(run.staging, ignore_errors=True)  # leftovers only (e.g. a duplicate extracted after its unit)
+        store.copy(f"{folder}/{Path(rel).name}", rel)
+    store.write(contract.SUMMARY_PATH, summary_text)
+    store.delete_dir(STAGING_DIR)  # leftovers only (e.g. a duplicate extracted after its unit)
     return summary
 
 

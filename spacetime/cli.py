@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--output resumes.")
     p.add_argument("--input", action="append", default=[], metavar="URI",
                    help="file, folder, glob, s3://bucket/prefix, or a .txt file listing URIs (repeatable)")
-    p.add_argument("--output", default=None, metavar="DIR", help="output folder (a local path; s3:// outputs are refused for now)")
+    p.add_argument("--output", default=None, metavar="DIR", help="output: a local folder or s3://bucket/prefix (S3 settings: sources.s3 of the config)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (default: $RAY_ADDRESS, else a local embedded Ray)")
     _config_args(p, CONFIG_DIR / "curate" / "default.yaml")
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("report", help="(re)build OUT/report/index.html of a curation output")
-    p.add_argument("output", type=Path, metavar="OUT", help="a `spacetime curate` output folder")
+    p.add_argument("output", metavar="OUT", help="a `spacetime curate` output: folder or s3://bucket/prefix")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -54,6 +54,16 @@ def version_dir(version: int) -> str:
     return f"{VERSIONS_DIR}/v{version:06d}"
 
 
+def published_index(store) -> str:
+    """The index a reader should read on `store` (a spacetime.store.Store): the one of the version
+    latest.json points at, else (an output written before versions) the stable shards/index.parquet."""
+    import json
+
+    if store.exists(LATEST_PATH):
+        return f"{json.loads(store.read_bytes(LATEST_PATH))['path']}/{Path(INDEX_PATH).name}"
+    return INDEX_PATH
+
+
 def shard_path(bucket: str, number: int, unit: int = 0) -> str:
     """Relative path of shard `number` of work unit `unit` in `bucket`:
     shards/<bucket>/<bucket>-<unit:06d>-<number:04d>.tar (a unit's shards depend on its sources only)."""

@@ -73,13 +73,17 @@ def test_real_model_profile_fails_early_offline(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_s3_output_is_refused_clearly_not_written_as_a_folder(tmp_path):
+def test_an_unreachable_s3_output_is_a_clear_error_not_a_local_folder(tmp_path):
+    from tests.helpers import free_port
+
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.mp4").write_bytes(b"x")
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     out = subprocess.run([sys.executable, "-m", "spacetime", "curate", "--config", str(ROOT / "configs/curate/tiny.yaml"),
-                          "--input", str(tmp_path / "in"), "--output", "s3://bucket/prefix"],
+                          "--input", str(tmp_path / "in"), "--output", "s3://bucket/prefix",
+                          "--set", f"sources.s3.endpoint={endpoint}"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert out.returncode == 2 and "s3:// outputs are not supported yet" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and "s3://bucket/prefix" in out.stderr and "connect" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not (tmp_path / "s3:").exists()
 
 

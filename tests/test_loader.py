@@ -21,11 +21,11 @@ import torch
 
 from spacetime import contract
 from spacetime.standins import testmedia as tm
-from spacetime.config import ConfigError, load_config
+from spacetime.config import ConfigError, S3Config, load_config
 from spacetime.record import Caption, ClipRecord
 from training.config import LoaderConfig
 from training.data.decode import caption_draw, choose_caption, decode_clip, frame_stride
-from training.data.index import latent_tokens
+from training.data.index import latent_tokens, read_index
 from training.data.loader import BucketLoader
 from training.data.plan import LoaderState, plan_steps
 from tests.helpers import CONFIGS, free_port
@@ -117,6 +117,20 @@ def test_buckets_come_from_the_index_without_opening_a_tar(curated, tmp_path):
     assert rows["9x16_144p_32f"]["tokens_per_sample"] == 8 * 16 * 9
     assert rows["4x3_240p_32f"]["batch_per_rank"] == 1 and rows["4x3_240p_1f"]["batch_per_rank"] == 2
     assert abs(sum(r["token_share"] for r in rows.values()) - 1) < 1e-9
+
+
+def test_the_index_read_is_the_published_version_the_pointer_names(curated, tmp_path):
+    """A reader follows latest.json: a stable shards/index.parquet that is not (or not yet) the
+    published version's is not what it trains on."""
+    out = tmp_path / "versioned"
+    index = pq.read_table(curated["out"] / contract.INDEX_PATH)
+    (out / contract.SHARDS_DIR).mkdir(parents=True)
+    pq.write_table(index.slice(0, 1), out / contract.INDEX_PATH)  # e.g. still the previous version's
+    (out / contract.version_dir(2)).mkdir(parents=True)
+    pq.write_table(index, out / contract.version_dir(2) / "index.parquet")
+    assert len(read_index([str(out)], S3Config())) == 1  # no pointer: the stable path
+    (out / contract.LATEST_PATH).write_text(json.dumps({"version": 2, "path": contract.version_dir(2)}))
+    assert len(read_index([str(out)], S3Config())) == len(index) > 1
 
 
 def test_batches_are_bucket_homogeneous_with_the_right_shapes(curated):

@@ -30,13 +30,13 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from spacetime import contract
 from spacetime.config import S3Config
+from spacetime.store import Store
 from training.config import LoaderConfig
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,12 @@ class Samples:
 
 
 def _read_index_table(root: str, s3: S3Config):
-    if root.startswith("s3://"):
-        from spacetime.io import s3_filesystem
-
-        path = f"{root[len('s3://'):].rstrip('/')}/{contract.INDEX_PATH}"
-        return pq.read_table(path, filesystem=s3_filesystem(s3)), f"s3://{path}"
-    path = Path(root).expanduser() / contract.INDEX_PATH
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no index; is {root} the --output of `spacetime curate`?")
-    return pq.read_table(path), str(path)
+    """The index of the version latest.json points at (readers never see a half-published one)."""
+    store = Store(root, s3)
+    rel = contract.published_index(store)
+    if not store.exists(rel):
+        raise FileNotFoundError(f"{store.uri_of(rel)}: no index; is {root} the --output of `spacetime curate`?")
+    return pq.read_table(store.path(rel), filesystem=store.fs), store.uri_of(rel)
 
 
 def _row_bucket(row: dict, where: str) -> tuple[str, bool]:
@@ -89,7 +86,8 @@ def _row_bucket(row: dict, where: str) -> tuple[str, bool]:
 
 
 def read_index(data: list[str], s3: S3Config) -> Samples:
-    """Read shards/index.parquet of every data directory and assign each row its bucket."""
+    """Read the published index of every data directory (contract.published_index) and assign each
+    row its bucket."""
     if not data:
         raise ValueError("loader.data is empty: give the curation output directories to train on")
     rows: list[tuple] = []
