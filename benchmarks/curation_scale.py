@@ -13,6 +13,9 @@ output and reports:
 - first shard: seconds until the first tar exists under OUT/shards (the goal: < 10% of wall at N=400);
 - tail: seconds from the last per-source completion record (OUT/.work/done) to the command's end
   (the goal: < 2% of wall);
+- 1st source / 1st unit ready: seconds until the first completion record, and until every source of
+  the first work unit has one (the first shard cannot come before); order: the rank correlation of
+  completion time with processing order (1.0: sources finish in the order units need them);
 - driver RSS: the peak resident memory of the curate process itself (VmHWM), not of Ray's workers
   (the goal: < 1.3x from N=100 to N=1600);
 and, over the Ns, the fitted growth exponent b of each (value ~ N^b).
@@ -31,7 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from curation.sources import source_key  # noqa: E402
 from spacetime.standins import testmedia  # noqa: E402
+
+UNIT_SOURCES = 4  # write.unit_sources of configs/curate/tiny.yaml: the first unit's sources
 
 SHOTS = [("bigbuckbunny.mp4", 0, 120), ("bikes.mp4", 76, 137), ("bikes.mp4", 137, 187), ("bikes.mp4", 187, 242)]
 SEGMENT = 32  # frames per segment; two segments per source
@@ -75,11 +81,22 @@ def run_once(n: int, work: Path) -> dict:
     wall = time.time() - start
     if proc.returncode:
         raise SystemExit(f"curate failed for N={n}: see {work / f'log{n}.txt'}")
-    # the staging and completion records are kept under .work; the last record's mtime ends the sources
-    done = sorted(p.stat().st_mtime for p in (out / ".work" / "done").glob("*.json"))
-    tail = start + wall - done[-1]
+    # the completion records are kept under .work; the last record's mtime ends the sources
+    uris = sorted(str(p) for p in media.iterdir())  # processing order (one version: sorted URIs)
+    finished = [(out / ".work" / "done" / f"{source_key(u)}.json").stat().st_mtime - start for u in uris]
+    tail = wall - max(finished)
     return {"n": n, "wall": wall, "first_shard": first_shard if first_shard is not None else wall,
-            "tail": tail, "rss_mib": rss}
+            "tail": tail, "rss_mib": rss, "first_source": min(finished),
+            "first_unit_ready": max(finished[:UNIT_SOURCES]), "order": rank_correlation(finished)}
+
+
+def rank_correlation(times: list[float]) -> float:
+    """Spearman correlation of completion time with processing order: 1.0 = sources finish in order."""
+    ranks = {i: r for r, i in enumerate(sorted(range(len(times)), key=times.__getitem__))}
+    n = len(times)
+    if n < 2:
+        return float("nan")
+    return 1 - 6 * sum((i - ranks[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
 
 
 def growth(rows: list[dict], key: str) -> float:
@@ -98,10 +115,12 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="curation_scale-"))
     rows = [run_once(n, work) for n in args.n]
-    print(f"{'N':>6} {'wall s':>8} {'first shard s':>14} {'first/wall':>10} {'tail s':>8} {'tail/wall':>9} {'driver MiB':>10}")
+    print(f"{'N':>6} {'wall s':>8} {'first shard s':>14} {'first/wall':>10} {'tail s':>8} {'tail/wall':>9} "
+          f"{'driver MiB':>10} {'1st source s':>12} {'1st unit ready s':>16} {'order':>6}")
     for r in rows:
         print(f"{r['n']:>6} {r['wall']:>8.1f} {r['first_shard']:>14.1f} {r['first_shard'] / r['wall']:>10.1%} "
-              f"{r['tail']:>8.1f} {r['tail'] / r['wall']:>9.1%} {r['rss_mib']:>10.0f}")
+              f"{r['tail']:>8.1f} {r['tail'] / r['wall']:>9.1%} {r['rss_mib']:>10.0f} {r['first_source']:>12.1f} "
+              f"{r['first_unit_ready']:>16.1f} {r['order']:>6.2f}")
     if len(rows) > 1:
         print("growth exponent b (value ~ N^b): " + ", ".join(
             f"{k} {growth(rows, k):.2f}" for k in ("wall", "first_shard", "tail", "rss_mib")))

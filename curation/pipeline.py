@@ -252,7 +252,8 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str])
 
     from curation.write import UnitWriter, write_unit
 
-    task = ray.remote(write_unit).options(num_cpus=cfg.write.resources.num_cpus, max_retries=2)
+    # max_retries counts lost workers/nodes only (a raised error is not retried): a cluster may lose several
+    task = ray.remote(write_unit).options(num_cpus=cfg.write.resources.num_cpus, max_retries=5)
     target, versions, store = int(cfg.write.shard_size_mb * 1024**2), _versions(), run.store
     return UnitWriter(run, units, lambda n, uris, first: task.remote(store, n, uris, first, target, versions), done)
 
