@@ -21,6 +21,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from curation.caption import Caption
@@ -37,11 +38,21 @@ log = logging.getLogger(__name__)
 
 
 class Probe(Stage):
+    """Also spots a source whose content an earlier dataset version already holds (its digest is in
+    that version's sources manifest, `known`): status `duplicate`, and no later stage decodes it.
+    Duplicates within one run are only known at write time (curation.write.mark_duplicate)."""
+
     name = "probe"
 
-    def __init__(self, cfg: ProbeConfig, s3: S3Config):
+    def __init__(self, cfg: ProbeConfig, s3: S3Config, out: Store, known: str | None):
+        import pyarrow.parquet as pq
+
         super().__init__(cfg)
         self.s3 = s3
+        self.known: set[str] = set()
+        if known:  # one column of the last version's manifest: ~100 bytes a source, per probe actor
+            table = pq.read_table(out.path(known), columns=["digest", "status"], filesystem=out.fs)
+            self.known = {d for d, st in zip(*(table.column(c).to_pylist() for c in ("digest", "status"))) if st == "ok"}
 
     def __call__(self, row: dict) -> dict:
         from curation.probe import ProbeError, probe
@@ -50,6 +61,8 @@ class Probe(Stage):
         meta, _ = unpack(row)
         try:
             meta["source"] = probe(meta["source"]["uri"], self.cfg, self.s3)
+            if meta["source"]["digest"] in self.known:
+                meta["source"]["status"] = "duplicate"  # of an earlier version's source (named at write time)
         except Exception as err:  # every failure is a manifest row, never a crash
             meta["source"].update(status="failed", error=str(err) if isinstance(err, ProbeError) else describe(err))
         return pack(self.timed(meta, t0))
@@ -174,11 +187,12 @@ class StageSpec:
     args: dict[str, Any] = field(default_factory=dict)  # constructor kwargs; args["cfg"].resources runs it
 
 
-def stages(cfg: CurateConfig, out: Store) -> list[StageSpec]:
-    """The pipeline, in order. Each stage gets its own section (and what it shares: S3 settings)."""
+def stages(cfg: CurateConfig, out: Store, known: str | None = None) -> list[StageSpec]:
+    """The pipeline, in order. Each stage gets its own section (and what it shares: S3 settings).
+    `known`: the sources manifest of the last published version, if any (see Probe)."""
     s3, f = cfg.sources.s3, cfg.filters
     return [
-        StageSpec(Probe, "map", dict(cfg=cfg.probe, s3=s3)),
+        StageSpec(Probe, "map", dict(cfg=cfg.probe, s3=s3, out=out, known=known)),
         StageSpec(Analyze, "flat_map", dict(cfg=cfg.analyze, s3=s3, max_duration=cfg.split.max_duration)),
         StageSpec(Split, "flat_map", dict(cfg=cfg.split, max_sampled=cfg.analyze.max_sampled_per_clip)),
         StageSpec(Borders, "map", dict(cfg=f.borders)),  # first: crops the frames the next filters see
@@ -258,8 +272,8 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str])
     return UnitWriter(run, units, lambda n, uris, first: task.remote(store, n, uris, first, target, versions), done)
 
 
-def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, tracker, writer, wall_start: float,
-                cores: float) -> None:
+def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | None, tracker, writer,
+                wall_start: float, cores: float) -> None:
     """Stream the pending sources through the stages; completed sources are recorded (tracker) and
     their units written as soon as they are ready (writer)."""
     import ray.data
@@ -267,7 +281,7 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, tracker, writ
 
     items = [pack({"source": {"uri": u, "status": "pending"}}) for u in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    for spec in stages(cfg, out):
+    for spec in stages(cfg, out, known):
         ds = _apply(ds, spec)
     last_log = time.time()
     with tqdm(total=len(pending), desc="sources", unit="src", disable=None) as bar:
@@ -350,7 +364,8 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
         writer = _unit_writer(run, units, cfg, set(sources) - set(pending))
         writer.poll()  # units a killed run completed but did not commit
         if pending:
-            _run_stages(pending, cfg, out, tracker, writer, wall_start, cores)
+            known = f"{contract.version_dir(earlier[-1].version)}/{Path(contract.SOURCES_MANIFEST).name}" if earlier else None
+            _run_stages(pending, cfg, out, known, tracker, writer, wall_start, cores)
         done = run.done_keys()
         missing = [u for u in pending if source_key(u) not in done]
         if missing:

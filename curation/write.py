@@ -189,6 +189,9 @@ def mark_duplicate(record: dict, first: dict[str, str]) -> None:
     source finished first. Its clips (the same ids: ids are content-addressed) are dropped, so no key
     appears twice."""
     source = record["source"]
+    if source["status"] == "duplicate":  # the probe found it in an earlier version: name the original
+        source["duplicate_of"] = source.get("duplicate_of") or first[source["digest"]]
+        return
     if source["status"] != "ok":
         return
     original = first.setdefault(source["digest"], source["uri"])

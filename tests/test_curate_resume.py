@@ -14,6 +14,7 @@ import time
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from curation.sources import source_key
 from spacetime import contract
 from spacetime.standins import testmedia as tm
 from tests.helpers import CONFIGS, ROOT
@@ -126,6 +127,9 @@ def test_a_grown_input_list_publishes_a_new_version_and_leaves_old_shards_alone(
     sources = {os.path.basename(r["uri"]): r for r in pq.read_table(out / contract.SOURCES_MANIFEST).to_pylist()}
     assert sources["bikes_again.mp4"]["status"] == "duplicate"
     assert sources["bikes_again.mp4"]["duplicate_of"] == sources["bikes.mp4"]["uri"]
+    # known from version 1's manifest at probe time: the copy is not decoded again
+    record = json.loads((out / contract.WORK_DIR / "done" / f"{source_key(sources['bikes_again.mp4']['uri'])}.json").read_text())
+    assert "probe" in record["timings"] and "analyze" not in record["timings"] and record["clips"] == []
     latest = json.loads((out / contract.LATEST_PATH).read_text())
     assert latest == {"version": 2, "path": contract.version_dir(2)}
     assert pq.read_table(out / contract.version_dir(1) / "index.parquet").equals(v1_index)
