@@ -264,10 +264,13 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str])
     """The driver's scheduler of unit writes; each write is a Ray task sized by write.resources."""
     import ray
 
-    from curation.write import UnitWriter, write_unit
+    from curation.write import UnitWriter, warm_up, write_unit
 
     # max_retries counts lost workers/nodes only (a raised error is not retried): a cluster may lose several
     task = ray.remote(write_unit).options(num_cpus=cfg.write.resources.num_cpus, max_retries=5)
+    # A worker started now, while the stages start, is idle and warm (imports done) when the first
+    # unit is ready: Ray reuses it for the unit tasks of the same shape (measured: see the note of #12).
+    ray.remote(warm_up).options(num_cpus=cfg.write.resources.num_cpus).remote()
     target, versions, store = int(cfg.write.shard_size_mb * 1024**2), _versions(), run.store
     return UnitWriter(run, units, lambda n, uris, first: task.remote(store, n, uris, first, target, versions), done)
 

@@ -206,6 +206,11 @@ def plan_units(uris: list[str], size: int) -> list[list[str]]:
     return [uris[i:i + size] for i in range(0, len(uris), size)]
 
 
+def warm_up() -> None:
+    """Import what write_unit needs (a no-op task that leaves a warm worker behind)."""
+    import webdataset  # noqa: F401
+
+
 def write_unit(store: Store, unit: int, uris: list[str], first: dict[str, str], target_bytes: int,
                versions: dict) -> dict:
     """Write the shards of one unit and commit it (a Ray task, on any node: it reads and writes the
