@@ -17,7 +17,8 @@ output and reports:
   the first work unit has one (the first shard cannot come before); order: the rank correlation of
   completion time with processing order (1.0: sources finish in the order units need them);
 - driver RSS: the peak resident memory of the curate process itself (VmHWM), not of Ray's workers
-  (the goal: < 1.3x from N=100 to N=1600);
+  (the goal: < 1.3x from N=100 to N=1600); (streaming): the highest sampled VmRSS until the last
+  source completed, i.e. before finalize and the report;
 and, over the Ns, the fitted growth exponent b of each (value ~ N^b).
 """
 
@@ -55,10 +56,11 @@ def make_sources(folder: Path, n: int) -> None:
         testmedia.make_multishot(folder / f"src{i:05d}.mp4", segments=segs, size=(160, 120), dissolve_frames=0)
 
 
-def peak_rss_mib(pid: int) -> float:
+def peak_rss_mib(pid: int, field: str = "VmHWM") -> float:
+    """The process's peak (VmHWM) or current (VmRSS) resident memory."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except FileNotFoundError:
         pass
@@ -72,11 +74,12 @@ def run_once(n: int, work: Path) -> dict:
            "--set", "caption=null", "--input", str(media), "--output", str(out)]
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(work / f"log{n}.txt").open("w"))
-    first_shard, rss = None, 0.0
+    first_shard, rss, samples = None, 0.0, []
     while proc.poll() is None:
         if first_shard is None and any((out / "shards").rglob("*.tar")):
             first_shard = time.time() - start
         rss = max(rss, peak_rss_mib(proc.pid)) if not math.isnan(peak_rss_mib(proc.pid)) else rss
+        samples.append((time.time() - start, peak_rss_mib(proc.pid, "VmRSS")))
         time.sleep(0.2)
     wall = time.time() - start
     if proc.returncode:
@@ -85,8 +88,10 @@ def run_once(n: int, work: Path) -> dict:
     uris = sorted(str(p) for p in media.iterdir())  # processing order (one version: sorted URIs)
     finished = [(out / ".work" / "done" / f"{source_key(u)}.json").stat().st_mtime - start for u in uris]
     tail = wall - max(finished)
+    streaming = [m for t, m in samples if t <= max(finished) and not math.isnan(m)]
     return {"n": n, "wall": wall, "first_shard": first_shard if first_shard is not None else wall,
-            "tail": tail, "rss_mib": rss, "first_source": min(finished),
+            "tail": tail, "rss_mib": rss, "rss_streaming": max(streaming, default=float("nan")),
+            "first_source": min(finished),
             "first_unit_ready": max(finished[:UNIT_SOURCES]), "order": rank_correlation(finished)}
 
 
@@ -116,10 +121,11 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="curation_scale-"))
     rows = [run_once(n, work) for n in args.n]
     print(f"{'N':>6} {'wall s':>8} {'first shard s':>14} {'first/wall':>10} {'tail s':>8} {'tail/wall':>9} "
-          f"{'driver MiB':>10} {'1st source s':>12} {'1st unit ready s':>16} {'order':>6}")
+          f"{'driver MiB':>10} {'(streaming)':>11} {'1st source s':>12} {'1st unit ready s':>16} {'order':>6}")
     for r in rows:
         print(f"{r['n']:>6} {r['wall']:>8.1f} {r['first_shard']:>14.1f} {r['first_shard'] / r['wall']:>10.1%} "
-              f"{r['tail']:>8.1f} {r['tail'] / r['wall']:>9.1%} {r['rss_mib']:>10.0f} {r['first_source']:>12.1f} "
+              f"{r['tail']:>8.1f} {r['tail'] / r['wall']:>9.1%} {r['rss_mib']:>10.0f} {r['rss_streaming']:>11.0f} "
+              f"{r['first_source']:>12.1f} "
               f"{r['first_unit_ready']:>16.1f} {r['order']:>6.2f}")
     if len(rows) > 1:
         print("growth exponent b (value ~ N^b): " + ", ".join(

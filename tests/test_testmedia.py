@@ -456,3 +456,13 @@ def test_huge_dims_png_header(bad):
     with av.open(str(bad["huge_dims.png"]), options=MAX_PIXELS) as c:
         s = c.streams.video[0]
         assert c.format.name == "png_pipe" and (s.width, s.height) == (0, 0)  # unknown: reject
+
+
+def test_transcode_to_10bit_hevc_keeps_every_frame(media_dir):
+    src, dst = media_dir / "square.mp4", media_dir / "square_hevc10.mp4"
+    tm.make_square(src, num_frames=30)
+    written = tm.transcode(src, dst, "libx265", "yuv420p10le", {"preset": "ultrafast", "x265-params": "log-level=error"})
+    with av.open(str(dst)) as c:
+        stream = c.streams.video[0]
+        assert stream.codec_context.name == "hevc" and stream.codec_context.pix_fmt == "yuv420p10le"
+        assert written == 30 == sum(1 for _ in c.decode(stream))

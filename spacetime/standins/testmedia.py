@@ -455,6 +455,23 @@ def make_multishot(
     )
 
 
+def transcode(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    codec: str = "libx265",
+    pix_fmt: str = "yuv420p10le",
+    options: dict[str, str] | None = None,
+) -> int:
+    """Re-encode every frame of ``src`` at its rate with another codec and pixel format (e.g. a 10-bit
+    HEVC copy of generated footage); returns the frames written."""
+    with av.open(str(src)) as c:
+        stream = c.streams.video[0]
+        rate = stream.average_rate
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+    size = (frames[0].shape[1], frames[0].shape[0])
+    return _encode(dst, frames, size, fps=rate, codec=codec, pix_fmt=pix_fmt, options=options or {})
+
+
 def make_1080p(
     path: str | os.PathLike,
     seconds: float = 4.0,

