@@ -21,7 +21,6 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from curation.caption import Caption
@@ -367,7 +366,8 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
         writer = _unit_writer(run, units, cfg, set(sources) - set(pending))
         writer.poll()  # units a killed run completed but did not commit
         if pending:
-            known = f"{contract.version_dir(earlier[-1].version)}/{Path(contract.SOURCES_MANIFEST).name}" if earlier else None
+            known = contract.version_file(contract.version_dir(earlier[-1].version), contract.SOURCES_MANIFEST) \
+                if earlier else None
             _run_stages(pending, cfg, out, known, tracker, writer, wall_start, cores)
         done = run.done_keys()
         missing = [u for u in pending if source_key(u) not in done]

@@ -27,7 +27,6 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -327,7 +326,7 @@ def finalize(run: RunDir, units: list[list[str]], wall_start: float, versions: d
              contract.CLIPS_MANIFEST: contract.CLIPS_SCHEMA}
     totals, first = _Totals(), {}
     with contextlib.ExitStack() as stack:
-        writers = {rel: pq.ParquetWriter(stack.enter_context(store.writing(f"{folder}/{Path(rel).name}")), schema)
+        writers = {rel: pq.ParquetWriter(stack.enter_context(store.writing(contract.version_file(folder, rel))), schema)
                    for rel, schema in files.items()}
         for writer in writers.values():
             stack.callback(writer.close)  # runs before each file's rename (ExitStack unwinds in reverse)
@@ -352,7 +351,7 @@ def finalize(run: RunDir, units: list[list[str]], wall_start: float, versions: d
     store.write(f"{folder}/{contract.SUMMARY_PATH}", summary_text)
     store.write(contract.LATEST_PATH, json.dumps({"version": version, "path": folder}))
     for rel in files:
-        store.copy(f"{folder}/{Path(rel).name}", rel)
+        store.copy(contract.version_file(folder, rel), rel)
     store.write(contract.SUMMARY_PATH, summary_text)
     store.delete_dir(STAGING_DIR)  # leftovers only (e.g. a duplicate extracted after its unit)
     return summary

@@ -54,13 +54,19 @@ def version_dir(version: int) -> str:
     return f"{VERSIONS_DIR}/v{version:06d}"
 
 
+def version_file(folder: str, rel: str) -> str:
+    """Where a published version keeps its copy of the stable file `rel` (e.g. shards/index.parquet):
+    <folder>/<file name>, folder = version_dir(n) or the `path` of latest.json."""
+    return f"{folder}/{Path(rel).name}"
+
+
 def published_index(store) -> str:
     """The index a reader should read on `store` (a spacetime.store.Store): the one of the version
     latest.json points at, else (an output written before versions) the stable shards/index.parquet."""
     import json
 
     if store.exists(LATEST_PATH):
-        return f"{json.loads(store.read_bytes(LATEST_PATH))['path']}/{Path(INDEX_PATH).name}"
+        return version_file(json.loads(store.read_bytes(LATEST_PATH))["path"], INDEX_PATH)
     return INDEX_PATH
 
 
