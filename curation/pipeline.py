@@ -95,7 +95,10 @@ class Analyze(Stage):
                 seg_index = seg["seg_index"] + 1
                 if seg["final"]:
                     source.update(num_frames=seg.pop("num_frames"), cuts=seg.pop("cuts"))
-                out = dict(meta, seg_index=seg["seg_index"], final=seg["final"], segment=seg, source=source)
+                # Each row carries only its own seconds (the writer sums them over rows): the
+                # upstream stages' on the first segment, this segment's analysis on each.
+                out = dict(meta, seg_index=seg["seg_index"], final=seg["final"], segment=seg, source=source,
+                           timings=dict(meta.get("timings", {})) if seg["seg_index"] == 0 else {})
                 yield pack(self.timed(out, t0), sampled)
                 t0 = time.perf_counter()
         except Exception as err:
@@ -125,12 +128,14 @@ class Split(Stage):
         if seg is not None:
             seg["sampled"] = sampled
             clips = split_segment(meta["source"], seg, self.cfg, self.max_sampled)
-        rows = [pack(dict(meta, clip=None))] if not clips else [
-            pack(dict(meta, clip={k: v for k, v in c.items() if k != "sampled"}), c["sampled"]) for c in clips]
-        for r in rows:
-            m, s = unpack(r)
-            m["rows_in_segment"] = len(rows)
-            yield pack(self.timed(m, t0), s)
+        rows = [(dict(meta, clip=None), b"")] if not clips else [
+            (dict(meta, clip={k: v for k, v in c.items() if k != "sampled"}), c["sampled"]) for c in clips]
+        share = (time.perf_counter() - t0) / len(rows)
+        for k, (m, s) in enumerate(rows):
+            # The segment's seconds so far go on its first row only (the writer sums over rows).
+            m.update(rows_in_segment=len(rows), timings=dict(meta.get("timings", {})) if k == 0 else {})
+            m["timings"]["split"] = m["timings"].get("split", 0.0) + share
+            yield pack(m, s)
 
 
 def write_thumbnail(sampled: bytes, store: Store, rel: str, width: int = 192) -> None:

@@ -1,0 +1,38 @@
+"""curation.pipeline stages run in-process (no Ray): what their rows carry for the writer."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from curation.pipeline import Analyze, Probe, Split
+from curation.settings import CurateConfig
+from curation.stage import pack, unpack
+from spacetime.config import load_config
+from spacetime.standins import testmedia as tm
+from spacetime.store import Store
+from tests.helpers import CONFIGS
+
+
+def test_stage_seconds_summed_over_rows_count_each_stage_call_once(tmp_path):
+    """The writer sums `timings` over all rows of a source; a multi-shot source fans out into
+    segments, then clips, and each stage's seconds must still be counted once (not once per row)."""
+    cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml")
+    s3 = cfg.sources.s3
+    probe = Probe(cfg.probe, s3, Store(str(tmp_path)), None)
+    analyze = Analyze(cfg.analyze, s3, cfg.split.max_duration)
+    split = Split(cfg.split.model_copy(update={"max_duration": 1.0}), cfg.analyze.max_sampled_per_clip)  # fans out
+
+    probed = probe(pack({"source": {"uri": str(tm.real_footage("bikes.mp4")), "status": "pending"}}))
+    probe_seconds = unpack(probed)[0]["timings"]["probe"]
+    segments = list(analyze(probed))
+    analyze_seconds = [unpack(r)[0]["timings"]["analyze"] for r in segments]
+    clips = [row for seg in segments for row in split(seg)]
+    assert len(segments) > 2 and len(clips) > len(segments)  # shots, then 1 s windows
+
+    total: Counter = Counter()
+    for row in clips:
+        total.update(unpack(row)[0]["timings"])
+    assert abs(total["probe"] - probe_seconds) < 1e-9
+    assert abs(total["analyze"] - sum(analyze_seconds)) < 1e-9
+    # each segment row holds its own analysis time, not the running total of the source's
+    assert max(analyze_seconds) < sum(analyze_seconds)
