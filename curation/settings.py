@@ -65,7 +65,9 @@ class SplitConfig(StrictModel):
 
 
 class ExtractConfig(StrictModel):
-    stream_copy: bool = True  # copy packets when the span starts on a keyframe and decodes exactly
+    stream_copy: bool = True  # copy the span's packets where they decode to exactly its frames
+    partial: bool = True  # H.264: re-encode only the frames before the span's first keyframe (and the
+    # last few B-frames whose reference lies past its end), copy the rest; off: such spans are re-encoded whole
     codec: str = "libx264"
     crf: int = 18
     preset: str = "veryfast"

@@ -193,7 +193,7 @@ CLIPS_SCHEMA = pa.schema([
     ("status", pa.string()),  # kept | rejected | failed
     ("reason", pa.string()),
     ("bucket", pa.string()),
-    ("extract_mode", pa.string()),  # copy | reencode
+    ("extract_mode", pa.string()),  # copy | partial | reencode
     ("scores", pa.string()),  # JSON object of every filter score
     ("caption", pa.string()),
     ("shard", pa.string()),

@@ -88,7 +88,7 @@ class ClipRecord(_Record):
     rotation: int = 0  # the source's display rotation, applied to the stored pixels
     crop: list[int] | None = None  # [x, y, w, h] of the upright source frame kept (borders filter)
     bucket: str
-    extract_mode: Literal["copy", "reencode"] | None = None
+    extract_mode: Literal["copy", "partial", "reencode"] | None = None
     sampled_idx: list[int] = Field(default_factory=list)  # source frames the filters and captioner saw
     scores: dict[str, float] = Field(default_factory=dict)
     caption: Caption | None = None

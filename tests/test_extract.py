@@ -1,0 +1,93 @@
+"""curation.extract on real-footage files with 2 s GOPs and B-frames: which spans are copied,
+partly re-encoded or re-encoded whole, and that every clip decodes to exactly its span's frames,
+bit-identical wherever packets were copied."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+
+from curation.extract import extract_clip
+from curation.settings import ExtractConfig
+from spacetime.standins import testmedia as tm
+from spacetime.store import Store
+
+GOP = 50  # frames (2 s at 25 fps); x264 veryfast also uses B-frames, so spans end inside B-groups
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gop2s")
+    h264 = folder / "gop2s.mp4"
+    tm.make_multishot(h264, options={"preset": "veryfast", "crf": "20", "g": str(GOP), "keyint_min": str(GOP),
+                                     "sc_threshold": "0"})  # keyframes every 50 frames only
+    hevc = folder / "gop2s_hevc10.mp4"
+    tm.transcode(h264, hevc, "libx265", "yuv420p10le",
+                 {"preset": "ultrafast", "x265-params": f"keyint={GOP}:min-keyint={GOP}:scenecut=0:open-gop=0:log-level=error"})  # closed GOPs
+    return {"h264": h264, "hevc": hevc}
+
+
+def _frames(path, fmt="rgb24"):
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        decoded = list(c.decode(stream))
+        keys = [i for i, f in enumerate(decoded) if f.key_frame]
+        return [f.pts for f in decoded], [f.to_ndarray(format=fmt).astype(np.int16) for f in decoded], keys, \
+            stream.codec_context.name, float(stream.average_rate)
+
+
+def _extract(path, a, b, tmp_path, name, **cfg):
+    pts, frames, keys, codec, fps = _frames(path)
+    clip = dict(start_pts=pts[a], end_pts=pts[b] if b < len(pts) else None, num_frames=b - a, fps=fps,
+                rotation=0, crop=None)
+    source = {"uri": str(path), "codec": codec}
+    fields = extract_clip(clip, source, ExtractConfig(crf=20, **cfg), source_s3(), Store(str(tmp_path)), name)
+    got = _frames(tmp_path / name)
+    return fields, frames[a:b], got, keys
+
+
+def source_s3():
+    from spacetime.config import S3Config
+
+    return S3Config()
+
+
+def _errors(reference, got):
+    return [float(np.abs(g - r).mean()) for r, g in zip(reference, got)]
+
+
+def test_a_span_from_a_keyframe_to_a_clean_end_is_copied_bit_exact(media, tmp_path):
+    # Frames 0-49 are one closed GOP: nothing after it in decode order is shown inside it.
+    fields, reference, (_, got, keys, _, _), _ = _extract(media["h264"], 0, GOP, tmp_path, "a.mp4")
+    assert fields["extract_mode"] == "copy"
+    assert len(got) == GOP and _errors(reference, got) == [0.0] * GOP and keys[0] == 0
+
+
+def test_a_span_off_keyframes_re_encodes_only_its_edges(media, tmp_path):
+    """Frames 20-119: the head 20-49 precedes the keyframe at 50; the span ends inside a B-frame
+    group, whose forward reference lies past the end. Copying the packets as they are would decode
+    those last frames against a missing reference, silently wrong (measured: mean error 7/255)."""
+    a, b = 20, 119
+    fields, reference, (_, got, keys, codec, _), _ = _extract(media["h264"], a, b, tmp_path, "b.mp4")
+    assert fields["extract_mode"] == "partial" and codec == "h264"
+    assert len(got) == b - a and keys[0] == 0  # starts on a keyframe of its own
+    errors = _errors(reference, got)
+    head = GOP - a
+    assert max(errors[:head]) < 4.0 and min(errors[:head]) > 0  # re-encoded, close to the source
+    copied = [i for i, e in enumerate(errors) if e == 0.0]
+    assert copied[0] == head and len(copied) >= 2 * GOP - head - 5  # the rest bit-identical, but a short tail
+    assert max(errors) < 4.0  # and the tail re-encoded, not decoded against a missing reference
+    again = _extract(media["h264"], a, b, tmp_path, "b2.mp4")[0]
+    assert (tmp_path / "b.mp4").read_bytes() == (tmp_path / "b2.mp4").read_bytes() and again == fields
+
+
+def test_partial_off_or_a_codec_without_edges_re_encodes_the_span_whole(media, tmp_path):
+    fields, reference, (_, got, _, _, _), _ = _extract(media["h264"], 20, 119, tmp_path, "c.mp4", partial=False)
+    assert fields["extract_mode"] == "reencode" and len(got) == 99 and max(_errors(reference, got)) < 4.0
+    # HEVC edges are not re-encoded (parameter sets differ): the whole span is, frame-exact in count
+    fields, reference, (_, got, _, codec, _), _ = _extract(media["hevc"], 20, 119, tmp_path, "d.mp4")
+    assert fields["extract_mode"] == "reencode" and codec == "h264" and len(got) == 99
+    # while an HEVC GOP that starts and ends cleanly is still copied, bit-exact
+    fields, reference, (_, got, _, codec, _), _ = _extract(media["hevc"], 0, GOP, tmp_path, "e.mp4")
+    assert fields["extract_mode"] == "copy" and codec == "hevc" and _errors(reference, got) == [0.0] * GOP
