@@ -195,6 +195,7 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
             end_transition=list(end_transition) if end_transition else None,
             pts=seg.pts[:n], end_pts=seg.pts[cut_at] if cut_at < len(seg.pts) else None,
             keyframes=[k for k in seg.keyframes if k < end],
+            end_on_keyframe=end in seg.keyframes,  # the frame after the segment (a cut's first frame)
             diff=seg.diff[:n], luma=seg.luma[:n],
             sampled_idx=[i for i in seg.sampled_idx if i < end],
             sampled=encode_frames([f for i, f in zip(seg.sampled_idx, seg.sampled) if i < end]),

@@ -61,6 +61,9 @@ class SplitConfig(StrictModel):
     min_duration: float = 1.0  # seconds; shorter clips are rejected as too_short
     max_duration: float = 10.0  # seconds; longer shots are split into windows of at most this
     trim_frames: int = 1  # frames dropped next to a transition on each side
+    # ...except at a hard cut whose first frame is a source keyframe: the encoder's own scene-change
+    # keyframe confirms the cut lies exactly there, and untrimmed clips can be copied, not re-encoded
+    keyframe_cuts: bool = True
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25))
 
 

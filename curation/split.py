@@ -1,6 +1,9 @@
 """Stage 4, split: segments from the analysis pass -> clip candidates.
 
-A clip runs between transitions, minus `split.trim_frames` next to each transition; a segment longer
+A clip runs between transitions, minus `split.trim_frames` next to each transition (none next to a hard
+cut that falls on a source keyframe, `split.keyframe_cuts`: the encoder placed that keyframe on the
+scene change, which confirms the cut, and a clip that starts on a keyframe and ends before one can be
+copied without re-encoding); a segment longer
 than `split.max_duration` is cut into equal windows no longer than it; a clip shorter than
 `split.min_duration` stays in the manifest as rejected (`too_short`). Images (1-frame sources) are
 one 1-frame clip. Times come from PTS, so they are right on variable-frame-rate files.
@@ -30,13 +33,21 @@ def _times(seg: dict, time_base: Fraction, first_pts: int | None):
     return lambda i: float((seg["pts"][i - seg["start_frame"]] - base) * time_base)
 
 
+def _trim(transition: list[int] | None, cut_on_keyframe: bool, cfg: SplitConfig) -> int:
+    """Frames dropped on one side of a segment next to `transition` ([first, end) frames)."""
+    if not transition:
+        return 0
+    hard = transition[1] - transition[0] == 1
+    return 0 if hard and cut_on_keyframe and cfg.keyframe_cuts else cfg.trim_frames
+
+
 def split_segment(source: dict, seg: dict, cfg: SplitConfig, max_sampled: int) -> list[dict]:
     """Clip candidates (dicts) of one segment; `status` is `candidate` or `rejected`. Each keeps at
     most `max_sampled` of the segment's sampled frames (analyze.max_sampled_per_clip)."""
     fps = source["fps"]
     time_base = Fraction(source["time_base"])
-    start = seg["start_frame"] + (cfg.trim_frames if seg["start_transition"] else 0)
-    end = seg["end_frame"] - (cfg.trim_frames if seg["end_transition"] else 0)
+    start = seg["start_frame"] + _trim(seg["start_transition"], seg["start_frame"] in seg["keyframes"], cfg)
+    end = seg["end_frame"] - _trim(seg["end_transition"], seg.get("end_on_keyframe", False), cfg)
     if end <= start:
         return []
     max_frames = window_frames(cfg.max_duration, fps)

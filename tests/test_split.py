@@ -1,0 +1,38 @@
+"""curation.split on what the analysis pass really yields for real footage."""
+
+from __future__ import annotations
+
+from curation.analyze import analyze
+from curation.probe import probe
+from curation.split import split_segment, window_frames
+from spacetime.config import load_config
+from curation.settings import CurateConfig
+from spacetime.standins import testmedia as tm
+from tests.helpers import CONFIGS
+
+
+def _clips(path, **split):
+    cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", [f"split.{k}={v}" for k, v in split.items()])
+    source = probe(str(path), cfg.probe, cfg.sources.s3)
+    segments = list(analyze(source, cfg.analyze, cfg.sources.s3, window_frames(cfg.split.max_duration, source["fps"])))
+    return [(c["start_frame"], c["end_frame"]) for seg in segments
+            for c in split_segment(source, seg, cfg.split, cfg.analyze.max_sampled_per_clip)]
+
+
+def test_hard_cuts_on_source_keyframes_are_not_trimmed():
+    """bikes.mp4's encoder put a keyframe on the first frame of every shot (its cuts: 30, 76, 137,
+    187, 242): clips then span whole shots; without the rule, one frame is dropped on each side."""
+    cuts = list(tm.REAL_FOOTAGE_CUTS["bikes.mp4"])
+    bounds = [0] + cuts + [250]
+    assert _clips(tm.real_footage("bikes.mp4")) == list(zip(bounds, bounds[1:]))
+    trimmed = [(a + (a > 0), b - (b < 250)) for a, b in zip(bounds, bounds[1:])]
+    assert _clips(tm.real_footage("bikes.mp4"), keyframe_cuts=False) == trimmed
+
+
+def test_cuts_without_a_keyframe_keep_their_trim(tmp_path):
+    path = tmp_path / "one_gop.mp4"  # a keyframe on frame 0 only
+    gt = tm.make_multishot(path, options={"g": "1000", "sc_threshold": "0"})
+    clips = _clips(path)
+    assert clips == _clips(path, keyframe_cuts=False)
+    starts, ends = {a for a, _ in clips}, {b for _, b in clips}
+    assert all(c + 1 in starts and c - 1 in ends for c in gt.hard_cuts), (clips, gt.cuts)
