@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/curation_vs_decode.py            # captioning off, then on
     .venv/bin/python benchmarks/curation_vs_decode.py --no-caption
+    .venv/bin/python benchmarks/curation_vs_decode.py --no-caption --copies 4   # 4x the set, remuxed
 
 The floor is the physical minimum of curation on this machine: decoding every frame of every input
 once (PyAV, threads AUTO, summed over the files in one process). On the same generated set of
 real-footage files, the script then runs `spacetime curate --config configs/curate/tiny.yaml` as a
 subprocess on a fresh output, with `caption=null` and then with the tiny captioner, and prints:
+- the same stages run one after another in this process, without Ray (the caption-off run's
+  orchestration yardstick is that time divided by the cores; goal: wall within 1.3x of it);
 - each run's wall time, its ratio to the floor (the goal: within 3x) and video-hours per wall-hour;
 - each stage's summed seconds (summary.json `stage_seconds`, added up over workers) and its share of
   the run's machine time (wall x cores);
@@ -56,6 +59,26 @@ def make_set(folder: Path, hd_seconds: float) -> list[Path]:
     return sorted(folder.iterdir())
 
 
+def remux_copies(files: list[Path], copies: int) -> list[Path]:
+    """`copies - 1` more copies of every file: the same packets remuxed with a `copy` tag, so each
+    is a distinct source (its own digest) with the same frames. A bigger set shows the throughput
+    once the fixed costs (Ray start-up, the last unit, the report) are spread."""
+    out = list(files)
+    for k in range(1, copies):
+        for path in files:
+            dst = path.with_name(f"{path.stem}_copy{k}{path.suffix}")
+            with av.open(str(path)) as src, av.open(str(dst), "w") as sink:
+                sink.metadata["comment"] = f"copy {k}"
+                stream = src.streams.video[0]
+                ostream = sink.add_stream_from_template(stream)
+                for packet in src.demux(stream):
+                    if packet.dts is not None:
+                        packet.stream = ostream
+                        sink.mux(packet)
+            out.append(dst)
+    return sorted(out)
+
+
 def decode_floor(files: list[Path]) -> tuple[float, float]:
     """(seconds to decode every frame of every file, seconds of video)."""
     seconds, video = 0.0, 0.0
@@ -68,6 +91,37 @@ def decode_floor(files: list[Path]) -> tuple[float, float]:
         seconds += time.perf_counter() - t0
         video += frames / float(stream.average_rate)
     return seconds, video
+
+
+def in_process(files: list[Path], scratch: Path) -> float:
+    """Seconds for the same stages as the caption-off run (tiny.yaml) in this one process, with no
+    Ray: every source through probe ... extract, one after another. Stage construction (model
+    loading) is not counted. Divided by the cores, it is the orchestration goal's yardstick."""
+    import numpy as np
+
+    from curation.pipeline import preflight, stages
+    from curation.settings import CurateConfig
+    from curation.stage import pack
+    from spacetime.config import load_config
+    from spacetime.store import Store
+
+    cfg = load_config(CurateConfig, ROOT / "configs/curate/tiny.yaml", ["caption=null"])
+    preflight(cfg)
+    built = [(spec.op, spec.stage(**spec.args), spec.args["cfg"].resources) for spec in stages(cfg, Store(str(scratch)))]
+    t0 = time.perf_counter()
+    rows = [pack({"source": {"uri": str(f), "status": "pending"}}) for f in files]
+    for op, stage, res in built:
+        if op == "map":
+            rows = [stage(r) for r in rows]
+        elif op == "flat_map":
+            rows = [out for r in rows for out in stage(r)]
+        else:
+            batches = [rows[i:i + res.batch_size] for i in range(0, len(rows), res.batch_size)]
+            rows = []
+            for b in batches:
+                done = stage({k: np.array([r[k] for r in b], dtype=object) for k in ("meta", "sampled")})
+                rows += [{"meta": m, "sampled": x} for m, x in zip(done["meta"], done["sampled"])]
+    return time.perf_counter() - t0
 
 
 def curate(media: Path, out: Path, caption: bool, log: Path) -> tuple[float, dict]:
@@ -93,7 +147,8 @@ def extraction(out: Path, scratch: Path) -> None:
     from spacetime.config import S3Config
     from spacetime.store import Store
 
-    clips = [c for c in pq.read_table(out / "manifest/clips.parquet").to_pylist() if c["status"] == "kept"]
+    clips = [c for c in pq.read_table(out / "manifest/clips.parquet").to_pylist()
+             if c["status"] == "kept" and "_copy" not in Path(c["source_uri"]).name]  # the originals' clips
     sources = {}
     for uri in sorted({c["source_uri"] for c in clips}):
         with av.open(uri) as f:
@@ -101,10 +156,11 @@ def extraction(out: Path, scratch: Path) -> None:
             pts = sorted(p.pts for p in f.demux(stream) if p.pts is not None)
             sources[uri] = (pts, stream.codec_context.name, float(stream.average_rate))
     print("extraction in one process (every kept clip):")
-    print(f"    {'mode':<14} {'files':<6} {'clips':>5} {'clip s':>7} {'extract s':>9} {'s per clip-s':>12}  modes")
+    print(f"    {'mode':<16} {'files':<6} {'clips':>5} {'clip s':>7} {'extract s':>9} {'s per clip-s':>12}  modes")
     store = Store(str(scratch))
-    for partial in (True, False):
-        cfg = ExtractConfig(crf=20, preset="veryfast", partial=partial)  # as configs/curate/tiny.yaml
+    for mode in ("partial on", "partial off", "always re-encode"):
+        cfg = ExtractConfig(crf=20, preset="veryfast", partial=mode == "partial on",  # as configs/curate/tiny.yaml
+                            stream_copy=mode != "always re-encode")
         for subset in ("all", "1080p"):
             picked = [c for c in clips if subset == "all" or c["height"] == 1080]
             seconds = video = 0.0
@@ -119,7 +175,7 @@ def extraction(out: Path, scratch: Path) -> None:
                 video += c["num_frames"] / fps
                 modes[fields["extract_mode"]] = modes.get(fields["extract_mode"], 0) + 1
             share = ", ".join(f"{k} {v / len(picked):.0%}" for k, v in sorted(modes.items()))
-            print(f"    {'partial ' + ('on' if partial else 'off'):<14} {subset:<6} {len(picked):>5} {video:>7.1f} "
+            print(f"    {mode:<16} {subset:<6} {len(picked):>5} {video:>7.1f} "
                   f"{seconds:>9.1f} {seconds / video:>12.3f}  {share}")
 
 
@@ -128,19 +184,25 @@ def main() -> None:
     parser.add_argument("--no-caption", action="store_true", help="only the run with captioning off")
     parser.add_argument("--hd-seconds", type=float, default=8.0, help="length of the 1080p file")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="each file this many times (remuxed: distinct sources, same frames)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="curation_vs_decode-"))
-    files = make_set(work / "media", args.hd_seconds)
+    files = remux_copies(make_set(work / "media", args.hd_seconds), args.copies)
     floor, video = decode_floor(files)
     cores = os.cpu_count() or 1
     print(f"{len(files)} files, {video / 60:.2f} min of video, {cores} cores")
     print(f"{'run':<22} {'wall s':>8} {'x floor':>8} {'video-h/wall-h':>15}")
     print(f"{'bare decode (floor)':<22} {floor:>8.1f} {1:>8.2f} {video / floor:>15.1f}")
+    alone = in_process(files, work / "in_process")
+    print(f"{'stages in one process':<22} {alone:>8.1f} {alone / floor:>8.2f} {video / alone:>15.1f}"
+          f"   (/ {cores} cores = {alone / cores:.1f} s: the orchestration yardstick)")
     runs = [False] if args.no_caption else [False, True]
     for caption in runs:
         name = f"curate, caption {'on' if caption else 'off'}"
         wall, summary = curate(work / "media", work / f"out_{int(caption)}", caption, work / f"log_{int(caption)}.txt")
-        print(f"{name:<22} {wall:>8.1f} {wall / floor:>8.2f} {video / wall:>15.1f}")
+        print(f"{name:<22} {wall:>8.1f} {wall / floor:>8.2f} {video / wall:>15.1f}" +
+              ("" if caption else f"   (x {wall / (alone / cores):.2f} the in-process cost / cores)"))
         stages = summary["stage_seconds"]
         print("    stage seconds (share of wall x cores): " + ", ".join(
             f"{k} {v:.1f} ({v / (wall * cores):.0%})" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])))

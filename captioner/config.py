@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from captioner.schema import FieldLimits, max_answer_tokens
-from spacetime.config import Resources, StrictModel
+from spacetime.config import ActorResources, StrictModel
 
 
 class SamplingConfig(StrictModel):
@@ -115,7 +115,7 @@ class CaptionConfig(StrictModel):
     vllm: VllmConfig = Field(default_factory=VllmConfig)
     # The caption stage is an actor pool: each actor loads the engine once. For the vllm engine,
     # num_gpus per actor = GPUs per engine; for openai, num_cpus can be small (it waits on HTTP).
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1.0, actors=1, batch_size=16))
+    resources: ActorResources = Field(default_factory=lambda: ActorResources(batch_size=16))
 
     @field_validator("model", "adapter")
     @classmethod

@@ -6,7 +6,9 @@
 `stages()` below is that list.
 
 A stage is a small class built from its own config section: `__init__` loads what it needs once per
-actor, `__call__` handles one row. Resources (CPUs, GPUs, actor pool size) come from that section. Rows are
+worker process, `__call__` handles one row. Stages without a model run as Ray tasks (Ray Data fuses
+the consecutive ones: probe to the last filter is one task per source, in one process); the model
+stages (aesthetic, caption) run as actor pools. Resources come from each section. Rows are
 {"meta": JSON text, "sampled": npy bytes of the frames kept for filters and captioning}: one stable
 Arrow schema through every stage, and no large payload rides in a row (clips are staged as files).
 Bad input never stops a run: each failure becomes a manifest row with a readable error.
@@ -25,8 +27,7 @@ from typing import Any
 
 from curation.caption import Caption
 from curation.filters import Aesthetic, Borders, Exposure, Motion, Sharpness
-from curation.settings import (AnalyzeConfig, CurateConfig, ExtractConfig, ProbeConfig, Resources,
-                               SplitConfig)
+from curation.settings import AnalyzeConfig, CurateConfig, ExtractConfig, ProbeConfig, SplitConfig
 from curation.stage import Stage, pack, unpack
 from spacetime import contract
 from spacetime.config import S3Config
@@ -209,19 +210,43 @@ def stages(cfg: CurateConfig, out: Store, known: str | None = None) -> list[Stag
     ]
 
 
-def _apply(ds, spec: StageSpec):
+# Stages without a model run as Ray tasks; each worker process builds such a stage once per run and
+# reuses it (the key names the run and the stage).
+_built: dict[str, Stage] = {}
+
+
+def _built_stage(key: str, stage: type[Stage], args: dict) -> Stage:
+    if key not in _built:
+        run = key.split(":")[0]
+        for old in [k for k in _built if not k.startswith(run + ":")]:  # an earlier run's stages
+            del _built[old]
+        _built[key] = stage(**args)
+    return _built[key]
+
+
+def _map_task(row: dict, key: str, stage: type[Stage], args: dict) -> dict:
+    return _built_stage(key, stage, args)(row)
+
+
+def _flat_map_task(row: dict, key: str, stage: type[Stage], args: dict):
+    yield from _built_stage(key, stage, args)(row)
+
+
+def _apply(ds, spec: StageSpec, key: str):
+    """One stage onto the dataset: a model stage (map_batches) as an actor pool, any other as tasks
+    (consecutive ones with equal resources fuse into one task per block: see TaskResources)."""
     import ray.data
 
-    res: Resources = spec.args["cfg"].resources
-    pool = dict(size=max(1, res.actors))
+    res = spec.args["cfg"].resources
+    kwargs = dict(num_cpus=res.num_cpus, **({"num_gpus": res.num_gpus} if res.num_gpus else {}))
+    if spec.op != "map_batches":
+        fn = _map_task if spec.op == "map" else _flat_map_task
+        return getattr(ds, spec.op)(fn, fn_kwargs=dict(key=key, stage=spec.stage, args=spec.args), **kwargs)
+    pool = dict(min_size=res.actors, max_size=res.max_actors or res.actors)
     if res.calls_per_actor > 1:
         pool["max_concurrent_calls_per_actor"] = res.calls_per_actor
-    kwargs = dict(fn_constructor_kwargs=spec.args, num_cpus=res.num_cpus, compute=ray.data.ActorPoolStrategy(**pool))
-    if res.num_gpus:
-        kwargs["num_gpus"] = res.num_gpus
-    if spec.op == "map_batches":
-        kwargs.update(batch_size=res.batch_size, batch_format="numpy")
-    return getattr(ds, spec.op)(spec.stage, **kwargs)
+    return ds.map_batches(spec.stage, fn_constructor_kwargs=spec.args, compute=ray.data.ActorPoolStrategy(**pool),
+                          batch_size=res.batch_size, batch_format="numpy", **kwargs)
 
 
 def init_ray(cfg: CurateConfig, address: str | None) -> None:
@@ -288,8 +313,9 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | 
 
     items = [pack({"source": {"uri": u, "status": "pending"}}) for u in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    for spec in stages(cfg, out, known):
-        ds = _apply(ds, spec)
+    token = f"{os.getpid()}-{time.time_ns()}"
+    for i, spec in enumerate(stages(cfg, out, known)):
+        ds = _apply(ds, spec, f"{token}:{i}")
     last_log = time.time()
     with tqdm(total=len(pending), desc="sources", unit="src", disable=None) as bar:
         for row in ds.iter_rows():

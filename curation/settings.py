@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from captioner.config import CaptionConfig
-from spacetime.config import Resources, S3Config, StrictModel
+from spacetime.config import ActorResources, S3Config, StrictModel, TaskResources
 
 
 class RayConfig(StrictModel):
@@ -22,14 +22,13 @@ class SourcesConfig(StrictModel):
         ".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".ts", ".mpg", ".mpeg", ".flv", ".3gp",
         ".png", ".jpg", ".jpeg", ".webp"])  # images are 1-frame videos
     s3: S3Config = Field(default_factory=S3Config)
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5))
 
 
 class ProbeConfig(StrictModel):
     max_pixels: int = 8192 * 8192  # a header claiming more is refused before any decode
     max_duration: float = 6 * 3600.0  # seconds
     vfr_packets: int = 240  # packets inspected for variable frame rate
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5))
+    resources: TaskResources = Field(default_factory=TaskResources)
 
 
 class AnalyzeConfig(StrictModel):
@@ -54,7 +53,7 @@ class AnalyzeConfig(StrictModel):
     sample_fps: float = 2.0  # frames kept per second for filters and captioning
     sample_height: int = 224  # their height (never upscaled; width keeps the aspect)
     max_sampled_per_clip: int = 16
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1.0))
+    resources: TaskResources = Field(default_factory=TaskResources)
 
 
 class SplitConfig(StrictModel):
@@ -64,7 +63,7 @@ class SplitConfig(StrictModel):
     # ...except at a hard cut whose first frame is a source keyframe: the encoder's own scene-change
     # keyframe confirms the cut lies exactly there, and untrimmed clips can be copied, not re-encoded
     keyframe_cuts: bool = True
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25))
+    resources: TaskResources = Field(default_factory=TaskResources)
 
 
 class ExtractConfig(StrictModel):
@@ -76,7 +75,7 @@ class ExtractConfig(StrictModel):
     preset: str = "veryfast"
     pix_fmt: str = "yuv420p"
     threads: int = 2  # fixed, so re-encodes are byte-identical across machines and runs
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1.0))
+    resources: TaskResources = Field(default_factory=TaskResources)
 
 
 class ProgressConfig(StrictModel):
@@ -89,7 +88,8 @@ class WriteConfig(StrictModel):
     # sources only and are written as soon as the unit (and every earlier one) completes. Smaller
     # units: earlier first shard, smaller tars; it changes the shard layout, so it is part of a run's identity.
     unit_sources: int = Field(16, ge=1)
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.25))  # each unit's write task
+    # each unit's write task: it copies staged clips into tars (I/O), so it holds no core by default
+    resources: TaskResources = Field(default_factory=lambda: TaskResources(num_cpus=0.0))
 
 
 # ------------------------------------------------------------------------------------- filters
@@ -101,7 +101,7 @@ class BordersConfig(StrictModel):
     max_std: float = 6.0  # ... and nearly uniform across the row/column
     min_bar_fraction: float = 0.02  # thinner bands are ignored (compression ringing at edges)
     min_area: float = 0.5  # reject a clip whose picture inside the bars is below this fraction
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1))
+    resources: TaskResources = Field(default_factory=TaskResources)
 
 
 class ExposureConfig(StrictModel):
@@ -109,14 +109,14 @@ class ExposureConfig(StrictModel):
     min_luma: float = 30.0  # mean luma (0-255): below = too dark
     max_luma: float = 225.0
     max_clipped: float = 0.5  # fraction of pixels <= 5 or >= 250
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1))
+    resources: TaskResources = Field(default_factory=TaskResources)
 
 
 class SharpnessConfig(StrictModel):
     enabled: bool = True
     height: int = 224  # frames are scaled to this height first, so the score is size-independent
     min_sharpness: float = 20.0  # median variance of the Laplacian (blurred test clip 8.5, sharp 279, motion-blurred real footage 29-55)
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1))
+    resources: TaskResources = Field(default_factory=TaskResources)
 
 
 class MotionConfig(StrictModel):
@@ -124,7 +124,7 @@ class MotionConfig(StrictModel):
     width: int = 160  # optical flow (OpenCV DIS, ultrafast preset) on frames this wide
     min_motion: float = 0.003  # mean flow, frame widths per second: below = static (still 0.0001, talking head 0.007)
     max_shake: float = 0.6  # change of global motion between frame pairs, widths/s: above = shaky
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1))
+    resources: TaskResources = Field(default_factory=TaskResources)
 
 
 class AestheticConfig(StrictModel):
@@ -138,7 +138,7 @@ class AestheticConfig(StrictModel):
     aggregate: Literal["min", "mean"] = "mean"
     min_score: float = 4.5  # ~1-10 scale
     device: str = "cpu"
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.2, actors=1, batch_size=16))
+    resources: ActorResources = Field(default_factory=lambda: ActorResources(batch_size=16))
 
 
 class FiltersConfig(StrictModel):

@@ -3,8 +3,8 @@
 Rows are {"meta": JSON text, "sampled": npy bytes of the frames kept for filters and captioning}:
 one stable Arrow schema through every stage. A stage is a small class built from ITS OWN config
 section (plus what it truly shares, such as the S3 settings): `__init__` loads what it needs once
-per actor, `__call__` handles a row (or a batch, for BatchStage). `cfg.resources` of that section
-tells Ray how to run it (curation.pipeline).
+per worker process (a model stage's actor, or a task worker), `__call__` handles a row (or a batch,
+for BatchStage). `cfg.resources` of that section tells Ray how to run it (curation.pipeline).
 """
 
 from __future__ import annotations

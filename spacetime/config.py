@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spacetime.errors import UserError
 
@@ -31,14 +31,25 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-class Resources(StrictModel):
-    """How Ray runs a stage: an actor pool of `actors` (at least 1) actors, each holding num_cpus /
-    num_gpus for the whole run. On a small machine the pools' CPUs must add up to at most the
-    cores, or a stage never starts (see configs/curate/tiny.yaml)."""
+class TaskResources(StrictModel):
+    """How Ray runs a stage without a model: as Ray tasks, one per block of rows (a source, for the
+    stages before the models), each holding num_cpus / num_gpus while it runs. As many run at once as
+    the cluster has room for, so the same config fills 2 cores or 64. Consecutive stages with equal
+    requests run fused: one task does them all, in one process (Ray Data's operator fusion)."""
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    actors: int = 1
+
+
+class ActorResources(StrictModel):
+    """How Ray runs a model stage: a pool of actors, each loading the model once and holding
+    num_cpus / num_gpus while it lives. The pool starts with `actors` and Ray Data grows it up to
+    `max_actors` while work queues up (None: a fixed pool of `actors`)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    actors: int = Field(default=1, ge=1)
+    max_actors: int | None = Field(default=None, ge=1)
     batch_size: int = 1
     calls_per_actor: int = 1  # batches in flight per actor (async stages keep an engine's batch full)
 
