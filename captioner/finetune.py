@@ -80,6 +80,7 @@ class Example:
     clip_id: str
     video: bytes  # the clip's mp4
     fields: dict  # the answer, without clip_id
+    span: tuple[int, int] | None = None  # (skip_frames, num_frames) from a curated clip's record
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -109,26 +110,29 @@ def load_examples(data: Path, cfg: CaptionConfig) -> list[Example]:
                 fields = record.caption.model_dump(exclude={"provenance"})
                 if record.caption.short is None:  # a caption without structured fields
                     fields = placeholder_fields(record.caption.dense, cfg)
-                examples.append(Example(record.clip_id, sample[contract.VIDEO_EXT], fields))
+                examples.append(Example(record.clip_id, sample[contract.VIDEO_EXT], fields,
+                                        (record.skip_frames, record.num_frames)))
     else:
         for n, line in enumerate(data.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
+                span = None
                 if "video" in row:
                     path = (data.parent / row["video"]) if not os.path.isabs(row["video"]) else Path(row["video"])
                     video, default_id = path.read_bytes(), hashlib.sha256(str(path).encode()).hexdigest()[:20]
                 else:
                     tar = (data.parent / row["shard"]) if not os.path.isabs(row["shard"]) else Path(row["shard"])
                     with contract.ShardReader() as reader:
-                        video = reader.read(str(tar), row["key"])[contract.VIDEO_EXT]
-                    default_id = row["key"]
+                        parts = reader.read(str(tar), row["key"])
+                    record = contract.read_record(parts, where=f"{tar}:{row['key']}")
+                    video, span, default_id = parts[contract.VIDEO_EXT], (record.skip_frames, record.num_frames), row["key"]
                 fields = row.get("fields") or placeholder_fields(row["caption"], cfg)
             except (KeyError, json.JSONDecodeError, OSError) as err:
                 raise ValueError(f"{data}:{n}: {type(err).__name__}: {err}; each line needs \"video\" or "
                                  "\"shard\"+\"key\", and \"caption\" or \"fields\"") from None
-            examples.append(Example(row.get("clip_id", default_id), video, fields))
+            examples.append(Example(row.get("clip_id", default_id), video, fields, span))
     if not examples:
         raise ValueError(f"{data}: no (clip, caption) pairs found")
     return examples
@@ -153,7 +157,7 @@ def encode_example(example: Example, processor, cfg: CaptionConfig) -> dict:
     from captioner.engines import messages_for
     from captioner.frames import from_mp4
 
-    video = from_mp4(example.video, cfg.frames, cfg.max_pixels)
+    video = from_mp4(example.video, cfg.frames, cfg.max_pixels, example.span)
     request = caption_request(cfg, ClipTask(example.clip_id, video))
     prompt = processor.apply_chat_template(messages_for(request, {"type": "video"}), tokenize=False,
                                            add_generation_prompt=True)

@@ -78,9 +78,10 @@ def from_sampled(clip: dict, sampled: np.ndarray, n_frames: int, max_pixels: int
     return ClipVideo(frames, metadata(clip["fps"], clip["num_frames"], indices, duration))
 
 
-def from_mp4(data: bytes, n_frames: int, max_pixels: int) -> ClipVideo:
+def from_mp4(data: bytes, n_frames: int, max_pixels: int, span: tuple[int, int] | None = None) -> ClipVideo:
     """Decode `n_frames` evenly spaced frames of an mp4 (bytes), resized while decoding. Memory is
-    bounded by the kept frames, not the clip."""
+    bounded by the kept frames, not the clip. `span`: (skip_frames, num_frames) of the clip's record,
+    the frames of the file that are the clip (a copy_only clip has leading frames before its span)."""
     import av
 
     from spacetime.frames import decode_all
@@ -92,7 +93,10 @@ def from_mp4(data: bytes, n_frames: int, max_pixels: int) -> ClipVideo:
         if total <= 0:  # no frame count in the header: count packets (cheap, no decode)
             total = sum(1 for p in container.demux(stream) if p.size)
             container.seek(0)
-        wanted = set(pick(total, n_frames))
+        skip = 0
+        if span is not None:
+            skip, total = span
+        wanted = {skip + i for i in pick(total, n_frames)}
         keep: dict[int, np.ndarray] = {}
         fps = float(stream.average_rate or stream.guessed_rate or 1)
         size = None
@@ -109,5 +113,5 @@ def from_mp4(data: bytes, n_frames: int, max_pixels: int) -> ClipVideo:
         if not keep:
             raise ValueError("no decodable video frame")
         indices = sorted(keep)
-        duration = float(stream.duration * stream.time_base) if stream.duration else max(total, 1) / fps
-    return ClipVideo(np.stack([keep[i] for i in indices]), metadata(fps, total, indices, duration))
+        duration = float(stream.duration * stream.time_base) if stream.duration and span is None else max(total, 1) / fps
+    return ClipVideo(np.stack([keep[i] for i in indices]), metadata(fps, total, [i - skip for i in indices], duration))

@@ -144,8 +144,9 @@ def _caption_pending(captioner: Captioner, input_dir: Path, pending: list[dict],
                 if clip_id not in by_shard[shard]:
                     continue
                 try:
-                    task: ClipTask | str = ClipTask(clip_id, from_mp4(sample[contract.VIDEO_EXT], cfg.frames,
-                                                                      cfg.max_pixels))
+                    record = read_record(sample, where=str(input_dir / shard))
+                    task: ClipTask | str = ClipTask(clip_id, from_mp4(sample[contract.VIDEO_EXT], cfg.frames, cfg.max_pixels,
+                                                                      (record.skip_frames, record.num_frames)))
                 except Exception as err:  # an undecodable clip is a caption failure, not a crash
                     task = f"frames unusable: {describe(err)}"
                 chunk.append((shard, clip_id, task))

@@ -211,6 +211,42 @@ def copy_span(uri: str, s3: S3Config, clip: dict, cfg: ExtractConfig, out: Path)
     return "partial" if head or tail else "copy"
 
 
+def copy_from_keyframe(uri: str, s3: S3Config, clip: dict, out: Path) -> int | None:
+    """extract.copy_only: the packets in decode order from the keyframe at or before the span's start
+    up to the first whose DTS is past the span (by then every frame of the span is in), less an open
+    GOP's leading pictures (shown before that keyframe). The file shows the frames from the keyframe
+    to the span start, the span, then possibly a few reference frames past its end. Returns how many
+    come before the span (skip_frames), after a strict decode check; None when no valid copy exists."""
+    with av.open(open_uri(uri, s3), metadata_errors="ignore") as src:
+        stream = src.streams.video[0]
+        src.seek(clip["start_pts"], stream=stream, backward=True, any_frame=False)
+        run: list[av.Packet] = []
+        for packet in src.demux(stream):
+            if packet.pts is None:
+                continue
+            if clip["end_pts"] is not None and packet.dts is not None and packet.dts >= clip["end_pts"]:
+                break
+            if not run and not packet.is_keyframe:
+                return None  # the seek did not land on a keyframe
+            if not run or packet.pts >= run[0].pts:
+                run.append(packet)
+        if not run or run[0].pts > clip["start_pts"]:
+            return None
+        first = run[0].pts
+        if sum(1 for p in run if _in_span(p.pts, clip)) != clip["num_frames"]:
+            return None
+        skip = sum(1 for p in run if p.pts < clip["start_pts"])
+        with av.open(str(out), "w", format="mp4") as dst:
+            ostream = dst.add_stream_from_template(stream)
+            for packet in run:
+                packet.pts -= first
+                if packet.dts is not None:
+                    packet.dts -= first
+                packet.stream = ostream
+                dst.mux(packet)
+    return skip if _count_frames_strict(out) >= skip + clip["num_frames"] else None
+
+
 def x264_options(cfg: ExtractConfig) -> dict[str, str]:
     """Options that make the same clip encode to the same bytes, run after run, on any machine.
 
@@ -269,9 +305,18 @@ def extract_clip(clip: dict, source: dict, cfg: ExtractConfig, s3: S3Config, sto
     the fields to record."""
     crop = tuple(clip["crop"]) if clip.get("crop") else None
     mode = None
+    skip = 0
     with store.writing(rel, unique=True) as tmp:  # a duplicate source may extract the same clip at once
-        if (cfg.stream_copy and not clip["rotation"] and crop is None and source["codec"] in COPYABLE_CODECS
-                and not source.get("is_image")):
+        copyable = not clip["rotation"] and crop is None and source["codec"] in COPYABLE_CODECS \
+            and not source.get("is_image")
+        if cfg.copy_only and copyable:
+            try:
+                found = copy_from_keyframe(source["uri"], s3, clip, tmp)
+            except (av.error.FFmpegError, ValueError):
+                found = None
+            if found is not None:
+                mode, skip = "copy_only", found
+        if mode is None and cfg.stream_copy and copyable:
             try:
                 mode = copy_span(source["uri"], s3, clip, cfg, tmp)
             except (av.error.FFmpegError, ValueError):  # e.g. DTS the muxer refuses: re-encode instead
@@ -285,4 +330,4 @@ def extract_clip(clip: dict, source: dict, cfg: ExtractConfig, s3: S3Config, sto
             s = c.streams.video[0].codec_context
             width, height = s.width, s.height
         size = tmp.stat().st_size
-    return {"extract_mode": mode, "width": width, "height": height, "bytes": size}
+    return {"extract_mode": mode, "skip_frames": skip, "width": width, "height": height, "bytes": size}

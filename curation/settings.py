@@ -70,6 +70,10 @@ class ExtractConfig(StrictModel):
     stream_copy: bool = True  # copy the span's packets where they decode to exactly its frames
     partial: bool = True  # H.264: re-encode only the frames before the span's first keyframe (and the
     # last few B-frames whose reference lies past its end), copy the rest; off: such spans are re-encoded whole
+    # Opt-in, changes what a clip file holds: every clip that needs no crop or rotation is copied from
+    # the keyframe at or before its span, never re-encoded; its record's skip_frames says how many
+    # leading frames a reader drops (spacetime's loader does; stock readers see them: see README).
+    copy_only: bool = False
     codec: str = "libx264"
     crf: int = 18
     preset: str = "veryfast"

@@ -177,6 +177,7 @@ def clip_record(clip: dict, source: dict, versions: dict) -> ClipRecord:
         fps=clip["fps"], width=clip["width"], height=clip["height"], num_frames=clip["num_frames"],
         duration=clip["end_time"] - clip["start_time"], rotation=clip.get("rotation") or 0,
         crop=clip.get("crop"), bucket=clip["bucket"], extract_mode=clip.get("extract_mode"),
+        skip_frames=clip.get("skip_frames") or 0,
         sampled_idx=clip.get("sampled_idx") or [], scores=clip.get("scores") or {}, caption=caption,
         provenance=versions)
 

@@ -193,7 +193,8 @@ CLIPS_SCHEMA = pa.schema([
     ("status", pa.string()),  # kept | rejected | failed
     ("reason", pa.string()),
     ("bucket", pa.string()),
-    ("extract_mode", pa.string()),  # copy | partial | reencode
+    ("extract_mode", pa.string()),  # copy | partial | reencode | copy_only
+    ("skip_frames", pa.int32()),  # leading frames of the clip file before its span (copy_only clips)
     ("scores", pa.string()),  # JSON object of every filter score
     ("caption", pa.string()),
     ("shard", pa.string()),

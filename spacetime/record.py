@@ -88,7 +88,10 @@ class ClipRecord(_Record):
     rotation: int = 0  # the source's display rotation, applied to the stored pixels
     crop: list[int] | None = None  # [x, y, w, h] of the upright source frame kept (borders filter)
     bucket: str
-    extract_mode: Literal["copy", "partial", "reencode"] | None = None
+    extract_mode: Literal["copy", "partial", "reencode", "copy_only"] | None = None
+    # copy_only clips (extract.copy_only) start on the keyframe before their span: a reader drops this
+    # many leading frames of the file, then takes num_frames. 0 for every other mode.
+    skip_frames: int = Field(default=0, ge=0)
     sampled_idx: list[int] = Field(default_factory=list)  # source frames the filters and captioner saw
     scores: dict[str, float] = Field(default_factory=dict)
     caption: Caption | None = None

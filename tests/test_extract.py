@@ -91,3 +91,30 @@ def test_partial_off_or_a_codec_without_edges_re_encodes_the_span_whole(media, t
     # while an HEVC GOP that starts and ends cleanly is still copied, bit-exact
     fields, reference, (_, got, _, codec, _), _ = _extract(media["hevc"], 0, GOP, tmp_path, "e.mp4")
     assert fields["extract_mode"] == "copy" and codec == "hevc" and _errors(reference, got) == [0.0] * GOP
+
+
+def test_copy_only_copies_from_the_keyframe_before_the_span_and_the_loader_skips_the_lead(media, tmp_path):
+    from training.data.decode import decode_clip
+
+    a, b = 20, 119
+    fields, reference, (_, got, keys, codec, _), _ = _extract(media["h264"], a, b, tmp_path, "f.mp4", copy_only=True)
+    assert fields["extract_mode"] == "copy_only" and codec == "h264" and keys[0] == 0
+    skip = fields["skip_frames"]
+    assert skip == a  # the keyframe before the span is frame 0
+    assert len(got) >= skip + (b - a) and _errors(reference, got[skip:skip + b - a]) == [0.0] * (b - a)
+    exact = _extract(media["h264"], a, b, tmp_path, "g.mp4")[0]
+    assert fields["bytes"] > exact["bytes"]  # the lead frames cost storage
+    # The loader's decode honours skip_frames: the clip's frames, as read from the source itself.
+    data = (tmp_path / "f.mp4").read_bytes()
+    clip, _ = decode_clip(data, frames=10, stride=3, target=(160, 120), skip=skip)
+    source, _ = decode_clip(media["h264"].read_bytes(), frames=10, stride=3, target=(160, 120), skip=a)
+    assert np.array_equal(clip, source)
+    # and so does the captioner's (recaption, fine-tuning): the same frames as from the source's span
+    from captioner.frames import from_mp4
+
+    video = from_mp4(data, 4, 160 * 120, (skip, b - a))
+    assert np.array_equal(video.frames, from_mp4(media["h264"].read_bytes(), 4, 160 * 120, (a, b - a)).frames)
+    assert len(video.frames) == 4
+    # a span that starts on a keyframe needs no lead
+    fields, *_ = _extract(media["h264"], GOP, 2 * GOP - 10, tmp_path, "h.mp4", copy_only=True)
+    assert fields["extract_mode"] == "copy_only" and fields["skip_frames"] == 0

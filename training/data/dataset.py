@@ -74,7 +74,8 @@ class BucketDataset(IterableDataset):
         record = contract.read_record(parts, where=s.shard[i])
         stride = frame_stride(float(s.fps[i]), int(s.num_frames[i]), spec.frames, self.cfg.target_fps)
         _, cropped = decode_clip(parts[contract.VIDEO_EXT], spec.frames, stride, spec.size,
-                                 INTERPOLATION[self.cfg.interpolation], self.cfg.decode_threads, out)
+                                 INTERPOLATION[self.cfg.interpolation], self.cfg.decode_threads, out,
+                                 skip=record.skip_frames)
         caption = choose_caption(record, caption_draw(self.state.seed, epoch, s.clip_id[i]), self.cfg)
         return {"caption": caption, "clip_id": s.clip_id[i], "cropped": cropped, "fps": float(s.fps[i]) / stride}
 

@@ -71,10 +71,11 @@ def resize_crop(frame: av.VideoFrame, target: tuple[int, int], interpolation: st
 
 
 def decode_clip(data: bytes, frames: int, stride: int, target: tuple[int, int], interpolation: str = "AREA",
-                threads: int = 1, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+                threads: int = 1, out: np.ndarray | None = None, skip: int = 0) -> tuple[np.ndarray, float]:
     """Frames 0, stride, 2*stride, ... (`frames` of them) of an encoded clip, decoding no further
     than the last one, each resized+cropped to `target` (W, H): ([3, T, H, W] uint8 (into `out` if
-    given), cropped fraction). Planar, so the float conversion of a batch is one contiguous pass."""
+    given), cropped fraction). Planar, so the float conversion of a batch is one contiguous pass.
+    `skip`: the record's skip_frames (copy_only clips), leading frames of the file before frame 0."""
     tw, th = target
     if out is None:
         out = np.empty((3, frames, th, tw), np.uint8)
@@ -86,8 +87,8 @@ def decode_clip(data: bytes, frames: int, stride: int, target: tuple[int, int], 
         stream.codec_context.thread_count = threads
         if threads != 1:
             stream.thread_type = "AUTO"
-        for i, frame in enumerate(container.decode(stream)):
-            if i % stride:
+        for i, frame in enumerate(container.decode(stream), start=-skip):
+            if i < 0 or i % stride:
                 continue
             image, cropped = resize_crop(frame, target, interpolation)
             out[:, n] = image.transpose(2, 0, 1)
