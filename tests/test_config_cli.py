@@ -35,6 +35,16 @@ def test_overrides_are_typed_and_validated():
         load_config(CurateConfig, None, ["split.min_duration=abc"])
 
 
+def test_a_stage_without_a_model_takes_task_resources_only():
+    """Such stages run as Ray tasks: an actor-pool key there is a config error, not silently ignored."""
+    with pytest.raises(ConfigError, match="analyze.resources.actors"):
+        load_config(CurateConfig, None, ["analyze.resources.actors=4"])
+    cfg = load_config(CurateConfig, None, ["filters.aesthetic.resources.max_actors=3", "extract.resources.num_cpus=2"])
+    assert cfg.filters.aesthetic.resources.max_actors == 3 and cfg.extract.resources.num_cpus == 2
+    with pytest.raises(ConfigError, match="max_actors"):
+        load_config(CurateConfig, None, ["filters.aesthetic.resources.max_actors=0"])
+
+
 def test_all_shipped_configs_validate():
     for path in sorted((ROOT / "configs/curate").glob("*.yaml")):
         load_config(CurateConfig, path)

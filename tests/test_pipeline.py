@@ -36,3 +36,27 @@ def test_stage_seconds_summed_over_rows_count_each_stage_call_once(tmp_path):
     assert abs(total["analyze"] - sum(analyze_seconds)) < 1e-9
     # each segment row holds its own analysis time, not the running total of the source's
     assert max(analyze_seconds) < sum(analyze_seconds)
+
+
+def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_pools(tmp_path):
+    """The Ray Data plan `_apply` builds (no execution): tasks with the section's CPUs for stages
+    without a model, an actor pool from `actors` to `max_actors` for the model stages."""
+    import ray.data
+
+    from curation.pipeline import _apply, stages
+    from tests.helpers import start_local_ray
+
+    had_ray = ray.is_initialized()
+    start_local_ray()  # from_items puts its rows in the object store (else Ray would start with its defaults)
+    cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml",
+                      ["caption=null", "filters.aesthetic.resources.max_actors=3", "extract.resources.num_cpus=0.5"])
+    kinds = {}
+    for i, spec in enumerate(stages(cfg, Store(str(tmp_path)))):
+        op = _apply(ray.data.from_items([{"meta": "{}", "sampled": b""}]), spec, f"run:{i}")._logical_plan.dag
+        kinds[spec.stage.name] = (type(op.compute).__name__, op.ray_remote_args.get("num_cpus"),
+                                  getattr(op.compute, "min_size", None), getattr(op.compute, "max_size", None))
+    if not had_ray:
+        ray.shutdown()
+    assert kinds["aesthetic"] == ("ActorPoolStrategy", 0, 1, 3)
+    assert kinds["extract"] == ("TaskPoolStrategy", 0.5, None, None)
+    assert all(k[0] == "TaskPoolStrategy" and k[1] == 1.0 for name, k in kinds.items() if name not in ("aesthetic", "extract"))
