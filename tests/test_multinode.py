@@ -215,10 +215,12 @@ def test_curation_survives_a_worker_node_dying(tmp_path, output):
     make_output, overrides = output
     inputs = make_media(tmp_path / "media")
     # No caption stage (caption text is not batch-invariant: see test_curate_resume); a unit every
-    # 2 sources, so units are written while sources are in flight.
+    # 2 sources, so units are written while sources are in flight. The model actor holds half a CPU,
+    # so it runs on a worker node (tiny.yaml's 0 would let it land on the CPU-less head).
     def cfg():  # a fresh config per run
         return load_config(CurateConfig, CONFIGS / "curate/tiny.yaml",
-                           ["caption=null", "write.unit_sources=2", *overrides])
+                           ["caption=null", "write.unit_sources=2", "filters.aesthetic.resources.num_cpus=0.5",
+                            *overrides])
 
     timings = {}
 
