@@ -109,17 +109,39 @@ def _in_span(pts: int | None, clip: dict) -> bool:
     return pts is not None and pts >= clip["start_pts"] and (clip["end_pts"] is None or pts < clip["end_pts"])
 
 
-def _copy_plan(src, stream, clip: dict) -> tuple[list[int], list[av.Packet]] | None:
-    """(the span's frame PTS in display order, the packets to copy), or None when the span's
-    frames are not all found or it holds no keyframe."""
+def _packets_through_span(src, stream, clip: dict) -> list[av.Packet]:
+    """Packets in decode order from the keyframe at or before the span's start up to the first
+    whose DTS is past the span (DTS <= PTS: by then every frame of the span is in)."""
     packets = []
     src.seek(clip["start_pts"], stream=stream, backward=True, any_frame=False)
     for packet in src.demux(stream):
         if packet.dts is None and packet.pts is None:
             continue
         if clip["end_pts"] is not None and packet.dts is not None and packet.dts >= clip["end_pts"]:
-            break  # DTS <= PTS: every frame of the span has been demuxed
+            break
         packets.append(packet)
+    return packets
+
+
+def _mux_shifted(out: Path, stream, packets: list[av.Packet], offset: int, extradata: bytes | None = None) -> None:
+    """`packets` into an MP4 at `out`, their timestamps moved back by `offset`, in the source
+    stream's format (with `extradata` instead of its own, if given)."""
+    with av.open(str(out), "w", format="mp4") as dst:
+        ostream = dst.add_stream_from_template(stream)
+        if extradata is not None:
+            ostream.codec_context.extradata = extradata
+        for packet in packets:
+            packet.pts -= offset
+            if packet.dts is not None:
+                packet.dts -= offset
+            packet.stream = ostream
+            dst.mux(packet)
+
+
+def _copy_plan(src, stream, clip: dict) -> tuple[list[int], list[av.Packet]] | None:
+    """(the span's frame PTS in display order, the packets to copy), or None when the span's
+    frames are not all found or it holds no keyframe."""
+    packets = _packets_through_span(src, stream, clip)
     span = sorted(p.pts for p in packets if _in_span(p.pts, clip))
     first = next((i for i, p in enumerate(packets) if p.is_keyframe and _in_span(p.pts, clip)), None)
     if len(span) != clip["num_frames"] or first is None:
@@ -191,21 +213,15 @@ def copy_span(uri: str, s3: S3Config, clip: dict, cfg: ExtractConfig, out: Path)
             extradata = _merged_avcc(extradata, [n for n in nals if n[0] & 0x1F == 7], [n for n in nals if n[0] & 0x1F == 8])
             encoded = (edges[0][0] if head else [], edges[-1][0] if tail else [])
         delay = run[0].pts - run[0].dts if run[0].dts is not None else 0  # the source's reorder delay
-        with av.open(str(out), "w", format="mp4") as dst:
-            ostream = dst.add_stream_from_template(stream)
-            ostream.codec_context.extradata = extradata
-            for part, copied in ((encoded[0], False), (run, True), (encoded[1], False)):
-                for packet in part:
-                    if not copied:
-                        data = av.Packet(_length_prefixed(bytes(packet)))
-                        data.pts, data.dts = packet.pts, packet.pts - delay
-                        data.time_base, data.is_keyframe = stream.time_base, packet.is_keyframe
-                        packet = data
-                    packet.pts -= clip["start_pts"]
-                    if packet.dts is not None:
-                        packet.dts -= clip["start_pts"]
-                    packet.stream = ostream
-                    dst.mux(packet)
+
+        def for_mp4(packet: av.Packet) -> av.Packet:  # an edge's packet, in the copied stream's form
+            data = av.Packet(_length_prefixed(bytes(packet)))
+            data.pts, data.dts = packet.pts, packet.pts - delay
+            data.time_base, data.is_keyframe = stream.time_base, packet.is_keyframe
+            return data
+
+        _mux_shifted(out, stream, [for_mp4(p) for p in encoded[0]] + run + [for_mp4(p) for p in encoded[1]],
+                     clip["start_pts"], extradata)
     if _count_frames_strict(out) != clip["num_frames"]:
         return None
     return "partial" if head or tail else "copy"
@@ -219,13 +235,10 @@ def copy_from_keyframe(uri: str, s3: S3Config, clip: dict, out: Path) -> int | N
     come before the span (skip_frames), after a strict decode check; None when no valid copy exists."""
     with av.open(open_uri(uri, s3), metadata_errors="ignore") as src:
         stream = src.streams.video[0]
-        src.seek(clip["start_pts"], stream=stream, backward=True, any_frame=False)
         run: list[av.Packet] = []
-        for packet in src.demux(stream):
+        for packet in _packets_through_span(src, stream, clip):
             if packet.pts is None:
                 continue
-            if clip["end_pts"] is not None and packet.dts is not None and packet.dts >= clip["end_pts"]:
-                break
             if not run and not packet.is_keyframe:
                 return None  # the seek did not land on a keyframe
             if not run or packet.pts >= run[0].pts:
@@ -236,14 +249,7 @@ def copy_from_keyframe(uri: str, s3: S3Config, clip: dict, out: Path) -> int | N
         if sum(1 for p in run if _in_span(p.pts, clip)) != clip["num_frames"]:
             return None
         skip = sum(1 for p in run if p.pts < clip["start_pts"])
-        with av.open(str(out), "w", format="mp4") as dst:
-            ostream = dst.add_stream_from_template(stream)
-            for packet in run:
-                packet.pts -= first
-                if packet.dts is not None:
-                    packet.dts -= first
-                packet.stream = ostream
-                dst.mux(packet)
+        _mux_shifted(out, stream, run, first)
     return skip if _count_frames_strict(out) >= skip + clip["num_frames"] else None
 
 

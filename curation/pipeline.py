@@ -211,28 +211,27 @@ def stages(cfg: CurateConfig, out: Store, known: str | None = None) -> list[Stag
 
 
 # Stages without a model run as Ray tasks; each worker process builds such a stage once per run and
-# reuses it (the key names the run and the stage).
-_built: dict[str, Stage] = {}
+# reuses it. Key: (run token, stage index).
+_built: dict[tuple[str, int], Stage] = {}
 
 
-def _built_stage(key: str, stage: type[Stage], args: dict) -> Stage:
+def _built_stage(key: tuple[str, int], stage: type[Stage], args: dict) -> Stage:
     if key not in _built:
-        run = key.split(":")[0]
-        for old in [k for k in _built if not k.startswith(run + ":")]:  # an earlier run's stages
+        for old in [k for k in _built if k[0] != key[0]]:  # an earlier run's stages
             del _built[old]
         _built[key] = stage(**args)
     return _built[key]
 
 
-def _map_task(row: dict, key: str, stage: type[Stage], args: dict) -> dict:
+def _map_task(row: dict, key: tuple[str, int], stage: type[Stage], args: dict) -> dict:
     return _built_stage(key, stage, args)(row)
 
 
-def _flat_map_task(row: dict, key: str, stage: type[Stage], args: dict):
+def _flat_map_task(row: dict, key: tuple[str, int], stage: type[Stage], args: dict):
     yield from _built_stage(key, stage, args)(row)
 
 
-def _apply(ds, spec: StageSpec, key: str):
+def _apply(ds, spec: StageSpec, key: tuple[str, int]):
     """One stage onto the dataset: a model stage (map_batches) as an actor pool, any other as tasks
     (consecutive ones with equal resources fuse into one task per block: see TaskResources)."""
     import ray.data
@@ -315,7 +314,7 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | 
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     token = f"{os.getpid()}-{time.time_ns()}"
     for i, spec in enumerate(stages(cfg, out, known)):
-        ds = _apply(ds, spec, f"{token}:{i}")
+        ds = _apply(ds, spec, (token, i))
     last_log = time.time()
     with tqdm(total=len(pending), desc="sources", unit="src", disable=None) as bar:
         for row in ds.iter_rows():

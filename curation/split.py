@@ -73,7 +73,6 @@ def split_segment(source: dict, seg: dict, cfg: SplitConfig, max_sampled: int) -
             start_frame=a, end_frame=b, num_frames=n, start_time=start_time, end_time=end_time,
             start_pts=seg["pts"][lo], end_pts=end_pts, fps=fps,
             width=source["width"], height=source["height"], rotation=source["rotation"],
-            start_is_keyframe=a in set(seg["keyframes"]),
             status="rejected" if too_short else "candidate",
             reason=f"too_short: {duration:.2f}s < split.min_duration={cfg.min_duration}s" if too_short else None,
             scores={}, signals={"diff": seg["diff"][lo:hi], "luma": seg["luma"][lo:hi]},

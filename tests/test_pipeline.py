@@ -52,7 +52,7 @@ def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_poo
                       ["caption=null", "filters.aesthetic.resources.max_actors=3", "extract.resources.num_cpus=0.5"])
     kinds = {}
     for i, spec in enumerate(stages(cfg, Store(str(tmp_path)))):
-        op = _apply(ray.data.from_items([{"meta": "{}", "sampled": b""}]), spec, f"run:{i}")._logical_plan.dag
+        op = _apply(ray.data.from_items([{"meta": "{}", "sampled": b""}]), spec, ("run", i))._logical_plan.dag
         kinds[spec.stage.name] = (type(op.compute).__name__, op.ray_remote_args.get("num_cpus"),
                                   getattr(op.compute, "min_size", None), getattr(op.compute, "max_size", None))
     if not had_ray:
