@@ -1,7 +1,8 @@
 """Stage 3, analyze: ONE threaded decode pass per source at reduced resolution.
 
-Every frame-level consumer is fed from this loop: scenedetect's detector (hard cuts, through
-`process_frame`), a blend-fitting detector for gradual transitions (dissolves and fades), per-frame
+Every frame-level consumer is fed from this loop: the shot detector of `analyze.detector`
+(scenedetect's hard cuts through `process_frame` plus a blend-fitting detector for gradual
+transitions, or TransNetV2 on 48x27 frames made from the pass's small frame, or both), per-frame
 signals (luma difference = motion proxy, mean luma), keyframe flags and PTS, and frames sampled at
 `analyze.sample_fps` for the filter and caption stages. Nothing else decodes the source before
 extraction.
@@ -116,12 +117,128 @@ class DissolveDetector:
         return min(f[1] for f in self.fits) if self.fits else None
 
 
-def _make_detector(cfg: AnalyzeConfig):
-    from scenedetect import AdaptiveDetector, ContentDetector
+class ClassicShots:
+    """scenedetect's hard cuts (`content` or `adaptive`) plus DissolveDetector's gradual transitions."""
 
-    if cfg.detector == "adaptive":
-        return AdaptiveDetector(adaptive_threshold=cfg.adaptive_threshold, min_scene_len=cfg.min_scene_frames)
-    return ContentDetector(threshold=cfg.content_threshold, min_scene_len=cfg.min_scene_frames)
+    def __init__(self, cfg: AnalyzeConfig, fps: Fraction):
+        from scenedetect import AdaptiveDetector, ContentDetector
+
+        self.fps = fps
+        if cfg.detector == "adaptive":
+            self.detector = AdaptiveDetector(adaptive_threshold=cfg.adaptive_threshold, min_scene_len=cfg.min_scene_frames)
+        else:
+            self.detector = ContentDetector(threshold=cfg.content_threshold, min_scene_len=cfg.min_scene_frames)
+        self.twin = DissolveDetector(cfg) if cfg.dissolve else None
+        self.lag = (cfg.dissolve_max_frames + 2 if self.twin else 0) + self.detector.event_buffer_length + 1
+
+    def update(self, index: int, bgr: np.ndarray, gray: np.ndarray) -> list[tuple[int, int]]:
+        from scenedetect import FrameTimecode
+
+        hard = [tc.frame_num for tc in self.detector.process_frame(FrameTimecode(index, self.fps), bgr)]
+        found = []
+        if self.twin is not None:  # first: a hard cut flushes a pending dissolve that precedes it
+            dissolve = self.twin.update(index, gray[::4, ::4].copy(), is_cut=bool(hard))  # ~48x36 thumbs
+            if dissolve:
+                found.append(dissolve)
+        return found + [(cut, cut + 1) for cut in hard]
+
+    def finish(self, last: int) -> list[tuple[int, int]]:
+        from scenedetect import FrameTimecode
+
+        return [(tc.frame_num, tc.frame_num + 1) for tc in self.detector.post_process(FrameTimecode(last, self.fps))]
+
+    @property
+    def pending_since(self) -> int | None:
+        return self.twin.pending_since if self.twin else None
+
+
+class LearnedShots:
+    """TransNetV2 (curation.transnet) fed 48x27 frames made from the pass's small frame."""
+
+    def __init__(self, cfg: AnalyzeConfig):
+        from curation.transnet import TransNetV2Shots
+
+        self.model = TransNetV2Shots(cfg.transnet_threshold, cfg.dissolve_max_frames, cfg.transnet_device)
+        self.lag = self.model.lag
+
+    def update(self, index: int, bgr: np.ndarray, gray: np.ndarray) -> list[tuple[int, int]]:
+        from curation.transnet import frame48
+
+        return self.model.update(index, frame48(bgr))
+
+    def finish(self, last: int) -> list[tuple[int, int]]:
+        return self.model.finish()
+
+    @property
+    def pending_since(self) -> int | None:
+        return None  # every transition is reported within `lag` frames of its first frame
+
+
+class CombinedShots:
+    """TransNetV2 and the classic detectors, merged by `analyze.combine` (see AnalyzeConfig).
+
+    Their transitions are held until neither detector can still report one that overlaps them (`lag`
+    frames), then merged: transitions within `combine_tolerance` frames of each other are one; its
+    extent is the learned model's where it found it, else the classic one's."""
+
+    def __init__(self, cfg: AnalyzeConfig, fps: Fraction):
+        self.cfg = cfg
+        self.classic, self.learned = ClassicShots(cfg, fps), LearnedShots(cfg)
+        self.lag = max(self.classic.lag, self.learned.lag) + cfg.combine_tolerance + 1
+        self.held: list[tuple[int, int, str]] = []  # (first, end, "classic" | "learned")
+
+    def update(self, index: int, bgr: np.ndarray, gray: np.ndarray) -> list[tuple[int, int]]:
+        self.held += [(*t, "classic") for t in self.classic.update(index, bgr, gray)]
+        self.held += [(*t, "learned") for t in self.learned.update(index, bgr, gray)]
+        return self._release(index - self.lag)
+
+    def finish(self, last: int) -> list[tuple[int, int]]:
+        self.held += [(*t, "classic") for t in self.classic.finish(last)]
+        self.held += [(*t, "learned") for t in self.learned.finish(last)]
+        return self._release(None)
+
+    def _release(self, before: int | None) -> list[tuple[int, int]]:
+        tol, out = self.cfg.combine_tolerance, []
+        self.held.sort()
+        while self.held:
+            group = [self.held[0]]
+            for t in self.held[1:]:
+                if t[0] <= max(g[1] for g in group) + tol:
+                    group.append(t)
+            if before is not None and max(g[1] for g in group) + tol > before:
+                break  # a detector may still report a transition that joins this group
+            del self.held[:len(group)]
+            merged = self._merge(group)
+            if merged:
+                out.append(merged)
+        return out
+
+    def _merge(self, group: list[tuple[int, int, str]]) -> tuple[int, int] | None:
+        learned = [g for g in group if g[2] == "learned"]
+        classic = [g for g in group if g[2] == "classic"]
+        if self.cfg.combine == "agree" and not (learned and classic):
+            return None
+        if learned:
+            return min(g[0] for g in learned), max(g[1] for g in learned)
+        if self.cfg.combine == "learned_plus_dissolves" and all(g[1] - g[0] == 1 for g in classic):
+            return None  # a classic hard cut alone is not trusted
+        return min(g[0] for g in classic), max(g[1] for g in classic)
+
+    @property
+    def pending_since(self) -> int | None:
+        firsts = [t[0] for t in self.held] + [p for p in [self.classic.pending_since] if p is not None]
+        return min(firsts) if firsts else None
+
+
+def make_shot_detector(cfg: AnalyzeConfig, fps: Fraction):
+    """The detector of `analyze.detector`: update(index, bgr, gray) -> transitions found,
+    finish(last index) -> the rest, `lag` (frames between a transition's first frame and its report,
+    at most) and `pending_since`."""
+    if cfg.detector == "transnetv2":
+        return LearnedShots(cfg)
+    if cfg.detector == "combined":
+        return CombinedShots(cfg, fps)
+    return ClassicShots(cfg, fps)
 
 
 def _plane(plane, width: int, height: int) -> np.ndarray:
@@ -163,6 +280,13 @@ def analysis_size(width: int, height: int, target_height: int) -> tuple[int, int
     return w, max(2, h // 2 * 2)
 
 
+def _next_start(transition: tuple[int, int]) -> int:
+    """The first frame of the shot after a transition: a hard cut's frame starts the new shot, the
+    frames of a gradual transition belong to neither."""
+    first, end = transition
+    return first if end - first == 1 else end
+
+
 def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) -> Iterator[dict]:
     """Decode `source` once; yield segments (dicts) separated by transitions or window flushes.
 
@@ -170,13 +294,9 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
     sampled_idx + sampled (npy bytes of upright RGB frames), start/end_transition. The last one has
     final=True and the source totals: num_frames, cuts, decode_errors.
     """
-    from scenedetect import FrameTimecode
-
     rotation = source["rotation"]
     fps = Fraction(source["fps"]).limit_denominator(1001000)
-    detector = _make_detector(cfg)
-    twin = DissolveDetector(cfg) if cfg.dissolve else None
-    lookahead = (cfg.dissolve_max_frames + 2 if twin else 0) + detector.event_buffer_length + 1
+    shots = make_shot_detector(cfg, fps)
     cuts: list[tuple[int, int]] = []
     seg = _Segment(start=0)
     seg_index = 0
@@ -242,29 +362,23 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
                 seg.sampled_idx.append(index)
                 seg.sampled.append(sample_frame(frame, cfg.sample_height, rotation))
 
-            hard = [tc.frame_num for tc in detector.process_frame(FrameTimecode(index, fps), bgr)]
-            if twin is not None:  # first: a hard cut flushes a pending dissolve that precedes it
-                found = twin.update(index, gray[::4, ::4].copy(), is_cut=bool(hard))  # ~48x36 thumbs
-                if found and found[0] > seg.start:
+            for found in shots.update(index, bgr, gray):
+                if found[0] > seg.start:
                     cuts.append(found)
-                    yield close(found[0], found, found[1])
-            for cut in hard:
-                if cut > seg.start:
-                    cuts.append((cut, cut + 1))
-                    yield close(cut, (cut, cut + 1), cut)
+                    yield close(found[0], found, _next_start(found))
             # Flush a long shot in windows, never inside a transition that may still be confirmed.
-            pending = twin.pending_since if twin else None
+            pending = shots.pending_since
             window_end = seg.start + window_frames
-            if index >= window_end + lookahead and (pending is None or pending >= window_end):
+            if index >= window_end + shots.lag and (pending is None or pending >= window_end):
                 yield close(window_end, None, window_end)
 
     total = index + 1
     if total == 0:
         raise ValueError("no decodable video frame")
-    for cut in [tc.frame_num for tc in detector.post_process(FrameTimecode(index, fps))]:
-        if seg.start < cut < total:
-            cuts.append((cut, cut + 1))
-            yield close(cut, (cut, cut + 1), cut)
+    for found in shots.finish(index):
+        if seg.start < found[0] < total:
+            cuts.append(found)
+            yield close(found[0], found, min(_next_start(found), total))
     last = close(total, None, total)
     last.update(final=True, num_frames=total, cuts=[list(c) for c in sorted(cuts)])
     yield last

