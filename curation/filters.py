@@ -1,10 +1,11 @@
-"""Quality filters: borders, exposure, sharpness, motion, aesthetic. Each is a pipeline stage.
+"""Quality filters: borders, text, exposure, sharpness, motion, aesthetic. Each is a pipeline stage.
 
 Every filter works on the frames the analysis pass sampled (upright RGB, `analyze.sample_height`
 high, `analyze.sample_fps`): no filter decodes the source again. Each records its scores for EVERY
 clip that has frames, kept or not, so thresholds can be calibrated from the manifest
 (`spacetime calibrate`); only a clip that is still a candidate is rejected, with the filter's name,
-score and threshold as the reason. Borders runs first and crops the frames the later filters see.
+score and threshold as the reason. Borders runs first and crops the frames the later filters see;
+text (burned-in subtitles and logos) runs next and crops a subtitle band the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from spacetime.frames import decode_frames, encode_frames
 from curation.stage import BatchStage, Stage, pack, unpack
 from curation.settings import (AestheticConfig, BordersConfig, ExposureConfig, MotionConfig,
-                               SharpnessConfig)
+                               SharpnessConfig, TextConfig)
 
 
 def luma(frames: np.ndarray) -> np.ndarray:
@@ -56,6 +57,14 @@ def native_crop(box, frame_size, clip_size) -> list[int]:
     x0, y0 = int(np.ceil(x * sx / 2) * 2), int(np.ceil(y * sy / 2) * 2)
     x1, y1 = int((x + w) * sx // 2 * 2), int((y + h) * sy // 2 * 2)
     return [x0, y0, max(0, x1 - x0), max(0, y1 - y0)]
+
+
+def crop_within(clip: dict, box, frame_size) -> None:
+    """Narrow the clip's native crop to `box` (x, y, w, h) of the frames the filters see now, which
+    show the clip's current crop (or the whole upright frame)."""
+    x0, y0, cw, ch = clip.get("crop") or [0, 0, clip["width"], clip["height"]]
+    x, y, w, h = native_crop(box, frame_size, (cw, ch))
+    clip["crop"] = [x0 + x, y0 + y, w, h]
 
 
 def exposure(frames: np.ndarray) -> tuple[float, float]:
@@ -138,9 +147,45 @@ class Borders(FilterStage):
             reject(clip, "borders", f"picture area {area:.2f} < filters.borders.min_area={cfg.min_area}")
             return None
         if box != (0, 0, fw, fh):
-            clip["crop"] = native_crop(box, (fw, fh), (clip["width"], clip["height"]))
+            crop_within(clip, box, (fw, fh))
             x, y, w, h = box
             return frames[:, y:y + h, x:x + w]
+        return None
+
+
+class Text(FilterStage):
+    """Burned-in text by real PP-OCR detection (curation.ocr). Text confined to a bottom or top band
+    (subtitles) is cropped away like letterbox bars where `crop_band`; other persistent text above
+    `max_area` rejects the clip. The text read goes into the record (`ocr_text`): a captioner can use it."""
+
+    name = "text"
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__(cfg)
+        if cfg.enabled:
+            from curation.ocr import load_ocr
+
+            self.engine = load_ocr(cfg.side, cfg.threads)
+
+    def score(self, clip, frames, cfg: TextConfig):
+        from curation.ocr import score_text
+
+        found = score_text(self.engine, frames, persist=cfg.persist, grid=cfg.grid, min_box_frac=cfg.min_box_frac,
+                           band=cfg.band, recognize=cfg.recognize, rec_frames=cfg.rec_frames, max_frames=cfg.frames)
+        area, band = found["text_area"], found["band"]
+        clip["scores"]["text_area"] = round(area, 4)
+        if found["text"]:
+            clip["ocr_text"] = found["text"]
+        if area <= cfg.max_area:
+            return None
+        if band and cfg.crop_band and clip["status"] == "candidate":
+            fh, fw = frames.shape[1:3]
+            rows = int(np.ceil(band["rows"] * fh))
+            clip["scores"]["text_band"] = band["rows"] if band["side"] == "bottom" else -band["rows"]
+            box = (0, 0, fw, fh - rows) if band["side"] == "bottom" else (0, rows, fw, fh - rows)
+            crop_within(clip, box, (fw, fh))
+            return frames[:, box[1]:box[1] + box[3]]
+        reject(clip, "text", f"burned-in text covers {area:.3f} > filters.text.max_area={cfg.max_area}")
         return None
 
 

@@ -1,6 +1,6 @@
 """The curation pipeline: a short list of Ray Data stages, then the driver-side write.
 
-    sources -> probe -> analyze -> split -> borders -> exposure -> sharpness -> motion -> aesthetic
+    sources -> probe -> analyze -> split -> borders -> text -> exposure -> sharpness -> motion -> aesthetic
             -> caption -> extract -> write (driver: completion records, shards, manifests, report)
 
 `stages()` below is that list.
@@ -26,7 +26,7 @@ from importlib import metadata
 from typing import Any
 
 from curation.caption import Caption
-from curation.filters import Aesthetic, Borders, Exposure, Motion, Sharpness
+from curation.filters import Aesthetic, Borders, Exposure, Motion, Sharpness, Text
 from curation.settings import AnalyzeConfig, CurateConfig, ExtractConfig, ProbeConfig, SplitConfig
 from curation.stage import Stage, pack, unpack
 from spacetime import contract
@@ -201,6 +201,7 @@ def stages(cfg: CurateConfig, out: Store, known: str | None = None) -> list[Stag
         StageSpec(Analyze, "flat_map", dict(cfg=cfg.analyze, s3=s3, max_duration=cfg.split.max_duration)),
         StageSpec(Split, "flat_map", dict(cfg=cfg.split, max_sampled=cfg.analyze.max_sampled_per_clip)),
         StageSpec(Borders, "map", dict(cfg=f.borders)),  # first: crops the frames the next filters see
+        StageSpec(Text, "map", dict(cfg=f.text)),  # then a subtitle band, the same way
         StageSpec(Exposure, "map", dict(cfg=f.exposure)),
         StageSpec(Sharpness, "map", dict(cfg=f.sharpness)),
         StageSpec(Motion, "map", dict(cfg=f.motion)),

@@ -117,6 +117,25 @@ class BordersConfig(StrictModel):
     resources: TaskResources = Field(default_factory=TaskResources)
 
 
+class TextConfig(StrictModel):
+    """Burned-in text (subtitles, logos) by PP-OCR detection on the sampled frames (curation.ocr):
+    `text_area` is the fraction of the frame covered by text that persists across frames."""
+
+    enabled: bool = True
+    side: int = Field(640, ge=32, le=960)  # longest side detection runs at (frames are never upscaled)
+    frames: int = Field(8, ge=1)  # sampled frames scored, evenly spaced (~0.03 s each at 224 px high)
+    persist: float = Field(0.5, gt=0, le=1)  # fraction of the frames a text cell must be covered in
+    grid: int = Field(16, ge=4)  # cells over the frame height
+    min_box_frac: float = 0.0005  # boxes below this fraction of the frame are ignored
+    max_area: float = 0.01  # reject above (clean real footage 0.000, logos >= 0.02, subtitles >= 0.03)
+    band: float = Field(0.25, ge=0, le=0.5)  # text confined to this strip at the bottom or top ...
+    crop_band: bool = True  # ... is cropped away at extraction (like letterbox bars), not rejected
+    recognize: bool = True  # read the persistent text into the record's `ocr_text` (0.07-0.2 s a clip)
+    rec_frames: int = Field(3, ge=0)  # frames whose text is read
+    threads: int = Field(1, ge=1)  # onnxruntime intra-op threads
+    resources: TaskResources = Field(default_factory=TaskResources)
+
+
 class ExposureConfig(StrictModel):
     enabled: bool = True
     min_luma: float = 30.0  # mean luma (0-255): below = too dark
@@ -156,6 +175,7 @@ class AestheticConfig(StrictModel):
 
 class FiltersConfig(StrictModel):
     borders: BordersConfig = Field(default_factory=BordersConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
     exposure: ExposureConfig = Field(default_factory=ExposureConfig)
     sharpness: SharpnessConfig = Field(default_factory=SharpnessConfig)
     motion: MotionConfig = Field(default_factory=MotionConfig)

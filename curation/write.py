@@ -178,7 +178,8 @@ def clip_record(clip: dict, source: dict, versions: dict) -> ClipRecord:
         duration=clip["end_time"] - clip["start_time"], rotation=clip.get("rotation") or 0,
         crop=clip.get("crop"), bucket=clip["bucket"], extract_mode=clip.get("extract_mode"),
         skip_frames=clip.get("skip_frames") or 0,
-        sampled_idx=clip.get("sampled_idx") or [], scores=clip.get("scores") or {}, caption=caption,
+        sampled_idx=clip.get("sampled_idx") or [], scores=clip.get("scores") or {},
+        ocr_text=clip.get("ocr_text"), caption=caption,
         provenance=versions)
 
 

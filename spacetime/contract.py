@@ -196,6 +196,7 @@ CLIPS_SCHEMA = pa.schema([
     ("extract_mode", pa.string()),  # copy | partial | reencode | copy_only
     ("skip_frames", pa.int32()),  # leading frames of the clip file before its span (copy_only clips)
     ("scores", pa.string()),  # JSON object of every filter score
+    ("ocr_text", pa.string()),  # burned-in text the text filter read
     ("caption", pa.string()),
     ("shard", pa.string()),
 ])

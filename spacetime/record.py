@@ -8,7 +8,7 @@ parses it with `ClipRecord.from_json`. Nothing else knows its keys.
      "source": {"uri", "digest", "digest_kind"},                    # sha256 | size-etag
      "span": {"start_frame", "end_frame", "start_time", "end_time", "start_pts", "end_pts"},
      "fps", "width", "height", "num_frames", "duration", "rotation", "crop", "bucket",
-     "extract_mode", "sampled_idx", "scores": {name: float},
+     "extract_mode", "sampled_idx", "scores": {name: float}, "ocr_text",
      "caption": {"dense", "short", "subjects", "actions", "scene", "camera_motion", "shot_type",
                  "lighting", "style", "on_screen_text", "provenance": {...}} | null,
      "provenance": {package: version}}
@@ -94,6 +94,7 @@ class ClipRecord(_Record):
     skip_frames: int = Field(default=0, ge=0)
     sampled_idx: list[int] = Field(default_factory=list)  # source frames the filters and captioner saw
     scores: dict[str, float] = Field(default_factory=dict)
+    ocr_text: str | None = None  # burned-in text read by the text filter (subtitles, logos), if any
     caption: Caption | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)  # versions of the code that made the clip
 

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -26,6 +27,9 @@ LABELLED = {
     "moving.mp4": (lambda p: tm.make_moving(p, num_frames=50), "kept"),
     "letterboxed.mp4": (lambda p: tm.make_letterboxed(p, num_frames=50), "kept"),
     "pillarboxed.mp4": (lambda p: tm.make_pillarboxed(p, num_frames=50), "kept"),
+    # real footage with text burned in: subtitles are cropped away (kept), a caption mid-picture rejects
+    "subtitled.mp4": (lambda p: tm.make_subtitled(p, "bigbuckbunny.mp4"), "kept"),
+    "captioned.mp4": (lambda p: tm.make_subtitled(p, "carphone_pristine.mp4", 0.12, where="centre"), "text"),
 }
 
 
@@ -83,6 +87,33 @@ def test_bars_are_cropped_from_shards(filtered, name, bar_axis):
         frame = next(c.decode(video=0)).to_ndarray(format="gray")
     assert frame[:2].mean() > 24 and frame[-2:].mean() > 24  # no black rows left at the edges
     assert frame[:, :2].mean() > 24 and frame[:, -2:].mean() > 24
+
+
+def test_subtitle_band_is_cropped_and_its_text_recorded(filtered):
+    """Real PP-OCR on real footage: the subtitle band is cut from the stored clip (crop below the
+    subtitles' top), the words read are in the record, and clean footage scores no text."""
+    uri = str(filtered["truth"]["subtitled.mp4"].path.resolve())
+    clip = filtered["clips"][uri]
+    width, height = filtered["truth"]["subtitled.mp4"].size
+    scores = json.loads(clip["scores"])
+    assert scores["text_area"] > 0.01 and scores["text_band"] > 0
+    x, y, w, h = _record(filtered["out"], clip)["crop"]
+    assert (x, y, w) == (0, 0, width) and 0.75 * height <= h <= 0.93 * height  # subtitles sit 7-13% up
+    words = set(re.findall(r"[a-z]+", (clip["ocr_text"] or "").lower()))
+    assert len(words & set(re.findall(r"[a-z]+", " ".join(tm.SUBTITLES).lower()))) >= 2, clip["ocr_text"]
+    for name in ("moving.mp4", "letterboxed.mp4"):
+        clean = filtered["clips"][str(filtered["truth"][name].path.resolve())]
+        assert json.loads(clean["scores"])["text_area"] == 0.0 and clean["ocr_text"] is None
+    captioned = filtered["clips"][str(filtered["truth"]["captioned.mp4"].path.resolve())]
+    assert "filters.text.max_area" in captioned["reason"] and "news" in captioned["ocr_text"].lower()
+
+
+def _record(out, clip) -> dict:
+    """The <key>.json the writer put in the clip's shard."""
+    for sample in wds.WebDataset(str(out / clip["shard"]), shardshuffle=False):
+        if sample["__key__"] == clip["clip_id"]:
+            return json.loads(sample["json"])
+    raise AssertionError(f"{clip['clip_id']} not in {clip['shard']}")
 
 
 def test_border_box_needs_bands_stable_over_frames():

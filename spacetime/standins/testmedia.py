@@ -472,6 +472,85 @@ def transcode(
     return _encode(dst, frames, size, fps=rate, codec=codec, pix_fmt=pix_fmt, options=options or {})
 
 
+# --------------------------------------------------------------------------------------------
+# Burned-in text (the text filter's ground truth)
+# --------------------------------------------------------------------------------------------
+
+SUBTITLES = (
+    "Where are you going tonight?", "I told you, the bridge is closed.",
+    "We never should have come here.", "Follow me, it is not far now.",
+    "Did you hear that noise?", "Keep riding, do not look back.",
+    "This is the last time, I promise.", "Meet me at the old station.",
+    "Nobody knows we are here.", "Hold on, wait for the others.",
+)
+LOGO = "NEWS 24"
+
+
+def burn(img: np.ndarray, text: str, where: str, height: float) -> int:
+    """Draw `text` (white, 1-px-per-thickness black outline, OpenCV's Hershey duplex font) into RGB
+    `img` in place, its capitals `height` x frame height tall (narrowed to fit 90% of the width):
+    `where` is "bottom" (centred, 7% above the bottom edge, like subtitles), "top-left" /
+    "top-right" (a logo, 4-5% in from the corner) or "centre". Returns the y of the highest drawn
+    pixel row (outline included)."""
+    import cv2
+
+    font = cv2.FONT_HERSHEY_DUPLEX
+    h, w = img.shape[:2]
+    (tw, th), _ = cv2.getTextSize(text, font, 1.0, 1)
+    scale = min(height * h / th, 0.9 * w / tw)
+    thick = max(1, round(scale * 1.5))
+    (tw, th), _ = cv2.getTextSize(text, font, scale, thick)
+    x = {"bottom": (w - tw) // 2, "centre": (w - tw) // 2, "top-left": int(0.04 * w),
+         "top-right": w - tw - int(0.04 * w)}[where]
+    y = {"bottom": h - int(0.07 * h), "centre": (h + th) // 2}.get(where, int(0.05 * h) + th)
+    # The outline is the text drawn at 1-pixel offsets with the SAME thickness: putText advances
+    # each glyph by its thickness, so a thicker black pass would drift off the white one.
+    for dx in range(-thick, thick + 1):
+        for dy in range(-thick, thick + 1):
+            if dx or dy:
+                cv2.putText(img, text, (x + dx, y + dy), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
+    cv2.putText(img, text, (x, y), font, scale, (255, 255, 255), thick, cv2.LINE_AA)
+    return y - th - 2 * thick
+
+
+def subtitled(rgb: np.ndarray, t: float, height: float = 0.06) -> tuple[np.ndarray, float]:
+    """A copy with the subtitle of second int(t) (a new line every second, like real subtitles) and
+    the subtitle's top as a fraction of the height."""
+    img = rgb.copy()
+    top = burn(img, SUBTITLES[int(t) % len(SUBTITLES)], "bottom", height)
+    return img, top / img.shape[0]
+
+
+def logo(rgb: np.ndarray, corner: str = "top-left", height: float = 0.06) -> np.ndarray:
+    img = rgb.copy()
+    burn(img, LOGO, corner, height)
+    return img
+
+
+def make_subtitled(path: str | os.PathLike, source: str = "bikes.mp4", height: float = 0.06,
+                   where: str = "bottom") -> GroundTruth:
+    """Real footage with text burned in at full resolution, re-encoded at its own size and rate:
+    subtitles (`where="bottom"`: a new line every second) or a fixed caption in the middle of the
+    picture (`where="centre"`: LOGO, like a watermark). Its shots (cuts) are the footage's."""
+    def draw(rgb: np.ndarray, t: float) -> np.ndarray:
+        if where == "bottom":
+            return subtitled(rgb, t, height)[0]
+        img = rgb.copy()
+        burn(img, LOGO, where, height)
+        return img
+
+    with av.open(str(real_footage(source))) as c:
+        stream = c.streams.video[0]
+        rate = stream.average_rate
+        frames = [draw(f.to_ndarray(format="rgb24"), i / float(rate)) for i, f in enumerate(c.decode(stream))]
+    size = (frames[0].shape[1], frames[0].shape[0])
+    n = _encode(path, frames, size, fps=rate)
+    cuts = list(REAL_FOOTAGE_CUTS.get(source, ()))
+    return GroundTruth(path=Path(path), num_frames=n, fps=Fraction(rate), size=size,
+                       cuts=[(c, c + 1) for c in cuts], kinds=["cut"] * len(cuts),
+                       notes={"text_height": height, "where": where})
+
+
 def make_1080p(
     path: str | os.PathLike,
     seconds: float = 4.0,
