@@ -91,7 +91,7 @@ class DissolveDetector:
         if is_cut:  # a hard cut ends the pending transition and breaks every window through it
             self.thumbs.clear()
             self.thumbs.append((index, thumb))
-            return self._finish()
+            return self.flush()
         self.thumbs.append((index, thumb))
         frames = dict(self.thumbs)
         for length in self.lengths:
@@ -101,10 +101,10 @@ class DissolveDetector:
                 if ends:
                     self.fits.append((ends, first, index))
         if self.fits and index - self.fits[-1][2] > self.cfg.dissolve_max_frames // 2:
-            return self._finish()
+            return self.flush()
         return None
 
-    def _finish(self) -> tuple[int, int] | None:
+    def flush(self) -> tuple[int, int] | None:
         if not self.fits:
             return None
         top = max(f[0] for f in self.fits)
@@ -145,7 +145,9 @@ class ClassicShots:
     def finish(self, last: int) -> list[tuple[int, int]]:
         from scenedetect import FrameTimecode
 
-        return [(tc.frame_num, tc.frame_num + 1) for tc in self.detector.post_process(FrameTimecode(last, self.fps))]
+        cuts = [(tc.frame_num, tc.frame_num + 1) for tc in self.detector.post_process(FrameTimecode(last, self.fps))]
+        pending = self.twin.flush() if self.twin is not None else None  # a dissolve near the end
+        return sorted(cuts + ([pending] if pending else []))
 
     @property
     def pending_since(self) -> int | None:
@@ -376,7 +378,9 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
     if total == 0:
         raise ValueError("no decodable video frame")
     for found in shots.finish(index):
-        if seg.start < found[0] < total:
+        # (a "shot" of the last frame alone is no shot: TransNetV2 fires there on fast motion, the
+        # last window being padded with that frame)
+        if seg.start < found[0] < total - 1:
             cuts.append(found)
             yield close(found[0], found, min(_next_start(found), total))
     last = close(total, None, total)

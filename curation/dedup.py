@@ -23,28 +23,48 @@ footage changes the picture a lot: that is why the default ``min_similarity`` is
 
 Index (``NearDupIndex``): LSH banding. Each 64-bit code is cut into ``bands`` bands (4 x 16 bits by
 default); a dict maps (band, value) to the clips that have a frame with that band value. A query
-verifies (with ``similarity``) only the clips that share at least one (band, value) with one of its
-frames, so its cost grows with the number of candidates, not with the size of the index. The index
-is incremental and round-trips through a pyarrow table.
+verifies (with ``similarity``) only the clips that share at least ``min_band_hits`` (default 1)
+distinct (band, value) keys with its frames, so its cost grows with the number of candidates, not
+with the size of the index. The index is incremental (``add``; ``dedup`` decides one batch against
+itself and the index, then indexes the clips kept) and round-trips through a pyarrow table.
+``group`` finds the groups of near-duplicates within one batch and keeps the best of each.
 
-Measured (benchmarks/near_duplicates.py, real footage: bikes.mp4 cut into its 5 shots, 100-frame
-windows and the whole file, bigbuckbunny.mp4 and carphone_pristine.mp4 whole and as halves, plus
-copies re-encoded at crf 35 and half size, trimmed by 10 %, 20 % and at the worst sampling phase,
-trimmed at both ends, cropped by 5 % per side and a combination; 128 clips, 1439 duplicate pairs,
-5720 distinct pairs, of which the distinct shots of bikes.mp4 are the hard part). With the defaults
-(max_distance=10, min_similarity=0.5, bands=4): precision 1.000 and recall 0.983 through the index
-(0.991 when every pair is verified, i.e. banding loses 0.8 %); on a held-out set of other variants
-(crf 30 at 3/4 size, 15 % trim, 3 % crop, other windows) see the benchmark. The classic pHash with
-the same rule reached at most recall 0.95 at precision 0.99. Per frame, a distinct shot's closest
-frame was within distance 10 for 0.06 % of frames, a duplicate's for 90 %; the misses are frames of
-fast pans and passing cars 0.25 s apart. Limits: clips with 1-2 sampled frames are decided by one
-frame; horizontal flips, crops above ~10 % per side, rotations and overlays are not matched;
-colour is ignored (greyscale); flat frames (rms of the coefficients below 8) all hash alike.
+Measured (benchmarks/near_duplicates.py; real footage: bikes.mp4 cut into its shots, 100-frame
+windows and whole, bigbuckbunny.mp4 and carphone_pristine.mp4 whole and as halves, plus copies of
+each re-encoded at crf 35 and half size, trimmed by 10 %, 20 % and at the worst sampling phase,
+10 % off both ends, cropped 5 % per side, and a combination; 128 clips of 2-16 sampled frames, 1439
+duplicate and 5720 distinct pairs, the distinct pairs mostly different shots of the same street):
+
+- defaults (max_distance=10, min_similarity=0.5, bands=4, min_band_hits=1), through the index:
+  precision 1.000, recall 0.985-0.986 (libx264's output varies slightly between runs; 0.993 with
+  every pair verified: banding loses 0.7 %); every copy matched its original (7 kinds x 16 clips);
+  the closest two different bikes shots came to was similarity 0.33.
+  Held-out set (other windows, crf 30 at 3/4 size, 15 % trims at either end, 3 % and 7 % crops, a
+  colour grade, a combination; 532 duplicate / 4864 distinct pairs): precision 1.000, recall 0.985.
+- sweep: max_distance 10 is the largest with no false positive (11: 15 at min_similarity 0.5, still
+  precision 0.99; 12: 94); min_similarity 0.5 vs 0.34 loses 0.6 % recall and asks for half of
+  the shorter clip's frames instead of one in three. The classic pHash (63 median-thresholded
+  coefficients of the 8x8 corner) peaks at recall 0.967 at precision 0.99 (max_distance 18,
+  min_similarity 0.34); at min_similarity 0.5 it reaches 0.949.
+- per frame at distance <= 10: 90 % of a duplicate's frames find a partner, 0.06 % of a distinct
+  clip's frames do; the misses are frames of fast pans and passing cars sampled 0.25 s apart.
+- banding: bands=4 verifies 3.7 % of the clips from OTHER files per query; min_band_hits=2 cuts that
+  to 0.1 % at recall 0.964 (for large indexes); bands=3 loses 7 % recall, bands=8 verifies nearly all.
+- stress (not meant to match): 10 % crop per side 16/16 still matched, 15 % 4/16, horizontal flip
+  0/16, 12 % black bars added 8/16; half the frame rate 16/16; a 50 % trim 16/16 (it is contained).
+- cost: 0.31 ms per frame to hash (~1.8 ms per clip), ~0.8 ms per query of a 128-clip index.
+
+Limits: clips of 1-2 sampled frames are decided by one frame; horizontal flips, crops above ~10 % per
+side, rotations and added bars (crop them first, as the borders filter does) are not matched; colour
+is ignored (greyscale); flat frames (rms of the coefficients below 8) all hash alike; the same shot
+at different times (e.g. two halves of a static shot) often matches (61 % of such pairs): it looks
+the same, and a visual hash cannot tell.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import cv2
@@ -52,15 +72,16 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = [
-    "HASH_NAME",
-    "DEFAULT_MAX_DISTANCE",
-    "DEFAULT_MIN_SIMILARITY",
     "DEFAULT_BANDS",
+    "DEFAULT_MAX_DISTANCE",
+    "DEFAULT_MIN_BAND_HITS",
+    "DEFAULT_MIN_SIMILARITY",
+    "HASH_NAME",
+    "NearDupIndex",
     "frame_hashes",
+    "group",
     "hamming",
     "similarity",
-    "NearDupIndex",
-    "group",
 ]
 
 # Identifies the fingerprint: tables written with another hash are refused by from_table.
@@ -68,6 +89,7 @@ HASH_NAME = "dct21-therm3-v1"
 DEFAULT_MAX_DISTANCE = 10
 DEFAULT_MIN_SIMILARITY = 0.5
 DEFAULT_BANDS = 4
+DEFAULT_MIN_BAND_HITS = 1
 
 _THUMB = 32  # grey thumbnail side before the DCT
 _LEVELS = np.array([-0.8, 0.0, 0.8], np.float32)  # thermometer levels, in units of the coefficients' rms
@@ -89,9 +111,11 @@ def frame_hashes(frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     """
     out = np.zeros((len(frames), 64), np.uint8)
     for n, frame in enumerate(frames):
-        frame = np.asarray(frame)
+        frame = np.ascontiguousarray(frame)
         if frame.dtype != np.uint8:
             raise ValueError(f"frames must be uint8, got {frame.dtype}")
+        if frame.ndim == 3 and frame.shape[2] == 1:
+            frame = frame[:, :, 0]
         grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if frame.ndim == 3 else frame
         thumb = cv2.resize(grey, (_THUMB, _THUMB), interpolation=cv2.INTER_AREA).astype(np.float32)
         coefs = cv2.dct(thumb)[_ROWS, _COLS]
@@ -121,7 +145,12 @@ def similarity(a: np.ndarray, b: np.ndarray, max_distance: int = DEFAULT_MAX_DIS
 
 
 def _codes(hashes: np.ndarray | Sequence[int]) -> np.ndarray:
-    arr = np.asarray(hashes)
+    if not isinstance(hashes, np.ndarray):  # e.g. Python ints read back from JSON: up to 2**64 - 1
+        try:
+            return np.array(hashes, np.uint64).reshape(-1)
+        except (OverflowError, TypeError, ValueError) as e:
+            raise ValueError(f"hashes must be 64-bit unsigned codes: {e}") from None
+    arr = hashes
     if arr.dtype != np.uint64:
         if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0):
             raise ValueError(f"hashes must be uint64, got {arr.dtype}")
@@ -150,12 +179,12 @@ class NearDupIndex:
 
     ``add`` clips (ids must be unique), ``query`` a fingerprint for the indexed clips that are its
     near-duplicates (similarity >= ``min_similarity`` at ``max_distance``). ``verified`` counts the
-    similarity checks done by ``query`` (candidates that share a band), ``len`` the indexed clips.
+    similarity checks done by ``query`` (the candidates banding found), ``len`` the indexed clips.
     Same adds in the same order give the same results and the same ``to_table``.
     """
 
     def __init__(self, max_distance: int = DEFAULT_MAX_DISTANCE, min_similarity: float = DEFAULT_MIN_SIMILARITY,
-                 bands: int = DEFAULT_BANDS) -> None:
+                 bands: int = DEFAULT_BANDS, min_band_hits: int = DEFAULT_MIN_BAND_HITS) -> None:
         if not 0 <= max_distance <= 64:
             raise ValueError(f"max_distance must be in 0..64, got {max_distance}")
         if not 0.0 < min_similarity <= 1.0:
@@ -164,6 +193,9 @@ class NearDupIndex:
         self.min_similarity = float(min_similarity)
         self.bands = int(bands)
         self._layout = _band_layout(self.bands)
+        if not 1 <= min_band_hits <= self.bands:
+            raise ValueError(f"min_band_hits must be in 1..bands ({self.bands}), got {min_band_hits}")
+        self.min_band_hits = int(min_band_hits)
         self._ids: list[str] = []
         self._hashes: list[np.ndarray] = []
         self._scores: list[float] = []
@@ -186,12 +218,13 @@ class NearDupIndex:
 
     def add(self, clip_id: str, hashes: np.ndarray, score: float = 0.0) -> None:
         """Index a clip; its ``score`` ranks it in ``group``/``dedup`` (higher is kept)."""
+        clip_id = str(clip_id)
         if clip_id in self._number:
             raise ValueError(f"clip {clip_id!r} is already indexed")
         codes = _codes(hashes).copy()
         number = len(self._ids)
         self._number[clip_id] = number
-        self._ids.append(str(clip_id))
+        self._ids.append(clip_id)
         self._hashes.append(codes)
         self._scores.append(float(score))
         for key in self._keys(codes):
@@ -204,18 +237,19 @@ class NearDupIndex:
         return self._scores[self._number[clip_id]]
 
     def candidates(self, hashes: np.ndarray) -> list[str]:
-        """Indexed clips sharing a band value with a frame of ``hashes``, in the order they were added."""
+        """Indexed clips sharing at least ``min_band_hits`` distinct (band, value) keys with the frames of
+        ``hashes``, in the order they were added."""
         return [self._ids[k] for k in self._candidate_numbers(_codes(hashes))]
 
     def _candidate_numbers(self, codes: np.ndarray) -> list[int]:
-        found: set[int] = set()
+        hits: Counter[int] = Counter()
         for key in self._keys(codes):
-            found.update(self._postings.get(key, ()))
-        return sorted(found)
+            hits.update(self._postings.get(key, ()))
+        return sorted(k for k, n in hits.items() if n >= self.min_band_hits)
 
     def query(self, hashes: np.ndarray) -> list[tuple[str, float]]:
         """Indexed near-duplicates of a fingerprint: (clip_id, similarity), most similar first (ties by
-        clip_id). Only candidates that share a band are verified."""
+        clip_id). Only the clips ``candidates`` names are verified (each adds 1 to ``verified``)."""
         codes = _codes(hashes)
         out = []
         for k in self._candidate_numbers(codes):
@@ -234,7 +268,7 @@ class NearDupIndex:
         kept earlier, so they stay whatever the scores). Returns duplicate clip_id -> the clip_id kept
         in its place (never itself a key); clips absent from the result are kept and now indexed.
         """
-        within = group(clips, self.max_distance, self.min_similarity, self.bands)
+        within = group(clips, self.max_distance, self.min_similarity, self.bands, self.min_band_hits)
         out: dict[str, str] = {}
         kept = sorted((c for c in clips if c[0] not in within), key=lambda c: c[0])
         for clip_id, hashes, _score in kept:
@@ -259,14 +293,15 @@ class NearDupIndex:
 
     @classmethod
     def from_table(cls, table: pa.Table, max_distance: int = DEFAULT_MAX_DISTANCE,
-                   min_similarity: float = DEFAULT_MIN_SIMILARITY, bands: int = DEFAULT_BANDS) -> NearDupIndex:
+                   min_similarity: float = DEFAULT_MIN_SIMILARITY, bands: int = DEFAULT_BANDS,
+                   min_band_hits: int = DEFAULT_MIN_BAND_HITS) -> NearDupIndex:
         """An index holding the rows of ``to_table`` (in their order). A table whose schema metadata
         names another hash is refused; the decision parameters are not stored, pass them again."""
         meta = table.schema.metadata or {}
         name = meta.get(b"spacetime.dedup.hash")
         if name is not None and name.decode() != HASH_NAME:
             raise ValueError(f"table holds {name.decode()} fingerprints, this code makes {HASH_NAME}")
-        index = cls(max_distance, min_similarity, bands)
+        index = cls(max_distance, min_similarity, bands, min_band_hits)
         ids = table.column("clip_id").to_pylist()
         scores = table.column("score").to_pylist()
         col = table.column("hashes").combine_chunks()
@@ -282,13 +317,14 @@ class NearDupIndex:
 
 
 def group(clips: Iterable[tuple[str, np.ndarray, float]], max_distance: int = DEFAULT_MAX_DISTANCE,
-          min_similarity: float = DEFAULT_MIN_SIMILARITY, bands: int = DEFAULT_BANDS) -> dict[str, str]:
+          min_similarity: float = DEFAULT_MIN_SIMILARITY, bands: int = DEFAULT_BANDS,
+          min_band_hits: int = DEFAULT_MIN_BAND_HITS) -> dict[str, str]:
     """Near-duplicate groups within one batch: connected components of the "near-duplicate" relation
     (so A~B and B~C put A and C together). In each group the clip with the highest score is kept
     (ties and NaN scores: NaN ranks last, then the smaller clip_id wins); returns every other member
     -> the kept clip_id. The result does not depend on the order of ``clips``; ids must be unique."""
     items = sorted(clips, key=lambda c: c[0])
-    index = NearDupIndex(max_distance, min_similarity, bands)
+    index = NearDupIndex(max_distance, min_similarity, bands, min_band_hits)
     parent: dict[str, str] = {}
 
     def root(x: str) -> str:

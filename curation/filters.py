@@ -14,7 +14,7 @@ import numpy as np
 
 from spacetime.frames import decode_frames, encode_frames
 from curation.stage import BatchStage, Stage, pack, unpack
-from curation.settings import (AestheticConfig, BordersConfig, ExposureConfig, MotionConfig,
+from curation.settings import (AestheticConfig, BordersConfig, DedupConfig, ExposureConfig, MotionConfig,
                                SharpnessConfig, TextConfig)
 
 
@@ -227,6 +227,19 @@ class Motion(FilterStage):
             reject(clip, "motion", f"static: {stats['motion']:.4f} < filters.motion.min_motion={cfg.min_motion}")
         elif stats["shake"] > cfg.max_shake:
             reject(clip, "motion", f"shaky: {stats['shake']:.3f} > filters.motion.max_shake={cfg.max_shake}")
+
+
+class Fingerprint(FilterStage):
+    """A perceptual fingerprint of the clip for near-duplicate removal (curation.dedup): one 64-bit
+    DCT code per sampled frame, as the filters see them (bars and subtitle bands cropped). The
+    decision is the writer's, unit by unit (curation.write.NearDuplicates)."""
+
+    name = "fingerprint"
+
+    def score(self, clip, frames, cfg: DedupConfig):
+        from curation.dedup import frame_hashes
+
+        clip["fingerprint"] = [int(h) for h in frame_hashes(frames)]
 
 
 class Aesthetic(BatchStage):

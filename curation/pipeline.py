@@ -1,7 +1,7 @@
 """The curation pipeline: a short list of Ray Data stages, then the driver-side write.
 
-    sources -> probe -> analyze -> split -> borders -> text -> exposure -> sharpness -> motion -> aesthetic
-            -> caption -> extract -> write (driver: completion records, shards, manifests, report)
+    sources -> probe -> analyze -> split -> borders -> text -> exposure -> sharpness -> motion -> fingerprint
+            -> aesthetic -> caption -> extract -> write (near-duplicates, shards per unit; manifests, report)
 
 `stages()` below is that list.
 
@@ -26,7 +26,7 @@ from importlib import metadata
 from typing import Any
 
 from curation.caption import Caption
-from curation.filters import Aesthetic, Borders, Exposure, Motion, Sharpness, Text
+from curation.filters import Aesthetic, Borders, Exposure, Fingerprint, Motion, Sharpness, Text
 from curation.settings import AnalyzeConfig, CurateConfig, ExtractConfig, ProbeConfig, SplitConfig
 from curation.stage import Stage, pack, unpack
 from spacetime import contract
@@ -205,6 +205,7 @@ def stages(cfg: CurateConfig, out: Store, known: str | None = None) -> list[Stag
         StageSpec(Exposure, "map", dict(cfg=f.exposure)),
         StageSpec(Sharpness, "map", dict(cfg=f.sharpness)),
         StageSpec(Motion, "map", dict(cfg=f.motion)),
+        StageSpec(Fingerprint, "map", dict(cfg=cfg.dedup)),  # near-duplicates are decided at write time
         StageSpec(Aesthetic, "map_batches", dict(cfg=f.aesthetic)),
         *([StageSpec(Caption, "map_batches", dict(cfg=cfg.caption))] if cfg.caption else []),  # survivors only
         StageSpec(Extract, "map", dict(cfg=cfg.extract, s3=s3, out=out)),
@@ -293,7 +294,7 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str])
     """The driver's scheduler of unit writes; each write is a Ray task sized by write.resources."""
     import ray
 
-    from curation.write import UnitWriter, warm_up, write_unit
+    from curation.write import NearDuplicates, UnitWriter, warm_up, write_unit
 
     # max_retries counts lost workers/nodes only (a raised error is not retried): a cluster may lose several
     task = ray.remote(write_unit).options(num_cpus=cfg.write.resources.num_cpus, max_retries=5)
@@ -301,7 +302,8 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str])
     # unit is ready: Ray reuses it for the unit tasks of the same shape (measured: see the note of #12).
     ray.remote(warm_up).options(num_cpus=cfg.write.resources.num_cpus).remote()
     target, versions, store = int(cfg.write.shard_size_mb * 1024**2), _versions(), run.store
-    return UnitWriter(run, units, lambda n, uris, first: task.remote(store, n, uris, first, target, versions), done)
+    return UnitWriter(run, units, lambda n, uris, first, near: task.remote(store, n, uris, first, near, target, versions),
+                      done, NearDuplicates(cfg.dedup))
 
 
 def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | None, tracker, writer,

@@ -41,13 +41,17 @@ class AnalyzeConfig(StrictModel):
     skip_loop_filter: bool = True
     # Shot boundaries: `content` / `adaptive` (scenedetect's hard cuts, plus the dissolve detector
     # below), `transnetv2` (the learned model, hard cuts and gradual transitions; ~44 frames per
-    # CPU-second at 48x27, so ~10x a 1080p decode on a CPU) or `combined` (both, merged by `combine`).
+    # CPU-second at 48x27, so ~8x a 1080p decode on a CPU, ~25x on small files) or `combined` (both,
+    # merged by `combine`). The CPU default is `content`: the same F1 as transnetv2 on our set once
+    # the classic pass flushes its last dissolve, at 1.4x decode; on a GPU use `combined`.
     detector: Literal["content", "adaptive", "transnetv2", "combined"] = "content"
     transnet_threshold: float = 0.5  # TransNetV2 single-frame probability of a transition
     transnet_device: str = "cpu"  # "cuda" with resources.num_gpus > 0 (a fraction is fine)
-    # combined: `union` keeps every transition either found; `agree` only those both found;
-    # `learned_plus_dissolves` TransNetV2's plus the classic dissolves/fades it missed
-    combine: Literal["union", "agree", "learned_plus_dissolves"] = "union"
+    # combined: `agree` keeps the transitions both found (measured best: F1 0.947 vs transnetv2 0.933,
+    # content 0.915, benchmarks/split_vs_pyscenedetect.py; each one's false cuts on exposure steps and
+    # fast pans mostly differ); `union` every transition either found; `learned_plus_dissolves`
+    # TransNetV2's plus the classic dissolves/fades it missed (never recalls less than transnetv2)
+    combine: Literal["agree", "union", "learned_plus_dissolves"] = "agree"
     combine_tolerance: int = 2  # frames: transitions this close are one
     content_threshold: float = 27.0  # scenedetect ContentDetector default
     adaptive_threshold: float = 3.0  # scenedetect AdaptiveDetector default
@@ -173,6 +177,20 @@ class AestheticConfig(StrictModel):
     resources: ActorResources = Field(default_factory=lambda: ActorResources(batch_size=16))
 
 
+class DedupConfig(StrictModel):
+    """Near-duplicate clips (curation.dedup): a DCT fingerprint of each clip's sampled frames (after
+    the borders/text crops); decided unit by unit at write time against the clips of every earlier
+    unit and dataset version. Within a unit, the best clip of a group by `keep` stays; a clip that
+    matches an earlier unit's clip is the duplicate (published clips are never withdrawn)."""
+
+    enabled: bool = True
+    max_distance: int = Field(10, ge=0, le=64)  # Hamming distance at which two frames match
+    min_similarity: float = Field(0.5, gt=0, le=1)  # fraction of the shorter clip's frames with a match
+    bands: int = Field(4, ge=1, le=64)  # LSH bands of the 64-bit frame codes (candidates share one)
+    keep: str = "resolution"  # the clip kept in a group: `resolution` (w x h, then duration), `duration`, or a score name
+    resources: TaskResources = Field(default_factory=TaskResources)
+
+
 class FiltersConfig(StrictModel):
     borders: BordersConfig = Field(default_factory=BordersConfig)
     text: TextConfig = Field(default_factory=TextConfig)
@@ -191,5 +209,6 @@ class CurateConfig(StrictModel):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     caption: CaptionConfig | None = None  # None: no captioning stage (shards get empty .txt)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
     progress: ProgressConfig = Field(default_factory=ProgressConfig)

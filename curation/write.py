@@ -201,6 +201,52 @@ def mark_duplicate(record: dict, first: dict[str, str]) -> None:
         record["clips"] = []
 
 
+class NearDuplicates:
+    """Near-duplicate clips (curation.dedup), decided a unit at a time in processing order, like
+    `mark_duplicate`: a unit's kept clips are grouped (the best by `dedup.keep` stays) and matched
+    against the index of every earlier unit's surviving clips, so the decision for a unit depends
+    only on it and the units before it (deterministic, streaming, and the same on a rerun, which
+    rebuilds the index from the completion records). Across dataset versions the same holds: an
+    incremental run walks the earlier versions' units first. Images (1-frame clips) are compared with
+    images only: a still is not a duplicate of the video it was taken from."""
+
+    def __init__(self, cfg):
+        from curation.dedup import NearDupIndex
+
+        self.cfg = cfg
+        self.indexes = {kind: NearDupIndex(cfg.max_distance, cfg.min_similarity, cfg.bands)
+                        for kind in ("video", "image")} if cfg and cfg.enabled else None
+
+    def _score(self, clip: dict) -> float:
+        if self.cfg.keep == "resolution":  # pixels first; duration (< 1e4 s) only breaks ties
+            return clip["width"] * clip["height"] + min(clip["end_time"] - clip["start_time"], 9999.0) / 1e4
+        if self.cfg.keep == "duration":
+            return clip["end_time"] - clip["start_time"]
+        return float(clip.get("scores", {}).get(self.cfg.keep, float("nan")))
+
+    def decide(self, records: list[dict]) -> dict[str, str]:
+        """clip_id -> the clip_id it duplicates, for the kept clips of one unit's records (after
+        `mark_duplicate`); the survivors join the index."""
+        import numpy as np
+
+        if self.indexes is None:
+            return {}
+        near: dict[str, str] = {}
+        for kind, index in self.indexes.items():
+            clips = [(c["clip_id"], np.array(c["fingerprint"], np.uint64), self._score(c))
+                     for r in records for c in r["clips"] if c["status"] == "kept" and c.get("fingerprint")
+                     and (c["num_frames"] == 1) == (kind == "image")]
+            near.update(index.dedup(clips))
+        return near
+
+
+def apply_near_duplicates(records: list[dict], near: dict[str, str]) -> None:
+    """Reject the clips `near` names, each naming the clip kept in its place."""
+    for c in (c for r in records for c in r["clips"] if c["clip_id"] in near):
+        c.update(status="rejected", duplicate_of=near[c["clip_id"]],
+                 reason=f"duplicate: near-duplicate of clip {near[c['clip_id']]} (dedup.min_similarity)")
+
+
 # ----------------------------------------------------------------------------------- work units
 def plan_units(uris: list[str], size: int) -> list[list[str]]:
     """The sorted inputs cut into runs of `size` sources: the same list always gives the same units."""
@@ -212,14 +258,15 @@ def warm_up() -> None:
     import webdataset  # noqa: F401
 
 
-def write_unit(store: Store, unit: int, uris: list[str], first: dict[str, str], target_bytes: int,
-               versions: dict) -> dict:
+def write_unit(store: Store, unit: int, uris: list[str], first: dict[str, str], near: dict[str, str],
+               target_bytes: int, versions: dict) -> dict:
     """Write the shards of one unit and commit it (a Ray task, on any node: it reads and writes the
     output store only).
 
     `first`: digest -> first URI for every digest seen in EARLIER units (duplicates are decided with
-    it). Writes each shard atomically, then OUT/.work/units/<unit>.json with the unit's index rows,
-    then removes the unit's staged clips. Idempotent (a retried task finds the commit). Returns
+    it); `near`: the unit's near-duplicate clips (NearDuplicates.decide), kept in the commit. Writes
+    each shard atomically, then OUT/.work/units/<unit>.json with the unit's index rows, then removes
+    the unit's staged clips. Idempotent (a retried task finds the commit). Returns
     {"unit", "shards", "samples"}."""
     run = RunDir(store)
     if run.is_unit_done(unit):  # a retried task whose first attempt committed: nothing left to do
@@ -229,6 +276,7 @@ def write_unit(store: Store, unit: int, uris: list[str], first: dict[str, str], 
     records = [run.record(u) for u in uris]
     for r in records:
         mark_duplicate(r, first)
+    apply_near_duplicates(records, near)
     kept = [c for r in records for c in r["clips"] if c["status"] == "kept"]
     by_source = {r["source"]["uri"]: r["source"] for r in records}
     index = []
@@ -239,10 +287,10 @@ def write_unit(store: Store, unit: int, uris: list[str], first: dict[str, str], 
                                         clip_record(c, by_source[c["source_uri"]], versions)) for c in members])
         index += [index_row(c, rel) for c in members]
     store.write(run.unit_path(unit), json.dumps({"unit": unit, "sources": uris, "shards": sorted(layout),
-                                                 "index": index}, sort_keys=True))
-    # Not a duplicate's clips: they share ids, hence staged files, with the original's, which another
-    # unit's task may still be reading (finalize removes whatever staging is left).
-    for c in (c for r in records for c in r["clips"] if c["status"] == "kept"):
+                                                 "index": index, "near_duplicates": near}, sort_keys=True))
+    # Not a duplicate source's clips: they share ids, hence staged files, with the original's, which
+    # another unit's task may still be reading (finalize removes whatever staging is left).
+    for c in (c for r in records for c in r["clips"] if c["status"] == "kept" or c["clip_id"] in near):
         store.delete(staged_clip(c["clip_id"]))
     return {"unit": unit, "shards": len(layout), "samples": len(index)}
 
@@ -258,15 +306,15 @@ class UnitWriter:
     """Driver side of the units: submits each unit's write task, in unit order, once its sources and
     every earlier unit's are complete; keeps the digest -> first URI map of the submitted units.
 
-        writer = UnitWriter(run, units, submit, done)   # submit(unit, uris, first) -> a Ray ObjectRef
+        writer = UnitWriter(run, units, submit, done, near)  # submit(unit, uris, first, near) -> ObjectRef
         writer.source_done(uri)                  # as the tracker completes sources
         writer.poll()                            # submits what became ready, reaps finished tasks
         writer.wait()                            # at the end: every unit committed
     """
 
-    def __init__(self, run: RunDir, units: list[list[str]], submit, done: set[str]):
-        """`done`: the sources completed before this invocation."""
-        self.run, self.units, self.submit = run, units, submit
+    def __init__(self, run: RunDir, units: list[list[str]], submit, done: set[str], near: NearDuplicates):
+        """`done`: the sources completed before this invocation; `near`: near-duplicate decisions."""
+        self.run, self.units, self.submit, self.near = run, units, submit, near
         self.next = 0  # the first unit not yet submitted
         self.first: dict[str, str] = {}  # grows with the distinct sources: what dedup must remember
         self.complete = set(done)
@@ -280,11 +328,14 @@ class UnitWriter:
 
         while self.next < len(self.units) and all(u in self.complete for u in self.units[self.next]):
             uris = self.units[self.next]
+            first = dict(self.first)  # the task re-marks its unit's duplicates from the earlier units' digests
+            records = [self.run.record(u) for u in uris]
+            for r in records:
+                mark_duplicate(r, self.first)
+            near = self.near.decide(records)  # every unit, committed or not: the index needs them all
             if not self.run.is_unit_done(self.next):
-                self.in_flight[self.submit(self.next, uris, dict(self.first))] = self.next
-            for u in uris:
-                mark_duplicate(self.run.record(u), self.first)
-                self.complete.discard(u)
+                self.in_flight[self.submit(self.next, uris, first, near)] = self.next
+            self.complete.difference_update(uris)
             self.next += 1
         if self.in_flight:
             ready, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=0)
@@ -337,6 +388,7 @@ def finalize(run: RunDir, units: list[list[str]], wall_start: float, versions: d
             records = [run.record(u) for u in uris]
             for r in records:
                 mark_duplicate(r, first)
+            apply_near_duplicates(records, committed.get("near_duplicates", {}))
             shard_of = {row["clip_id"]: row["shard"] for row in committed["index"]}
             clips = [dict(c, shard=shard_of.get(c["clip_id"]), scores=json.dumps(c.get("scores") or {}, sort_keys=True))
                      for r in records for c in r["clips"]]

@@ -192,6 +192,7 @@ CLIPS_SCHEMA = pa.schema([
     ("fps", pa.float64()),
     ("status", pa.string()),  # kept | rejected | failed
     ("reason", pa.string()),
+    ("duplicate_of", pa.string()),  # a near-duplicate's kept clip (reason `duplicate`)
     ("bucket", pa.string()),
     ("extract_mode", pa.string()),  # copy | partial | reencode | copy_only
     ("skip_frames", pa.int32()),  # leading frames of the clip file before its span (copy_only clips)

@@ -103,7 +103,8 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
 def test_a_grown_input_list_publishes_a_new_version_and_leaves_old_shards_alone(tmp_path):
     """Incremental ingest: rerunning with more inputs processes only the new sources, publishes
     version 2 (pointer written after its files, stable paths replaced), never rewrites version 1's
-    shards, and a new copy of a version-1 source is a duplicate of it."""
+    shards, a new copy of a version-1 source is a duplicate of it, and the clips of a smaller
+    re-encode of it are near-duplicates of version 1's clips (the index spans versions)."""
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
@@ -111,6 +112,8 @@ def test_a_grown_input_list_publishes_a_new_version_and_leaves_old_shards_alone(
     tm.make_square(first / "square.mp4", num_frames=40)
     tm.make_multishot(second / "multishot.mp4")
     shutil.copyfile(first / "bikes.mp4", second / "bikes_again.mp4")
+    tm.transcode(first / "bikes.mp4", second / "bikes_small.mp4", codec="libx264", pix_fmt="yuv420p",
+                 size=(320, 136), options={"crf": "30"})
     out = tmp_path / "out"
     assert run(curate_cmd([first], out)).returncode == 0
     v1_shards = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / contract.SHARDS_DIR).rglob("*.tar")}
@@ -119,7 +122,7 @@ def test_a_grown_input_list_publishes_a_new_version_and_leaves_old_shards_alone(
 
     grown = run(curate_cmd([first, second], out))
     assert grown.returncode == 0, grown.stderr[-3000:]
-    assert "2 already done, 2 to process" in grown.stderr and "published version 2" in grown.stderr
+    assert "2 already done, 3 to process" in grown.stderr and "published version 2" in grown.stderr
     for path, (data, mtime) in v1_shards.items():
         assert path.read_bytes() == data and path.stat().st_mtime_ns == mtime, path
     index = pq.read_table(out / contract.INDEX_PATH)
@@ -131,6 +134,14 @@ def test_a_grown_input_list_publishes_a_new_version_and_leaves_old_shards_alone(
     # known from version 1's manifest at probe time: the copy is not decoded again
     record = json.loads((out / contract.WORK_DIR / "done" / f"{source_key(sources['bikes_again.mp4']['uri'])}.json").read_text())
     assert "probe" in record["timings"] and "analyze" not in record["timings"] and record["clips"] == []
+    clips = pq.read_table(out / contract.CLIPS_MANIFEST).to_pylist()
+    v1_kept = {c["clip_id"]: c for c in clips if c["source_uri"].endswith("/first/bikes.mp4") and c["status"] == "kept"}
+    small = [c for c in clips if c["source_uri"].endswith("/bikes_small.mp4") and not c["reason"].startswith("too_short")]
+    assert len(small) == len(v1_kept) == 5
+    for c in small:  # each shot's copy names the version-1 clip of the same shot
+        assert c["status"] == "rejected" and c["reason"].startswith("duplicate:"), c
+        original = v1_kept[c["duplicate_of"]]
+        assert abs(original["start_frame"] - c["start_frame"]) <= 2, (c, original)
     latest = json.loads((out / contract.LATEST_PATH).read_text())
     assert latest == {"version": 2, "path": contract.version_dir(2)}
     assert pq.read_table(out / contract.version_dir(1) / "index.parquet").equals(v1_index)

@@ -52,7 +52,12 @@ def curated(tmp_path_factory):
     ray = start_local_ray()
     out = root / "out"
     try:
-        run_curation([str(media)], str(out), load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", ["caption=null"]))
+        # The clip layout this fixture needs (two 16-frame and three 32-frame 4x3 clips): no
+        # near-duplicate removal (multishot.mp4 opens and closes with two stretches of the same slow
+        # bigbuckbunny shot, which dedup rightly merges) and the classic detector, whose dissolve
+        # extent leaves the clip before it 31 frames long (TransNetV2's leaves 33: a 32-frame clip)
+        run_curation([str(media)], str(out), load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", [
+            "caption=null", "dedup.enabled=false", "analyze.detector=content"]))
     finally:
         ray.shutdown()  # DataLoader workers fork from this process
     index = pq.read_table(out / contract.INDEX_PATH).to_pylist()

@@ -36,3 +36,19 @@ def test_cuts_without_a_keyframe_keep_their_trim(tmp_path):
     assert clips == _clips(path, keyframe_cuts=False)
     starts, ends = {a for a, _ in clips}, {b for _, b in clips}
     assert all(c + 1 in starts and c - 1 in ends for c in gt.hard_cuts), (clips, gt.cuts)
+
+
+def test_a_dissolve_near_the_end_of_a_file_is_reported(tmp_path):
+    """The dissolve detector confirms a transition ~30 frames after it; one closer to the end of the
+    file is flushed at the end of the pass, not dropped (content, and the classic half of combined)."""
+    from curation.settings import AnalyzeConfig
+    from spacetime.config import S3Config
+
+    gt = tm.make_multishot(tmp_path / "late.mp4", [tm.Segment("bikes.mp4", 140, 45), tm.Segment(
+        "carphone_pristine.mp4", 0, 45), tm.Segment("bigbuckbunny.mp4", 20, 20)], dissolve_after=1)
+    source = probe(str(gt.path), CurateConfig().probe, S3Config())
+    segments = list(analyze(source, AnalyzeConfig(detector="content"), S3Config(), 250))
+    (dissolve,) = gt.dissolves
+    found = [tuple(c) for c in segments[-1]["cuts"]]
+    assert (gt.hard_cuts[0], gt.hard_cuts[0] + 1) in found
+    assert any(a < dissolve[1] + 2 and b > dissolve[0] - 2 and b - a > 1 for a, b in found), (found, gt.cuts)

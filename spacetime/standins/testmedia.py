@@ -461,13 +461,19 @@ def transcode(
     codec: str = "libx265",
     pix_fmt: str = "yuv420p10le",
     options: dict[str, str] | None = None,
+    size: tuple[int, int] | None = None,
 ) -> int:
     """Re-encode every frame of ``src`` at its rate with another codec and pixel format (e.g. a 10-bit
-    HEVC copy of generated footage); returns the frames written."""
+    HEVC copy of generated footage), at its size or ``size`` (width, height; area scaling); returns
+    the frames written."""
     with av.open(str(src)) as c:
         stream = c.streams.video[0]
         rate = stream.average_rate
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+        if size is None:
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+        else:
+            frames = [f.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA").to_ndarray()
+                      for f in c.decode(stream)]
     size = (frames[0].shape[1], frames[0].shape[0])
     return _encode(dst, frames, size, fps=rate, codec=codec, pix_fmt=pix_fmt, options=options or {})
 
