@@ -30,8 +30,10 @@ THRESHOLDS = {
     "luma_mean": ("exposure", ["min_luma", "max_luma"]),
     "luma_clipped": ("exposure", ["max_clipped"]),
     "border_area": ("borders", ["min_area"]),
+    "text_area": ("text", ["max_area"]),
 }
-FUNNEL_ORDER = ["too_short", "borders", "exposure", "sharpness", "motion", "aesthetic", "caption", "extract failed"]
+FUNNEL_ORDER = ["too_short", "borders", "text", "exposure", "sharpness", "motion", "aesthetic", "caption",
+                "extract failed", "duplicate"]
 
 
 def _reason_key(clip: dict) -> str:
@@ -81,8 +83,15 @@ def _sheet(clips: list[dict], thumbs: set[str], limit: int) -> str:
         thumb = f"{c['clip_id']}.jpg"
         if thumb in thumbs:
             caption = f"{Path(c['source_uri']).name} [{c['start_frame']}:{c['end_frame']})"
+            notes = []
+            if c.get("duplicate_of"):
+                notes.append(f"near-duplicate of {c['duplicate_of']}")
+            if c.get("ocr_text"):
+                area = c["scores"].get("text_area", 0.0)
+                notes.append(f"text ({area:.3f} of the frame): {c['ocr_text'][:60]}")
+            extra = "".join(f'<br><small class="note">{html.escape(n)}</small>' for n in notes)
             cells.append(f'<figure><img src="thumbs/{thumb}" alt="{html.escape(caption)}" loading="eager">'
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+                         f"<figcaption>{html.escape(caption)}{extra}</figcaption></figure>")
     more = f"<p>… and {len(clips) - limit} more</p>" if len(clips) > limit else ""
     return f'<div class="sheet">{"".join(cells) or "<p>none</p>"}</div>{more}'
 

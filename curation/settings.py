@@ -187,6 +187,7 @@ class DedupConfig(StrictModel):
     max_distance: int = Field(10, ge=0, le=64)  # Hamming distance at which two frames match
     min_similarity: float = Field(0.5, gt=0, le=1)  # fraction of the shorter clip's frames with a match
     bands: int = Field(4, ge=1, le=64)  # LSH bands of the 64-bit frame codes (candidates share one)
+    min_band_hits: int = Field(1, ge=1)  # band matches before a clip is verified; 2 above ~1e5 clips (~30x fewer checks, -2% recall)
     keep: str = "resolution"  # the clip kept in a group: `resolution` (w x h, then duration), `duration`, or a score name
     resources: TaskResources = Field(default_factory=TaskResources)
 

@@ -214,7 +214,7 @@ class NearDuplicates:
         from curation.dedup import NearDupIndex
 
         self.cfg = cfg
-        self.indexes = {kind: NearDupIndex(cfg.max_distance, cfg.min_similarity, cfg.bands)
+        self.indexes = {kind: NearDupIndex(cfg.max_distance, cfg.min_similarity, cfg.bands, cfg.min_band_hits)
                         for kind in ("video", "image")} if cfg and cfg.enabled else None
 
     def _score(self, clip: dict) -> float:
