@@ -53,6 +53,14 @@ class AnalyzeConfig(StrictModel):
     # TransNetV2's plus the classic dissolves/fades it missed (never recalls less than transnetv2)
     combine: Literal["agree", "union", "learned_plus_dissolves"] = "agree"
     combine_tolerance: int = 2  # frames: transitions this close are one
+    # Corrections to every detector's transitions (curation.analyze.CleanTransitions): a hard cut
+    # across which the picture returns within flash_frames (a flash) is dropped; transitions separated
+    # only by dark frames (a fade through black) are merged.
+    clean_transitions: bool = True
+    flash_frames: int = Field(3, ge=0)  # 0: keep every flash cut
+    flash_diff: float = 20.0  # mean abs luma (0-255) of 48x36 thumbnails: below = the picture came back
+    fade_gap: int = Field(15, ge=0)  # most frames between a fade out and a fade in ...
+    dark_luma: float = 24.0  # ... of which one at least is dark (mean luma 0-255 below this)
     content_threshold: float = 27.0  # scenedetect ContentDetector default
     adaptive_threshold: float = 3.0  # scenedetect AdaptiveDetector default
     min_scene_frames: int = 8  # scenedetect min_scene_len

@@ -52,3 +52,23 @@ def test_a_dissolve_near_the_end_of_a_file_is_reported(tmp_path):
     found = [tuple(c) for c in segments[-1]["cuts"]]
     assert (gt.hard_cuts[0], gt.hard_cuts[0] + 1) in found
     assert any(a < dissolve[1] + 2 and b > dissolve[0] - 2 and b - a > 1 for a, b in found), (found, gt.cuts)
+
+
+def test_a_flash_is_no_cut_and_a_fade_through_black_is_one_transition(tmp_path):
+    """Without the corrections the classic pass cuts at the flash and splits the fade in three (fade
+    out, a cut where the picture comes back, fade in); with them: one transition, no cut."""
+    from curation.settings import AnalyzeConfig
+    from spacetime.config import S3Config
+
+    gt = tm.make_flash_and_fade(tmp_path / "flash_fade.mp4")
+    source = probe(str(gt.path), CurateConfig().probe, S3Config())
+
+    def cuts(**cfg):
+        return [tuple(c) for c in list(analyze(source, AnalyzeConfig(**cfg), S3Config(), 250))[-1]["cuts"]]
+
+    raw = cuts(clean_transitions=False)
+    assert any(gt.notes["flash"][0] <= a <= gt.notes["flash"][1] for a, _ in raw), raw  # the flash fires
+    assert len([c for c in raw if c[0] >= 78]) > 1, raw  # the fade comes out in pieces
+    (fade,) = gt.cuts
+    (found,) = cuts()
+    assert abs(found[0] - fade[0]) <= 2 and abs(found[1] - fade[1]) <= 2, (found, fade)

@@ -557,6 +557,28 @@ def make_subtitled(path: str | os.PathLike, source: str = "bikes.mp4", height: f
                        notes={"text_height": height, "where": where})
 
 
+def make_flash_and_fade(path: str | os.PathLike, size: tuple[int, int] = SIZE) -> GroundTruth:
+    """Two events that are NOT cuts, then one gradual transition that is ONE transition: a shot of
+    bigbuckbunny with a 2-frame flash (frames 40-41 brightened by +110), then a fade through black
+    into bikes (10 frames out, 5 black, 10 in: the transition [80, 105)), then bikes to the end
+    (130 frames). Ground truth: cuts [(80, 105)], kinds ["fade"]; notes: the flash frames."""
+    def u8(a):
+        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+    a = [f.to_ndarray(format="rgb24").astype(np.float32)
+         for f in _footage_frames(Segment("bigbuckbunny.mp4", 0, 90), size, format="yuv420p")]
+    b = [f.to_ndarray(format="rgb24").astype(np.float32)
+         for f in _footage_frames(Segment("bikes.mp4", 140, 45), size, format="yuv420p")]
+    flash, n_out, black, n_in = (40, 42), 10, 5, 10
+    frames = [u8(f + 110.0) if flash[0] <= i < flash[1] else u8(f) for i, f in enumerate(a[:80])]
+    frames += [u8(f * (1 - (k + 1) / (n_out + 1))) for k, f in enumerate(a[80:90])]
+    frames += [np.zeros_like(frames[0]) for _ in range(black)]
+    frames += [u8(f * ((k + 1) / (n_in + 1))) if k < n_in else u8(f) for k, f in enumerate(b)]
+    n = _encode(path, frames, size)
+    return GroundTruth(path=Path(path), num_frames=n, fps=Fraction(FPS), size=size, cuts=[(80, 105)],
+                       kinds=["fade"], notes={"flash": flash})
+
+
 def make_1080p(
     path: str | os.PathLike,
     seconds: float = 4.0,
