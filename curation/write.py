@@ -289,8 +289,9 @@ def write_unit(store: Store, unit: int, uris: list[str], first: dict[str, str], 
     store.write(run.unit_path(unit), json.dumps({"unit": unit, "sources": uris, "shards": sorted(layout),
                                                  "index": index, "near_duplicates": near}, sort_keys=True))
     # Not a duplicate source's clips: they share ids, hence staged files, with the original's, which
-    # another unit's task may still be reading (finalize removes whatever staging is left).
-    for c in (c for r in records for c in r["clips"] if c["status"] == "kept" or c["clip_id"] in near):
+    # another unit's task may still be reading. Near-duplicates' staged clips are left too:
+    # finalize removes whatever staging is left, in one listing.
+    for c in (c for r in records for c in r["clips"] if c["status"] == "kept"):
         store.delete(staged_clip(c["clip_id"]))
     return {"unit": unit, "shards": len(layout), "samples": len(index)}
 
