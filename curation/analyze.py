@@ -258,7 +258,7 @@ class CleanTransitions:
         self.held: list[tuple[int, int]] = []
 
     def update(self, index: int, bgr: np.ndarray, gray: np.ndarray) -> list[tuple[int, int]]:
-        self.thumbs[index] = gray[::4, ::4]
+        self.thumbs[index] = gray[::4, ::4].copy()  # a copy: a view would keep the whole frame alive
         self.luma[index] = float(gray.mean())
         old = index - self.lag - self.k - 2
         if old in self.thumbs:

@@ -155,11 +155,6 @@ class TransNetV2Shots:
         self.scanned = self.predicted
         return found
 
-    @property
-    def pending_since(self) -> int:
-        """The first frame whose transition, if any, is not reported yet."""
-        return self.scanned
-
 
 def frame48(bgr_small: np.ndarray) -> np.ndarray:
     """The model's 48x27 RGB input from the analysis pass's small BGR frame."""
