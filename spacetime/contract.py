@@ -12,6 +12,9 @@ Output layout (OUT is the `--output` of `spacetime curate`):
     summary.json                          counts, hours, stage times, throughput
     versions/vNNNNNN/, latest.json        each published version's index, manifests and summary; the pointer
 A sample's key is its clip id. Images are one-frame videos and share the layout.
+
+Latent cache layout (CACHE is the --output of `spacetime train cache`; see the "latent cache"
+section below): cache.json, index.parquet, shards/NNNNNN.tar, null_text.npy, .work/units/.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
-from spacetime.config import S3Config
+from spacetime.config import S3Config, StrictModel
 from spacetime.io import atomic_path, s3_filesystem
 from spacetime.record import ClipRecord
 
@@ -221,18 +224,22 @@ CAPTIONS_SCHEMA = pa.schema([  # `spacetime caption` output: every clip and its 
 
 
 # ------------------------------------------------------------------------------------- shards
-def write_shard(path: Path, samples: Iterable[tuple[bytes, ClipRecord]]) -> None:
-    """Write samples (clip video bytes, its record) to `path` atomically: <key>.mp4, <key>.json,
-    <key>.txt (the dense caption, empty without one), key = the record's clip id.
-
-    webdataset's TarWriter with fixed mtime/owner/mode, so the bytes depend only on the samples."""
+def write_tar(path: Path, samples: Iterable[dict[str, Any]]) -> None:
+    """Write WebDataset samples ({"__key__": key, ext: bytes}) to `path` atomically, with
+    webdataset's TarWriter and fixed mtime/owner/mode, so the bytes depend only on the samples."""
     import webdataset as wds
 
     with atomic_path(path) as tmp, open(tmp, "wb") as stream:
         with wds.TarWriter(stream, user="", group="", mode=0o644, mtime=0, encoder=False) as writer:
-            for video, record in samples:
-                writer.write({"__key__": record.clip_id, VIDEO_EXT: video, RECORD_EXT: record.to_json(),
-                              CAPTION_EXT: record.dense_caption.encode()})
+            for sample in samples:
+                writer.write(sample)
+
+
+def write_shard(path: Path, samples: Iterable[tuple[bytes, ClipRecord]]) -> None:
+    """Write samples (clip video bytes, its record) to `path` atomically: <key>.mp4, <key>.json,
+    <key>.txt (the dense caption, empty without one), key = the record's clip id."""
+    write_tar(path, ({"__key__": record.clip_id, VIDEO_EXT: video, RECORD_EXT: record.to_json(),
+                      CAPTION_EXT: record.dense_caption.encode()} for video, record in samples))
 
 
 class ShardReader:
@@ -286,12 +293,13 @@ class ShardReader:
         buf = f.read(hi - lo)
         return {"__key__": key, **{ext: bytes(buf[o - lo: o - lo + n]) for ext, (o, n) in spans.items()}}
 
-    def read(self, uri: str, key: str) -> dict[str, bytes]:
-        """Sample `key` of shard `uri` (the members of SAMPLE_EXTS it has; the video is required)."""
+    def read(self, uri: str, key: str, exts: tuple[str, ...] = SAMPLE_EXTS,
+             required: str = VIDEO_EXT) -> dict[str, bytes]:
+        """Sample `key` of shard `uri`: the members of `exts` it has (`required` must be there)."""
         members = self._index(str(uri))
-        spans = {ext: members[f"{key}.{ext}"] for ext in SAMPLE_EXTS if f"{key}.{ext}" in members}
-        if VIDEO_EXT not in spans:
-            raise KeyError(f"{uri}: no member {key}.{VIDEO_EXT}")
+        spans = {ext: members[f"{key}.{ext}"] for ext in exts if f"{key}.{ext}" in members}
+        if required not in spans:
+            raise KeyError(f"{uri}: no member {key}.{required}")
         return self._read_spans(str(uri), key, spans)
 
     def samples(self, uri: str | Path) -> Iterator[dict[str, bytes]]:
@@ -327,3 +335,74 @@ def read_record(sample: dict[str, bytes], where: str = "") -> ClipRecord:
     if RECORD_EXT not in sample:
         raise KeyError(f"{where}: sample {sample.get('__key__')} has no {RECORD_EXT} member")
     return ClipRecord.from_json(sample[RECORD_EXT], where=f"{where}:{sample.get('__key__')}.{RECORD_EXT}")
+
+
+# ---------------------------------------------------------------------------------- latent cache
+# CACHE, the --output of `spacetime train cache` (training.cache): what a DiT step needs of a clip,
+# precomputed, so training from CACHE decodes no video and runs no VAE or text encoder.
+#   cache.json              the manifest (CACHE_FORMAT): the cache key (VAE and text-encoder
+#                           fingerprints, frame sampling), the data it covers, state building|complete;
+#                           rewritten with state complete LAST, after the index
+#   index.parquet           one row per cached clip (CACHE_INDEX_SCHEMA); `shard` relative to CACHE
+#   shards/NNNNNN.tar       work unit N's entries, <key> = clip id:
+#                             <key>.latent.npy  float32 [2, C, T', H', W']: the VAE posterior's mean
+#                                               and log-variance (UNnormalised) at the bucket's size
+#                                               and frame sampling
+#                             <key>.text.npy    float32 [n, D]: the dense caption's encoder output, its
+#                                               n unmasked tokens (padding restored on reading)
+#                             <key>.short.npy   the same for the short caption (when the clip has one)
+#                             <key>.json        CacheEntry: ids, captions, sizes, entry address
+#   null_text.npy           float32 [n, D]: the empty caption's encoding (caption dropout)
+#   .work/units/NNNNNN.json unit N's completion record: its index rows and errors (resume state)
+CACHE_FORMAT = "spacetime-latent-cache/1"
+CACHE_MANIFEST = "cache.json"
+CACHE_INDEX = "index.parquet"
+CACHE_NULL_TEXT = "null_text.npy"
+CACHE_UNITS_DIR = f"{WORK_DIR}/units"
+LATENT_EXT, TEXT_EXT, SHORT_TEXT_EXT, ENTRY_EXT = "latent.npy", "text.npy", "short.npy", "json"
+CACHE_EXTS = (LATENT_EXT, TEXT_EXT, SHORT_TEXT_EXT, ENTRY_EXT)
+
+
+def cache_shard_path(unit: int) -> str:
+    return f"{SHARDS_DIR}/{unit:06d}.tar"
+
+
+def cache_unit_record(unit: int) -> str:
+    return f"{CACHE_UNITS_DIR}/{unit:06d}.json"
+
+
+CACHE_INDEX_SCHEMA = pa.schema([
+    ("shard", pa.string()),  # relative to CACHE: shards/NNNNNN.tar
+    ("key", pa.string()),
+    ("clip_id", pa.string()),
+    ("bucket", pa.string()),
+    ("width", pa.int32()),  # of the source clip (as in the curation index)
+    ("height", pa.int32()),
+    ("num_frames", pa.int32()),
+    ("fps", pa.float64()),
+    ("stride", pa.int32()),  # source frames between two encoded frames
+    ("entry", pa.string()),  # content address (training.cache.entry_address)
+    ("source_shard", pa.string()),  # the curation shard the clip came from (full URI)
+])
+
+
+class CacheEntry(StrictModel):
+    """<key>.json of a cache entry: what the loader needs besides the tensors."""
+
+    clip_id: str
+    bucket: str
+    size: tuple[int, int]  # (width, height) the frames were resized and cropped to (the bucket's)
+    frames: int  # frames encoded (the bucket's frame tier)
+    stride: int  # source frames between two encoded frames
+    fps: float  # frame rate of the encoded frames
+    cropped: float  # fraction of the resized frame cropped away to fit `size`
+    entry: str  # content address
+    dense_caption: str
+    short_caption: str | None = None
+    text_tokens: int  # rows of <key>.text.npy
+    short_tokens: int | None = None  # rows of <key>.short.npy
+
+
+def is_cache(store) -> bool:
+    """Whether `store` (a spacetime.store.Store) holds a latent cache rather than a curation output."""
+    return store.exists(CACHE_MANIFEST)

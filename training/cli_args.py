@@ -9,11 +9,17 @@ from pathlib import Path
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """The arguments of `spacetime train` besides --config / --set / --print-config / -v."""
-    parser.add_argument("kind", choices=["dit", "vae"], help="what to train")
+    parser.add_argument("kind", choices=["dit", "vae", "cache"],
+                        help="what to train; cache: precompute the DiT's VAE latents and text embeddings of "
+                             "--data into the latent cache --output (then train dit --data CACHE)")
     parser.add_argument("--data", action="append", default=None, metavar="DIR",
-                        help="curation output folder (repeatable; default: loader.data of the config)")
-    parser.add_argument("--output", type=Path, required=False, default=None, metavar="RUN",
-                        help="run folder; rerunning on an existing one resumes from its newest checkpoint")
+                        help="curation output (or, for dit, latent cache) folder or s3:// URI (repeatable; "
+                             "default: loader.data of the config)")
+    parser.add_argument("--output", type=str, required=False, default=None, metavar="RUN",
+                        help="run folder; rerunning on an existing one resumes from its newest checkpoint "
+                             "(cache: the cache folder or s3:// URI; a rerun finishes it)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="cache only: replace a cache built with other models, frame sampling or data")
     parser.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: steps)")
 
 

@@ -9,7 +9,10 @@
 Kind dit: a bucket-homogeneous batch -> latents from the frozen VAE (computed on the fly) and text
 embeddings from the frozen text encoder -> rectified-flow loss of the DiT (training.flow). The VAE
 is the one vae.path names, or for vae.untrained an UNTRAINED random one, written to RUN/vae so that
-samples decode with the same weights.
+samples decode with the same weights. When loader.data names latent caches (training.cache), the
+batch brings the VAE posterior and the text embeddings: no text encoder is loaded and the VAE only
+normalises (and draws from the posterior, with the same generator calls as encoding would); a cache
+built with another VAE, text encoder or frame sampling than the config's is refused.
 
 Kind vae: the VideoVAE itself learns reconstruction + KL (+ perceptual when its weights are
 configured) and is exported to RUN/vae (config.json + model.safetensors, with the latent
@@ -102,9 +105,11 @@ def load_text_encoder_from(cfg: TrainConfig, device: torch.device):
     return tokenizer, model, int(dim)
 
 
-def build_vae(cfg: TrainConfig, run_dir: Path, d: Dist, trainable: bool) -> tuple[torch.nn.Module, dict]:
+def build_vae(cfg: TrainConfig, run_dir: Path, d: Dist, trainable: bool,
+              save_untrained: bool = True) -> tuple[torch.nn.Module, dict]:
     """The VAE of a run and its reference for meta.json. Frozen (DiT runs) or trainable (VAE runs:
-    vae.path, if given, holds the initial weights)."""
+    vae.path, if given, holds the initial weights). An untrained frozen VAE is saved to RUN/vae
+    (`save_untrained`) so that samples decode with it."""
     v = cfg.vae
     if v.source == "diffusers":
         if trainable:
@@ -124,7 +129,7 @@ def build_vae(cfg: TrainConfig, run_dir: Path, d: Dist, trainable: bool) -> tupl
         vae = VideoVAE(v.arch)
     if not trainable:
         log.warning("DiT training on an %s", UNTRAINED_NOTE)
-        if d.is_main and not (run_dir / VAE_DIR / "model.safetensors").exists():
+        if save_untrained and d.is_main and not (run_dir / VAE_DIR / "model.safetensors").exists():
             save_vae(vae, run_dir / VAE_DIR, note=UNTRAINED_NOTE)
     return vae, {"source": "spacetime", "path": str((run_dir / VAE_DIR).resolve()), "run_relative": VAE_DIR,
                  "untrained": not trainable}
@@ -151,9 +156,17 @@ class DiTTask(Task):
     kind = "dit"
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, d: Dist):
+        from training.cache import check_training_cache, training_cache
+
         self.cfg, self.d = cfg, d
-        self.tokenizer, self.text_encoder, text_dim = load_text_encoder_from(cfg, d.device)
+        self.cache = training_cache(cfg)
+        if self.cache is None:
+            self.tokenizer, self.text_encoder, text_dim = load_text_encoder_from(cfg, d.device)
+        else:  # embeddings come with the batches
+            self.tokenizer, self.text_encoder, text_dim = None, None, int(self.cache["text_dim"])
         self.vae, self.vae_ref = build_vae(cfg, run_dir, d, trainable=False)
+        if self.cache is not None:
+            check_training_cache(self.cache, cfg, self.vae, cfg.loader.data[0])
         vae_dtype = cfg.vae.dtype if cfg.vae.dtype != "auto" else (
             "bfloat16" if d.device.type == "cuda" else "float32")
         self.vae_dtype = _DTYPES[vae_dtype]
@@ -177,18 +190,30 @@ class DiTTask(Task):
         return flops_per_token(self.cfg.dit, a["in_channels"], a["text_dim"], tokens, self.cfg.text_encoder.max_length)
 
     def loss(self, forward_model, batch: dict, generator: torch.Generator, amp) -> tuple[torch.Tensor, dict, int]:
-        from training.text_encoder import encode_text
-
-        video = batch["video"].to(self.d.device, self.vae_dtype, non_blocking=True)  # [B, 3, T, H, W]
-        with torch.no_grad():
-            x0 = self.vae.encode(video, sample=self.cfg.vae.sample_posterior, generator=generator).float()
-        text, mask = encode_text(self.tokenizer, self.text_encoder, batch["caption"], self.cfg.text_encoder.max_length)
-        text, mask = text.to(self.d.device).clone(), mask.to(self.d.device).clone()  # out of inference mode
+        x0, text, mask = self.inputs(batch, generator)
         tokens = _patch_tokens(x0.shape, self.patch)  # latent patches per sample
         with amp:
             per_sample = flow_loss(forward_model, x0, text, mask, tokens, self.cfg.flow, generator)
         loss = per_sample.mean()
         return loss, {}, tokens * x0.shape[0]
+
+    def inputs(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised latents x0 [B, C, T', H', W'] float32, text [B, L, D], mask [B, L]) of a batch:
+        from a latent cache's posterior and embeddings, or by encoding its videos and captions."""
+        from training.text_encoder import encode_text
+
+        dev, sample = self.d.device, self.cfg.vae.sample_posterior
+        if "latent" in batch:
+            posterior = batch["latent"].to(dev, non_blocking=True)  # [B, 2, C, T', H', W'] float32
+            x0 = self.vae.latent(posterior[:, 0], posterior[:, 1], sample=sample, generator=generator).float()
+            return x0, batch["text"].to(dev, non_blocking=True), batch["text_mask"].to(dev, non_blocking=True)
+        if self.text_encoder is None:
+            raise RuntimeError("a video batch reached a DiT task set up for a latent cache")
+        video = batch["video"].to(dev, self.vae_dtype, non_blocking=True)  # [B, 3, T, H, W]
+        with torch.no_grad():
+            x0 = self.vae.encode(video, sample=sample, generator=generator).float()
+        text, mask = encode_text(self.tokenizer, self.text_encoder, batch["caption"], self.cfg.text_encoder.max_length)
+        return x0, text.to(dev).clone(), mask.to(dev).clone()  # clone: out of inference mode
 
 
 # ---------------------------------------------------------------------------------------- vae
@@ -198,7 +223,12 @@ class VAETask(Task):
     kind = "vae"
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, d: Dist):
+        from training.cache import training_cache
+
         self.cfg, self.d = cfg, d
+        if training_cache(cfg) is not None:
+            raise ConfigError(f"loader.data {cfg.loader.data} is a latent cache: `train vae` learns from videos, "
+                              "give the curation output")
         self.model, ref = build_vae(cfg, run_dir, d, trainable=True)
         self.init_ref = ref if cfg.vae.path else None
         self.perceptual = None

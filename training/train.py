@@ -197,6 +197,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    if args.kind == "cache":
+        from training.cache import cmd_cache
+
+        return cmd_cache(args)
+    if args.rebuild:
+        raise ConfigError("--rebuild is for `spacetime train cache`")
     if args.output is None:
         raise ConfigError("spacetime train: give --output RUN")
     summary = run_train(args.kind, cfg, args.data, args.output, args.max_steps)

@@ -16,6 +16,7 @@ One file describes a run; `configs/train/tiny.yaml` (DiT, CPU, seconds), `vae_ti
     ema                  decay of the parameter EMA (saved in checkpoints, used by the sampler)
     parallel             none | ddp | fsdp (FSDP2), activation checkpointing, compile, precision
     checkpoint           every N steps, how many to keep
+    cache                `spacetime train cache`: entries per shard, text-encoder batch
     log                  every N steps, progress bar, TensorBoard, peak FLOP/s for MFU
 """
 
@@ -112,6 +113,14 @@ class CheckpointConfig(StrictModel):
     keep: int = Field(3, ge=0)  # newest checkpoints kept (0: all)
 
 
+class CacheConfig(StrictModel):
+    """`spacetime train cache` (training.cache). Part of the cache's identity: a cache is resumed
+    only with the same entries_per_shard."""
+
+    entries_per_shard: int = Field(64, gt=0)  # clips per shard (and per work unit)
+    text_batch: int = Field(16, gt=0)  # captions per text-encoder call
+
+
 class LogConfig(StrictModel):
     every: int = Field(10, gt=0)  # steps between metric records
     progress: bool = True  # tqdm bar on rank 0 (off when stderr is not a terminal)
@@ -134,4 +143,5 @@ class TrainConfig(StrictModel):
     ema: EMAConfig = Field(default_factory=EMAConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     log: LogConfig = Field(default_factory=LogConfig)

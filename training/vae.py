@@ -248,12 +248,13 @@ class VideoVAE(nn.Module):
     def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
         """[B, 3, T, H, W] -> normalised latents [B, C, 1 + (T-1)//ct, ceil(H/cs), ceil(W/cs)]: the
         posterior mean, or a draw from it (`sample`, using `generator`)."""
-        mean, logvar = self.posterior(video)
-        z = mean
-        if sample:
-            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + torch.exp(0.5 * logvar) * eps
-        return self.normalize(z)
+        return self.latent(*self.posterior(video), sample=sample, generator=generator)
+
+    def latent(self, mean: torch.Tensor, logvar: torch.Tensor, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised latents from the posterior (what `encode` does after the encoder; training from
+        a latent cache starts here)."""
+        return self.normalize(posterior_draw(mean, logvar, sample, generator))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B, C, T', H', W'] -> video [B, 3, 1 + (T'-1)*ct, cs*H', cs*W'] (not clamped)."""
@@ -361,6 +362,15 @@ def load_vae(path: str | Path, arch: VAEArch | None = None) -> VideoVAE:
     return vae
 
 
+def posterior_draw(mean: torch.Tensor, logvar: torch.Tensor, sample: bool,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """The posterior's mean, or a draw mean + exp(logvar / 2) * eps with eps ~ N(0, 1) from `generator`."""
+    if not sample:
+        return mean
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
 class DiffusersVAE(nn.Module):
     """A diffusers video VAE behind the VideoVAE interface (encode/decode normalised latents).
 
@@ -391,10 +401,17 @@ class DiffusersVAE(nn.Module):
         t = video.shape[2]
         return video[:, :, : 1 + (t - 1) // self.temporal_compression * self.temporal_compression]
 
-    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
+    def posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.model.encode(self.trim(video)).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        return (z - self.mean) * self.inv_std
+        return dist.mean, dist.logvar
+
+    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
+        return self.latent(*self.posterior(video), sample=sample, generator=generator)
+
+    def latent(self, mean: torch.Tensor, logvar: torch.Tensor, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """diffusers' DiagonalGaussianDistribution: mode() is the mean, sample() mean + std * eps."""
+        return (posterior_draw(mean, logvar, sample, generator) - self.mean) * self.inv_std
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.model.decode(z / self.inv_std + self.mean).sample

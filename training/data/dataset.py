@@ -19,6 +19,11 @@ rank); they may repeat a sample within the epoch). Each failure is recorded with
 shard and reason in stats["errors"] and counted in stats["corrupt"] (the loader logs them). Only
 when no substitute decodes either does the dataset raise, naming the bucket.
 
+Latent caches. When loader.data names latent caches (training.cache), a sample is a cache entry:
+the VAE posterior [2, C, T', H', W'] and the encoder rows of the caption drawn for the epoch
+(training.data.latents), and a batch holds "latent", "text" and "text_mask" instead of "video".
+The plan, the caption draw and the corrupt-sample handling are the same.
+
 Shards are read by random access (spacetime.contract.ShardReader): each worker scans a shard's tar
 headers once (cached) to find its members' offsets, then reads each sample with one ranged read
 (local files, or s3:// through pyarrow's S3FileSystem with `s3:` settings; one request per tar
@@ -40,11 +45,20 @@ from spacetime import contract
 from spacetime.contract import ShardReader
 from spacetime.errors import describe
 from training.config import LoaderConfig
-from training.data.decode import INTERPOLATION, caption_draw, choose_caption, decode_clip, frame_stride
+from training.data.decode import (INTERPOLATION, caption_draw, caption_kind, choose_caption, decode_clip,
+                                  frame_stride)
 from training.data.index import BucketSpec, Samples
+from training.data.latents import caption_rows, pad_text, read_entry
 from training.data.plan import LoaderState, Step, plan_steps
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+
+
+def to_unit_range(frames: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 pixels -> [-1, 1] (into `out`, of any float dtype, when given): x / 127.5 - 1."""
+    video = out if out is not None else torch.empty(frames.shape, dtype=torch.float32)
+    video.copy_(frames)
+    return video.mul_(1 / 127.5).sub_(1.0)
 
 
 class BucketDataset(IterableDataset):
@@ -79,9 +93,22 @@ class BucketDataset(IterableDataset):
         caption = choose_caption(record, caption_draw(self.state.seed, epoch, s.clip_id[i]), self.cfg)
         return {"caption": caption, "clip_id": s.clip_id[i], "cropped": cropped, "fps": float(s.fps[i]) / stride}
 
+    def load_cached(self, i: int, spec: BucketSpec, epoch: int, reader: ShardReader, out=None) -> dict:
+        """Cache entry i: its posterior and the encoder rows of the caption drawn for `epoch`."""
+        s = self.samples
+        parts = reader.read(s.shard[i], s.key[i], exts=contract.CACHE_EXTS, required=contract.LATENT_EXT)
+        latent, entry = read_entry(parts, spec.size, spec.frames, where=s.shard[i])
+        kind = caption_kind(caption_draw(self.state.seed, epoch, s.clip_id[i]), bool(entry.short_caption), self.cfg)
+        text, mask = pad_text(caption_rows(parts, entry, kind, s.null_text), s.max_length)
+        caption = {"empty": "", "short": entry.short_caption, "dense": entry.dense_caption}[kind]
+        return {"caption": caption, "clip_id": s.clip_id[i], "cropped": entry.cropped, "fps": entry.fps,
+                "latent": latent, "text": text, "text_mask": mask}
+
     def _try(self, i: int, spec: BucketSpec, epoch: int, reader: ShardReader, errors: list,
-             out: np.ndarray) -> dict | None:
+             out: np.ndarray | None) -> dict | None:
         try:
+            if self.samples.cached:
+                return self.load_cached(i, spec, epoch, reader)
             return self.load(i, spec, epoch, reader, out)
         except Exception as err:  # a bad sample never stops training: it is replaced and counted
             errors.append({"clip_id": self.samples.clip_id[i], "shard": self.samples.shard[i], "error": describe(err)})
@@ -110,8 +137,9 @@ class BucketDataset(IterableDataset):
         video = torch.empty(frames.shape, dtype=dtype)
         if get_worker_info() is not None:
             video.share_memory_()
-        video.copy_(source)
-        return video if dtype == torch.uint8 else video.mul_(1 / 127.5).sub_(1.0)
+        if dtype == torch.uint8:
+            return video.copy_(source)
+        return to_unit_range(source, out=video)
 
     def batch(self, step: Step, reader: ShardReader, worker: int = 0) -> dict:
         t0 = time.perf_counter()
@@ -119,22 +147,28 @@ class BucketDataset(IterableDataset):
         mine = step.samples[self.rank * spec.batch: (self.rank + 1) * spec.batch]
         errors: list[dict] = []
         w, h = spec.size
-        frames = np.empty((len(mine), 3, spec.frames, h, w), np.uint8)
-        loaded = [self._try(int(i), spec, step.epoch, reader, errors, frames[j]) for j, i in enumerate(mine)]
+        cached = self.samples.cached
+        frames = None if cached else np.empty((len(mine), 3, spec.frames, h, w), np.uint8)
+        slot = (lambda j: None) if cached else (lambda j: frames[j])
+        loaded = [self._try(int(i), spec, step.epoch, reader, errors, slot(j)) for j, i in enumerate(mine)]
         good = [j for j, x in enumerate(loaded) if x is not None]
         if not good:
-            loaded[0], good = self._substitute(step, spec, mine, reader, errors, frames[0]), [0]
+            loaded[0], good = self._substitute(step, spec, mine, reader, errors, slot(0)), [0]
         for j, x in enumerate(loaded):  # a failed sample becomes a copy of a good one of the batch
             if x is None:
                 source = good[j % len(good)]
                 loaded[j] = loaded[source]
-                frames[j] = frames[source]
-        video = self.to_tensor(frames)
+                if not cached:
+                    frames[j] = frames[source]
+        if cached:
+            tensors = {k: torch.from_numpy(np.stack([x.pop(k) for x in loaded])) for k in ("latent", "text", "text_mask")}
+        else:
+            tensors = {"video": self.to_tensor(frames)}
         stats = {"epoch": step.epoch, "step": step.step, "bucket": spec.name, "samples": len(loaded),
                  "tokens": len(loaded) * spec.tokens, "worker": worker,
                  "cropped_fraction": float(np.mean([x["cropped"] for x in loaded])),
                  "corrupt": len(errors), "errors": errors, "decode_s": time.perf_counter() - t0,
                  "_state": asdict(step.after)}
-        return {"video": video, "caption": [x["caption"] for x in loaded],
+        return {**tensors, "caption": [x["caption"] for x in loaded],
                 "clip_id": [x["clip_id"] for x in loaded], "bucket": spec.name,
                 "fps": [x["fps"] for x in loaded], "stats": stats}

@@ -107,11 +107,17 @@ def caption_draw(seed: int, epoch: int, clip_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def choose_caption(record: ClipRecord, draw: float, cfg: LoaderConfig) -> str:
-    """Empty with probability caption_dropout, else the short caption with probability
-    short_caption_prob (when the record has one), else the dense caption."""
+def caption_kind(draw: float, has_short: bool, cfg: LoaderConfig) -> str:
+    """"empty" with probability caption_dropout, else "short" with probability short_caption_prob
+    (when there is a short caption), else "dense"."""
     if draw < cfg.caption_dropout:
-        return ""
-    if draw < cfg.caption_dropout + cfg.short_caption_prob and record.short_caption:
-        return record.short_caption
-    return record.dense_caption
+        return "empty"
+    if draw < cfg.caption_dropout + cfg.short_caption_prob and has_short:
+        return "short"
+    return "dense"
+
+
+def choose_caption(record: ClipRecord, draw: float, cfg: LoaderConfig) -> str:
+    """The caption `caption_kind` picks for `record`."""
+    kind = caption_kind(draw, bool(record.short_caption), cfg)
+    return {"empty": "", "short": record.short_caption, "dense": record.dense_caption}[kind]

@@ -55,15 +55,25 @@ class Samples:
     bucket: list[str]
     num_frames: np.ndarray  # int
     fps: np.ndarray  # float
+    width: np.ndarray  # int, of the stored clip
+    height: np.ndarray  # int
     fingerprint: str  # of the (clip id, bucket) list; a resume on other data is refused
+    # Latent caches (training.cache) instead of curation outputs: shard/key address cache entries;
+    # the empty caption's encoding [n, D] and the padded text length come with them.
+    cached: bool = False
+    null_text: np.ndarray | None = None
+    max_length: int = 0
 
     def __len__(self) -> int:
         return len(self.key)
 
 
 def _read_index_table(root: str, s3: S3Config):
-    """The index of the version latest.json points at (readers never see a half-published one)."""
+    """The index of the version latest.json points at (readers never see a half-published one), or
+    a latent cache's index (its cache.json says state complete only once the index is written)."""
     store = Store(root, s3)
+    if contract.is_cache(store):
+        return pq.read_table(store.path(contract.CACHE_INDEX), filesystem=store.fs), store.uri_of(contract.CACHE_INDEX)
     rel = contract.published_index(store)
     if not store.exists(rel):
         raise FileNotFoundError(f"{store.uri_of(rel)}: no index; is {root} the --output of `spacetime curate`?")
@@ -92,6 +102,7 @@ def read_index(data: list[str], s3: S3Config) -> Samples:
         raise ValueError("loader.data is empty: give the curation output directories to train on")
     rows: list[tuple] = []
     stale = 0
+    cache = _cache_of(data, s3)
     for root in data:
         table, where = _read_index_table(root, s3)
         missing = [c for c in _INDEX_COLUMNS if c not in table.column_names]
@@ -101,7 +112,8 @@ def read_index(data: list[str], s3: S3Config) -> Samples:
         for r in table.select(list(_INDEX_COLUMNS)).to_pylist():
             name, changed = _row_bucket(r, where)
             stale += changed
-            rows.append((name, r["clip_id"], f"{base}/{r['shard']}", r["key"], r["num_frames"], r["fps"] or 0.0))
+            rows.append((name, r["clip_id"], f"{base}/{r['shard']}", r["key"], r["num_frames"], r["fps"] or 0.0,
+                         r["width"], r["height"]))
     if stale:
         log.warning("%d index rows name another bucket than the current spec gives (index written "
                     "by an older curation?); the index's buckets are used", stale)
@@ -109,7 +121,28 @@ def read_index(data: list[str], s3: S3Config) -> Samples:
     digest = hashlib.sha256("\n".join(f"{r[1]} {r[0]}" for r in rows).encode()).hexdigest()[:16]
     return Samples(shard=[r[2] for r in rows], key=[r[3] for r in rows], clip_id=[r[1] for r in rows],
                    bucket=[r[0] for r in rows], num_frames=np.array([r[4] for r in rows], np.int64),
-                   fps=np.array([r[5] for r in rows], np.float64), fingerprint=digest)
+                   fps=np.array([r[5] for r in rows], np.float64), width=np.array([r[6] for r in rows], np.int64),
+                   height=np.array([r[7] for r in rows], np.int64), fingerprint=digest, **cache)
+
+
+def _cache_of(data: list[str], s3: S3Config) -> dict:
+    """Samples' cache fields: {} for curation outputs, the null text and length for latent caches
+    (all of `data` one or the other, with one key: training.cache.training_cache checks)."""
+    import json
+
+    stores = [Store(root, s3) for root in data]
+    caches = [contract.is_cache(st) for st in stores]
+    if not any(caches):
+        return {}
+    if not all(caches):
+        raise ValueError(f"loader.data {data} mixes latent caches and curation outputs")
+    from training.data.latents import npy_load
+
+    manifest = json.loads(stores[0].read_bytes(contract.CACHE_MANIFEST))
+    if manifest["state"] != "complete":
+        raise ValueError(f"{data[0]}: the latent cache is unfinished; rerun `spacetime train cache` to complete it")
+    return {"cached": True, "null_text": npy_load(stores[0].read_bytes(contract.CACHE_NULL_TEXT)),
+            "max_length": int(manifest["max_length"])}
 
 
 # ---------------------------------------------------------------------------------- token math
