@@ -13,7 +13,9 @@ adaLN-Zero modulation (shift, scale, gate) from the timestep embedding; the fina
 linear, zero-initialised, as in facebookresearch/DiT.
 
 The model does not know how it is parallelised: training/parallel.py shards, checkpoints and
-compiles `model.blocks` from outside. `flops_per_token` documents the FLOP count used for MFU.
+compiles `model.blocks` from outside. For context parallelism it sets `model.context` (a
+training.parallel.ContextParallel: the token axis is sharded after the patch embedding and gathered
+after the final layer) and each self-attention's `attend` (attention over the sharded sequence). `flops_per_token` documents the FLOP count used for MFU.
 """
 
 from __future__ import annotations
@@ -144,12 +146,13 @@ class SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.eps) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.attend = F.scaled_dot_product_attention  # replaced under context parallelism
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # each [B, heads, N, hd]
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, hd]
+        out = self.attend(q, k, v)  # [B, heads, N, hd]
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -222,6 +225,7 @@ class DiT(nn.Module):
         self.text_embed = MLP(text_dim, cfg.hidden, cfg.hidden)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg, patch_dim)
+        self.context = None  # a training.parallel.ContextParallel, set from outside
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -253,9 +257,14 @@ class DiT(nn.Module):
         # softmax over nothing NaN; let such rows attend to every (zeroed) position instead
         mask = text_mask.bool() | ~text_mask.bool().any(dim=1, keepdim=True)
         rope = rope_3d(grid, self.cfg.axis_dims(), self.cfg.rope_theta, x.device)  # ([N, hd/2], [N, hd/2])
+        if self.context is not None:  # this rank's share of the tokens (and of their positions)
+            self.context.begin(h.shape[1])
+            h, rope = self.context.shard(h), tuple(self.context.shard(r, dim=0) for r in rope)
         for block in self.blocks:
             h = block(h, c, ctx, mask, rope)
         out = self.final(h, c)  # [B, N, C*pt*ph*pw]
+        if self.context is not None:
+            out = self.context.gather(out)
         return unpatchify(out, grid, self.cfg.patch, self.in_channels, size)  # [B, C, T, H, W]
 
 

@@ -1,7 +1,19 @@
 """Process group set-up and parallelism applied to a model from outside (torchtitan style).
 
     dist = init_distributed(cfg.parallel)          # torchrun env (RANK, WORLD_SIZE, LOCAL_RANK) or 1 process
-    model = parallelize(model, cfg.parallel, dist) # AC -> compile -> FSDP2 (fully_shard) or DDP
+    model = parallelize(model, cfg.parallel, dist) # context parallel -> AC -> compile -> FSDP2 or DDP
+
+Context (sequence) parallelism, `parallel.context: N`: the world is cut into groups of N
+consecutive ranks that share one sample; each rank holds 1/N of its tokens (DeepSpeed-Ulysses: an
+all-to-all before self-attention trades the sequence split for a head split, attention runs on
+whole sequences for heads/N heads, and a second all-to-all trades back). Everything else in a DiT
+block is per token and needs no communication. The DiT's output is gathered (its backward a
+reduce-scatter), so the loss is computed as without CP on every rank of the group. Ranks of a group
+read the same batches (the loader sees the data-parallel rank `Dist.dp_rank` of `dp_size`) and draw
+the same noise. Gradients are averaged over the whole world by DDP or FSDP2 as usual: each group's
+N identical losses sum to N times its loss, so the average over dp x N ranks is the data-parallel
+mean. N must divide the world size and the number of heads; a sample's tokens are padded to a
+multiple of N (padded keys are masked out of attention, padded outputs dropped).
 
 The model classes never see any of this: the units that are checkpointed, compiled and sharded are
 `model.blocks` (DiT) or the encoder / decoder (VideoVAE), chosen here. State-dict keys stay the
@@ -20,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from spacetime.config import ConfigError
 from training.train_config import ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -32,6 +45,8 @@ class Dist:
     local_rank: int
     device: torch.device
     initialized_here: bool  # this process group was made by init_distributed (and is ours to destroy)
+    context: int = 1  # ranks per context-parallel group (parallel.context)
+    context_group: object = None  # this rank's context-parallel process group (context > 1)
 
     @property
     def is_main(self) -> bool:
@@ -40,6 +55,15 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def dp_rank(self) -> int:
+        """The data-parallel rank: which batches this rank's group reads."""
+        return self.rank // self.context
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.context
 
 
 def init_distributed(cfg: ParallelConfig, timeout_s: float = 600.0) -> Dist:
@@ -61,7 +85,119 @@ def init_distributed(cfg: ParallelConfig, timeout_s: float = 600.0) -> Dist:
         rank, world = dist.get_rank(), dist.get_world_size()
     if world > 1 and cfg.mode == "none":
         raise ValueError(f"parallel.mode none with {world} processes: set parallel.mode to ddp or fsdp")
-    return Dist(rank, world, local, device, made)
+    cp, group = cfg.context, None
+    if cp > 1:
+        if world % cp:
+            raise ConfigError(f"parallel.context {cp} does not divide the {world} processes: run a multiple of "
+                              f"{cp} processes, or lower parallel.context")
+        for start in range(0, world, cp):  # every rank makes every group, in the same order
+            g = dist.new_group(list(range(start, start + cp)))
+            if start <= rank < start + cp:
+                group = g
+    return Dist(rank, world, local, device, made, cp, group)
+
+
+# -------------------------------------------------------------------------- context parallelism
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single along dim 0 (chunk j goes to rank j); its own adjoint."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()  # (empty_like of a strided view would keep its strides)
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return out, None
+
+
+class _Gather(torch.autograd.Function):
+    """all_gather along dim 0; backward: reduce-scatter (sum) of the gradients of every rank's copy."""
+
+    @staticmethod
+    def forward(ctx, x, group, size):
+        ctx.group, ctx.size = group, size
+        out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty((grad.shape[0] // ctx.size, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        return out, None, None
+
+
+class ContextParallel:
+    """One sample's tokens split over a group of `size` ranks (module docstring). The DiT calls
+    `begin(n)`, `shard` on its token axis, `attention` in every self-attention and `gather` on
+    its output."""
+
+    def __init__(self, group, size: int, rank: int):
+        self.group, self.size, self.rank = group, size, rank
+        self.length = 0
+
+    def begin(self, length: int) -> None:
+        """A forward on `length` tokens starts (fixes the padding and the key mask)."""
+        self.length = length
+
+    @property
+    def padded(self) -> int:
+        return -(-self.length // self.size) * self.size
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's 1/size of `x` along `dim` (zero-padded to a multiple of size)."""
+        pad = self.padded - x.shape[dim]
+        if pad:
+            shape = list(x.shape)
+            shape[dim] = pad
+            x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+        return x.chunk(self.size, dim=dim)[self.rank]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, n_local, ...] of every rank -> [B, length, ...] (padding dropped)."""
+        full = _Gather.apply(x.transpose(0, 1), self.group, self.size).transpose(0, 1)
+        return full[:, : self.length]
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Self-attention over the whole sequence from local [B, heads, n_local, hd] q, k, v."""
+        import torch.nn.functional as F
+
+        b, h, n, hd = q.shape
+        if h % self.size:
+            raise ValueError(f"parallel.context {self.size} does not divide the {h} attention heads")
+
+        def to_heads(x):  # [B, h, n, hd] -> [B, h/size, size*n, hd]
+            x = x.reshape(b, self.size, h // self.size, n, hd).transpose(0, 1)
+            x = _AllToAll.apply(x, self.group)  # [size (sequence chunk), B, h/size, n, hd]
+            return x.permute(1, 2, 0, 3, 4).reshape(b, h // self.size, self.size * n, hd)
+
+        mask = None
+        if self.padded != self.length:
+            mask = (torch.arange(self.padded, device=q.device) < self.length)[None]  # [1, keys]: padding masked
+        out = F.scaled_dot_product_attention(to_heads(q), to_heads(k), to_heads(v), attn_mask=mask)
+        out = out.reshape(b, h // self.size, self.size, n, hd).permute(2, 0, 1, 3, 4)  # [size, B, h/size, n, hd]
+        out = _AllToAll.apply(out, self.group)  # [size (head group), B, h/size, n, hd]
+        return out.transpose(0, 1).reshape(b, h, n, hd)
+
+
+def apply_context_parallel(model: nn.Module, d: Dist) -> None:
+    """Give the DiT (and each self-attention) this rank's ContextParallel."""
+    if not hasattr(model, "blocks"):
+        raise ConfigError("parallel.context applies to the DiT only (train dit)")
+    if model.cfg.heads % d.context:
+        raise ConfigError(f"parallel.context {d.context} does not divide the DiT's {model.cfg.heads} heads "
+                         "(Ulysses splits heads): choose a divisor of dit.heads")
+    cp = ContextParallel(d.context_group, d.context, d.rank % d.context)
+    model.context = cp
+    for block in model.blocks:
+        block.attn.attend = cp.attention
 
 
 def autocast_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype | None:
@@ -122,6 +258,8 @@ def apply_fsdp(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> N
 def parallelize(model: nn.Module, cfg: ParallelConfig, d: Dist) -> nn.Module:
     """Apply AC, compile and FSDP2 in place; returns the module to call forward on (DDP-wrapped
     under parallel.mode ddp with several processes, else `model` itself)."""
+    if d.context > 1:
+        apply_context_parallel(model, d)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:

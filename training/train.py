@@ -99,7 +99,7 @@ class _Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, d.device)
         self.ema = EMA(self.model, cfg.ema.decay)
         self.generator = torch.Generator(device=d.device)
-        self.generator.manual_seed(cfg.seed * 1_000_003 + d.rank)  # per-rank noise, reproducible
+        self.generator.manual_seed(cfg.seed * 1_000_003 + d.dp_rank)  # per-replica noise, reproducible
         amp_dtype = autocast_dtype(cfg.parallel, d.device)
         self.amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
@@ -149,7 +149,7 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
     cfg = sync_loader(cfg, *task.compression, task.patch)
     _prepare_run_dir(cfg, run_dir, d)
     trainer = _Trainer(task, cfg, d)
-    loader = BucketLoader(cfg.loader, d.rank, d.world_size)
+    loader = BucketLoader(cfg.loader, d.dp_rank, d.dp_size)  # a context-parallel group reads one stream
     metrics = Metrics(run_dir, cfg.log.tensorboard, d.is_main)
     step, last_ckpt = trainer.resume(run_dir, loader, metrics)
     resumed_from = step if last_ckpt is not None else None
@@ -167,8 +167,9 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
             loss, parts, tokens, grad_norm = trainer.step(batch)
             step += 1
             bar.update(1)
-            window.add(loss, grad_norm, parts, batch["bucket"], tokens, d.world_size, batch["stats"]["wait_s"],
-                       task.flops(tokens // len(batch["caption"])))
+            # this rank's share of the tokens: a context-parallel group splits its samples' tokens
+            window.add(loss, grad_norm, parts, batch["bucket"], tokens / d.context, d.world_size,
+                       batch["stats"]["wait_s"], task.flops(tokens // len(batch["caption"])))
             if step % cfg.log.every == 0 or step == max_steps:
                 last = window.record(trainer.scheduler.get_last_lr()[0], loader.state.epoch, peak, d)
                 _report(metrics, bar, step, max_steps, last, d)

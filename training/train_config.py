@@ -106,6 +106,9 @@ class ParallelConfig(StrictModel):
     compile: bool = False  # torch.compile each block
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3)
+    # context (sequence) parallelism: ranks per group sharing one sample's tokens (Ulysses
+    # all-to-all; must divide the world size and the DiT's heads); composes with ddp and fsdp
+    context: int = Field(1, ge=1)
 
 
 class CheckpointConfig(StrictModel):
