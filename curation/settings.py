@@ -79,7 +79,9 @@ class AnalyzeConfig(StrictModel):
 
 class SplitConfig(StrictModel):
     min_duration: float = 1.0  # seconds; shorter clips are rejected as too_short
-    max_duration: float = 10.0  # seconds; longer shots are split into windows of at most this
+    # seconds; longer shots are split into windows of at most this. 60 s: a minute-long shot stays one
+    # clip (frame tiers reach 60 s at 24/30/60 fps); set it lower for short-clip datasets
+    max_duration: float = 60.0
     trim_frames: int = 1  # frames dropped next to a transition on each side
     # ...except at a hard cut whose first frame is a source keyframe: the encoder's own scene-change
     # keyframe confirms the cut lies exactly there, and untrimmed clips can be copied, not re-encoded

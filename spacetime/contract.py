@@ -98,8 +98,10 @@ ASPECT_CLASSES: dict[str, float] = {
 }
 # Resolution tiers by the short side in pixels: a clip's tier is the largest tier <= its short side.
 RESOLUTION_TIERS: tuple[int, ...] = (144, 240, 360, 480, 720, 1080, 2160)
-# Frame tiers: a clip's tier is the largest tier <= its frame count; 1 is the image tier.
-FRAME_TIERS: tuple[int, ...] = (1, 16, 32, 64, 128, 256)
+# Frame tiers: a clip's tier is the largest tier <= its frame count; 1 is the image tier. The top
+# tiers hold a minute at the common native rates: 1440 = 60 s at 24 fps, 1800 at 30, 3600 at 60
+# (a sample of such a bucket is ~10^5-10^6 latent tokens: train it with parallel.context).
+FRAME_TIERS: tuple[int, ...] = (1, 16, 32, 64, 128, 256, 512, 1024, 1440, 1800, 3600)
 # Bucket target sizes are multiples of this (VAE 8x spatial compression x 2x2 latent patches).
 SIZE_MULTIPLE = 16
 

@@ -19,6 +19,9 @@ def test_clip_id_is_content_addressed():
 @pytest.mark.parametrize("w,h,n,name", [
     (1920, 1080, 300, "16x9_1080p_256f"), (1080, 1920, 40, "9x16_1080p_32f"), (512, 512, 1, "1x1_480p_1f"),
     (640, 272, 59, "21x9_240p_32f"), (100, 80, 15, "4x3_0p_1f"),
+    # a minute of HD at its native rate is one sample: 24, 30 and 60 fps
+    (1280, 720, 60 * 24, "16x9_720p_1440f"), (1920, 1080, 60 * 30, "16x9_1080p_1800f"),
+    (1920, 1080, 60 * 60, "16x9_1080p_3600f"), (1920, 1080, 59 * 24, "16x9_1080p_1024f"),
 ])
 def test_bucket_for(w, h, n, name):
     bucket = contract.bucket_for(w, h, n)

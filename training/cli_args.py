@@ -9,9 +9,10 @@ from pathlib import Path
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """The arguments of `spacetime train` besides --config / --set / --print-config / -v."""
-    parser.add_argument("kind", choices=["dit", "vae", "cache"],
+    parser.add_argument("kind", choices=["dit", "vae", "cache", "plan"],
                         help="what to train; cache: precompute the DiT's VAE latents and text embeddings of "
-                             "--data into the latent cache --output (then train dit --data CACHE)")
+                             "--data into the latent cache --output (then train dit --data CACHE); plan: print "
+                             "each bucket's estimated memory per rank and the parallel.context it needs")
     parser.add_argument("--data", action="append", default=None, metavar="DIR",
                         help="curation output (or, for dit, latent cache) folder or s3:// URI (repeatable; "
                              "default: loader.data of the config)")
@@ -20,6 +21,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                              "(cache: the cache folder or s3:// URI; a rerun finishes it)")
     parser.add_argument("--rebuild", action="store_true",
                         help="cache only: replace a cache built with other models, frame sampling or data")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="plan only: memory of one GPU (default: this machine's GPU)")
+    parser.add_argument("--world", type=int, default=None, help="plan only: number of ranks (default: WORLD_SIZE or 1)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: steps)")
 
 

@@ -150,6 +150,11 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
     _prepare_run_dir(cfg, run_dir, d)
     trainer = _Trainer(task, cfg, d)
     loader = BucketLoader(cfg.loader, d.dp_rank, d.dp_size)  # a context-parallel group reads one stream
+    if kind == "dit" and d.device.type == "cuda" and d.is_main:
+        from training.memory import warn_if_too_big
+
+        warn_if_too_big(cfg, loader.specs, num_params(task.model), torch.cuda.get_device_properties(d.device).total_memory,
+                        d.world_size, log)
     metrics = Metrics(run_dir, cfg.log.tensorboard, d.is_main)
     step, last_ckpt = trainer.resume(run_dir, loader, metrics)
     resumed_from = step if last_ckpt is not None else None
@@ -202,6 +207,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from training.cache import cmd_cache
 
         return cmd_cache(args)
+    if args.kind == "plan":
+        from training.memory import cmd_plan
+
+        return cmd_plan(args)
     if args.rebuild:
         raise ConfigError("--rebuild is for `spacetime train cache`")
     if args.output is None:
