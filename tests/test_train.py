@@ -163,6 +163,57 @@ def test_checkpoint_and_metrics_hold_everything(straight):
     assert (straight / "config.yaml").exists()
 
 
+# ------------------------------------------------------------------------ gradient accumulation
+class _Regression:
+    """A deterministic task (least squares of a linear model): accumulation is checked on exact math."""
+
+    kind, compression, patch = "toy", (1, 1), (1, 1, 1)
+
+    def __init__(self):
+        self.model = torch.nn.Linear(3, 2)
+
+    def loss(self, forward_model, batch, generator, amp):
+        return (forward_model(batch["x"]) - batch["y"]).square().mean(), {"abs": batch["x"].abs().mean()}, len(batch["x"])
+
+    def flops(self, tokens):
+        return None
+
+
+def test_accumulated_batches_make_the_step_of_their_union():
+    from training.parallel import Dist
+    from training.train import _Trainer
+
+    cfg = load_config(TrainConfig, TINY, ["optim.warmup_steps=0", "optim.lr=0.1", "parallel.mode=none"])
+    d = Dist(0, 1, 0, torch.device("cpu"), False)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)
+    trainers = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        trainers.append(_Trainer(_Regression(), cfg, d))
+    whole, parts = trainers
+    for _ in range(3):
+        lw, pw, tw, nw, _ = whole.step([{"x": x, "y": y}])
+        la, pa, ta, na, each = parts.step([{"x": x[:2], "y": y[:2]}, {"x": x[2:], "y": y[2:]}])
+        assert len(each) == 2 and ta == tw == 4
+        torch.testing.assert_close(la, lw)  # equal halves: the mean of the means is the mean
+        torch.testing.assert_close(na, nw)
+        torch.testing.assert_close(pa["abs"], pw["abs"])
+    for a, b in zip(whole.model.parameters(), parts.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(whole.model.weight, _Regression().model.weight)
+
+
+def test_grad_accum_consumes_that_many_loader_batches_per_step(data, env, tmp_path):
+    run = tmp_path / "accum"
+    run_ok(train_cmd(data, run, 4, "optim.grad_accum=2", "log.every=1", "checkpoint.every=4"), env)
+    trainer = torch.load(latest_checkpoint(run) / "trainer.pt", weights_only=False)
+    # 3 loader batches per epoch (2 of videos, 1 of images): 4 steps x 2 batches = epoch 2, step 2
+    assert trainer["step"] == 4 and (trainer["loader"]["epoch"], trainer["loader"]["step"]) == (2, 2)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(r["loss"] > 0 for r in records)
+
+
 # -------------------------------------------------------------------------------- distributed
 @pytest.fixture(scope="module")
 def two_process_runs(data, env, tmp_path_factory) -> dict:

@@ -1,7 +1,7 @@
 """What a training run reports: per-step values -> a window on the device -> one record per log step.
 
     window = Window(device)
-    window.add(loss, grad_norm, parts, bucket, tokens, wait_s, flops_per_token)  # every step, no sync
+    window.add(loss, grad_norm, parts, buckets, tokens, world, wait_s, flops_per_token)  # every step, no sync
     record = window.record(lr, epoch, peak_tflops(cfg.log.peak_tflops, device), d)  # one all-reduce
     metrics.write(step, record)                                                # RUN/metrics.jsonl (+ TB)
 
@@ -108,12 +108,16 @@ class Window:
         self.has_flops = False
         self.t0 = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, parts: dict, bucket: str, tokens: int,
-            world_size: int, wait_s: float, flops_per_token: float | None) -> None:
-        """One step; `tokens` are this rank's, `flops_per_token` None for a task without a FLOP counter."""
-        for key, value in {"loss": loss.detach(), "grad_norm": grad_norm, **parts,
-                           f"loss/{bucket}": loss.detach(), f"steps/{bucket}": torch.ones((), device=self.device)
-                           }.items():
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, parts: dict, buckets: list[tuple[str, torch.Tensor]],
+            tokens: float, world_size: int, wait_s: float, flops_per_token: float | None) -> None:
+        """One optimizer step; `buckets` (bucket, loss) of each of its batches (several under
+        gradient accumulation); `tokens` are this rank's, `flops_per_token` None for a task without a
+        FLOP counter."""
+        per_bucket: dict = {}
+        for bucket, value in buckets:
+            per_bucket[f"loss/{bucket}"] = per_bucket.get(f"loss/{bucket}", 0) + value.detach()
+            per_bucket[f"steps/{bucket}"] = per_bucket.get(f"steps/{bucket}", 0) + torch.ones((), device=self.device)
+        for key, value in {"loss": loss.detach(), "grad_norm": grad_norm, **parts, **per_bucket}.items():
             self.sums[key] = self.sums.get(key, 0) + value.float()
         self.counts["steps"] += 1
         self.counts["tokens"] += tokens * world_size

@@ -4,9 +4,10 @@
     torchrun --nproc-per-node 8 -m spacetime train dit --config configs/train/dit_xl.yaml --data OUT --output RUN
     spacetime train dit --config configs/train/tiny.yaml --data OUT --output RUN
 
-One step, for every kind: a bucket-homogeneous batch from the loader (training.data) -> the task's
-loss (training.tasks: rectified flow of the DiT on frozen VAE latents and text embeddings, or the
-VAE's own reconstruction + KL) -> backward -> gradient clipping and AdamW with warm-up
+One step, for every kind: `optim.grad_accum` bucket-homogeneous batches from the loader
+(training.data) -> for each, the task's loss (training.tasks: rectified flow of the DiT on frozen VAE
+latents and text embeddings, or the VAE's own reconstruction + KL) / grad_accum -> backward
+(gradients synchronised across ranks on the last batch only) -> gradient clipping and AdamW with warm-up
 (training.optim) -> EMA update -> values into the metrics window (training.metrics). Every
 `log.every` steps the window becomes one record; every `checkpoint.every` steps a checkpoint is
 written (training.checkpoint) and the task's checkpoint hook runs (the VAE task exports RUN/vae).
@@ -103,16 +104,37 @@ class _Trainer:
         amp_dtype = autocast_dtype(cfg.parallel, d.device)
         self.amp = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
-    def step(self, batch: dict) -> tuple[torch.Tensor, dict, int, torch.Tensor]:
-        """One optimiser step on `batch`: (loss, loss parts, this rank's tokens, gradient norm)."""
-        loss, parts, tokens = self.task.loss(self.forward_model, batch, self.generator, self.amp)
-        loss.backward()
+    def step(self, batches: list[dict]) -> tuple[torch.Tensor, dict, int, torch.Tensor, list[torch.Tensor]]:
+        """One optimiser step on the mean loss of `batches` (gradient accumulation): (mean loss, mean
+        loss parts, this rank's tokens, gradient norm, each batch's loss)."""
+        n = len(batches)
+        losses, parts_sum, tokens = [], {}, 0
+        for i, batch in enumerate(batches):
+            with self._gradient_sync(i == n - 1):
+                loss, parts, t = self.task.loss(self.forward_model, batch, self.generator, self.amp)
+                (loss / n if n > 1 else loss).backward()
+            losses.append(loss.detach())
+            tokens += t
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0) + v / n
+        loss = losses[0] if n == 1 else torch.stack(losses).mean()
         grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update()
-        return loss, parts, tokens, grad_norm
+        return loss, parts_sum, tokens, grad_norm, losses
+
+    def _gradient_sync(self, sync: bool):
+        """Backward without the data-parallel gradient reduction unless `sync` (the last batch of an
+        accumulated step): DDP's no_sync, FSDP2's set_requires_gradient_sync."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(self.forward_model, DistributedDataParallel):
+            return nullcontext() if sync else self.forward_model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(sync)
+        return nullcontext()
 
     def resume(self, run_dir: Path, loader, metrics: Metrics) -> tuple[int, Path | None]:
         """Restore RUN's newest checkpoint, if any (collective): (its step or 0, its folder or None)."""
@@ -168,13 +190,14 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
     window = Window(d.device)
     try:
         while step < max_steps:
-            batch = next(batches)
-            loss, parts, tokens, grad_norm = trainer.step(batch)
+            micro = [next(batches) for _ in range(cfg.optim.grad_accum)]
+            loss, parts, tokens, grad_norm, losses = trainer.step(micro)
             step += 1
             bar.update(1)
+            flops = _flops_per_token(task, micro)
             # this rank's share of the tokens: a context-parallel group splits its samples' tokens
-            window.add(loss, grad_norm, parts, batch["bucket"], tokens / d.context, d.world_size,
-                       batch["stats"]["wait_s"], task.flops(tokens // len(batch["caption"])))
+            window.add(loss, grad_norm, parts, [(b["bucket"], x) for b, x in zip(micro, losses)], tokens / d.context,
+                       d.world_size, sum(b["stats"]["wait_s"] for b in micro), flops)
             if step % cfg.log.every == 0 or step == max_steps:
                 last = window.record(trainer.scheduler.get_last_lr()[0], loader.state.epoch, peak, d)
                 _report(metrics, bar, step, max_steps, last, d)
@@ -187,6 +210,14 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
         metrics.close()
     return {"step": step, "resumed_from": resumed_from, "checkpoint": str(last_ckpt) if last_ckpt else None,
             "metrics": last, "run_dir": str(run_dir)}
+
+
+def _flops_per_token(task: Task, batches: list[dict]) -> float | None:
+    """Training FLOPs per token over a step's batches (each at its own sequence length)."""
+    counts = [(task.flops(b["stats"]["tokens"] // b["stats"]["samples"]), b["stats"]["tokens"]) for b in batches]
+    if counts[0][0] is None:
+        return None
+    return sum(f * t for f, t in counts) / sum(t for _, t in counts)
 
 
 def _report(metrics: Metrics, bar, step: int, max_steps: int, record: dict, d: Dist) -> None:

@@ -92,6 +92,9 @@ class OptimConfig(StrictModel):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine: final lr / lr
     decay_steps: int | None = Field(None, gt=0)  # cosine: steps after warm-up to decay over (None: steps)
     grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None: no clipping
+    # loader batches per optimizer step: their gradients are averaged (gradient sync on the last
+    # only), so the effective batch is grad_accum x the bucket's batch x data-parallel ranks
+    grad_accum: int = Field(1, ge=1)
     fused: bool | None = None  # AdamW fused kernels (None: on GPU)
 
 
