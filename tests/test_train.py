@@ -239,11 +239,26 @@ def test_two_processes_train_and_checkpoint(two_process_runs, mode):
                                                         weights_only=False)["rng"]) == 2  # both ranks' RNG
 
 
+def model_weights(ckpt: Path, ema: bool = False) -> dict:
+    """A checkpoint's weights in one process, from either format (sharded ones through DCP)."""
+    from training.checkpoint import load_model_weights
+    from training.dit import DiT, DiTConfig
+
+    args = json.loads((ckpt / "meta.json").read_text())["model_args"]
+    model = DiT(DiTConfig.model_validate(args["dit"]), args["in_channels"], args["text_dim"])
+    load_model_weights(ckpt, model, ema=ema)
+    return model.state_dict()
+
+
 def test_fsdp_matches_ddp_and_resumes(two_process_runs):
     """Same data split and per-rank noise: FSDP2's sharded steps equal DDP's up to reduction order
-    (measured: 3e-8 apart after 4 steps); rerunning with --max-steps 6 resumes the sharded run."""
+    (measured: 3e-8 apart after 4 steps); rerunning with --max-steps 6 resumes the sharded run. FSDP2
+    checkpoints are sharded (DCP: each rank wrote its shards), read here by one process."""
     ddp = load_file(list_checkpoints(two_process_runs["ddp"])[-1] / "model.safetensors")
-    fsdp = load_file(two_process_runs["fsdp"] / "checkpoints/step-00000004/model.safetensors")
+    sharded = two_process_runs["fsdp"] / "checkpoints/step-00000004"
+    assert json.loads((sharded / "meta.json").read_text())["format"] == "sharded"
+    assert not (sharded / "model.safetensors").exists() and len(list((sharded / "state").glob("*.distcp"))) == 2
+    fsdp = model_weights(sharded)
     assert set(ddp) == set(fsdp)
     for k in ddp:
         assert torch.allclose(ddp[k], fsdp[k], atol=1e-5, rtol=1e-4), k
@@ -251,6 +266,28 @@ def test_fsdp_matches_ddp_and_resumes(two_process_runs):
     assert "resumed from" in two_process_runs["fsdp_resumed_out"]
     steps = [json.loads(line)["step"] for line in (two_process_runs["fsdp"] / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_sharded_checkpoint_resumes_on_another_world_size(two_process_runs, data, env, tmp_path):
+    """The 2-rank FSDP2 run's step-4 checkpoint continues in ONE process: DCP reshards model,
+    optimizer and EMA (the data order continues from the loader state; noise is reseeded)."""
+    import shutil
+
+    run = tmp_path / "one"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(two_process_runs["fsdp"] / "checkpoints/step-00000004", run / "checkpoints/step-00000004")
+    out = run_ok(train_cmd(data, run, 5, "parallel.mode=fsdp", "checkpoint.every=1", "loader.max_batch_size=1"), env)
+    assert "resumed from" in out and "written by 2 processes, this run has 1" in out
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "step-00000005" and json.loads((ckpt / "meta.json").read_text())["format"] == "full"
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    steps = {int(v["step"]) for v in optim["state"].values()}
+    assert steps == {5}  # AdamW's moments came from the sharded checkpoint (4 steps) + 1
+    before, after = model_weights(run / "checkpoints/step-00000004"), load_file(ckpt / "model.safetensors")
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved and all(torch.allclose(before[k], after[k], atol=0.05) for k in before)  # one more small step
+    ema = model_weights(run / "checkpoints/step-00000004", ema=True)
+    assert any(not torch.equal(ema[k], before[k]) for k in before)  # the EMA is its own tensors
 
 
 def test_activation_checkpointing_is_applied_from_outside_and_changes_no_result():

@@ -168,6 +168,10 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: _full(s).cpu() for n, s in zip(self.names, self.shadow)}
 
+    def sharded_state_dict(self) -> dict[str, torch.Tensor]:
+        """The shadows themselves (this rank's DTensor shards under FSDP2), for DCP to save or load in place."""
+        return dict(zip(self.names, self.shadow))
+
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.names if n not in state]

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from spacetime.io import atomic_path
-from training.checkpoint import resolve_checkpoint
+from training.checkpoint import load_model_weights, resolve_checkpoint
 from training.dit import DiT, DiTConfig
 from training.flow import FlowConfig, euler_sample, guided_velocity, sampling_times
 
@@ -157,12 +157,6 @@ def latent_release(release: torch.Tensor, temporal: int, latent_frames: int) -> 
 
 
 # ------------------------------------------------------------------------------------ sampler
-def _load_weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 class Sampler:
     """A DiT checkpoint (or run folder: its newest checkpoint) with its VAE and text encoder, loaded once."""
 
@@ -177,8 +171,7 @@ class Sampler:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         args = meta["model_args"]
         self.model = DiT(DiTConfig.model_validate(args["dit"]), args["in_channels"], args["text_dim"])
-        weights = self.path / ("ema.safetensors" if use_ema else "model.safetensors")
-        self.model.load_state_dict(_load_weights(weights))
+        load_model_weights(self.path, self.model, ema=use_ema)  # full or sharded (DCP) checkpoints
         self.model.to(self.device).eval().requires_grad_(False)
         self.vae = self._load_vae(meta["vae"]).to(self.device).eval().requires_grad_(False)
         te = meta["text_encoder"]

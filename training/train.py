@@ -151,9 +151,11 @@ class _Trainer:
 
     def checkpoint(self, run_dir: Path, step: int, loader, meta: dict) -> Path:
         """Write checkpoint `step`, then run the task's hook (both collectives)."""
+        fmt = self.cfg.checkpoint.format
+        sharded = fmt == "sharded" or (fmt == "auto" and self.cfg.parallel.mode == "fsdp" and self.d.enabled)
         path = save_checkpoint(run_dir, step, self.model, self.optimizer, self.scheduler, self.ema,
                                loader.state_dict(), self.generator, meta, self.d, keep=self.cfg.checkpoint.keep,
-                               extra=self.task.state())
+                               extra=self.task.state(), sharded=sharded)
         self.task.on_checkpoint(run_dir)
         return path
 

@@ -117,6 +117,10 @@ class ParallelConfig(StrictModel):
 class CheckpointConfig(StrictModel):
     every: int = Field(1000, gt=0)  # steps between checkpoints (and one at the last step)
     keep: int = Field(3, ge=0)  # newest checkpoints kept (0: all)
+    # full: rank 0 gathers and writes whole tensors (safetensors); sharded: torch.distributed.checkpoint,
+    # every rank writes its shards, resumable onto another world size; auto: sharded under FSDP2
+    # with several processes
+    format: Literal["auto", "full", "sharded"] = "auto"
 
 
 class CacheConfig(StrictModel):
