@@ -1,7 +1,11 @@
 """MFU of a DiT-XL-size model training on a long-video bucket, bf16, one GPU.
 
     .venv/bin/python benchmarks/dit_mfu.py [--bucket 16x9_360p_128f] [--batch 1] [--steps 10]
-                                           [--no-ac] [--compile] [--peak-tflops 989]
+                                           [--ac config|auto|on|off] [--compile config|on|off] [--peak-tflops 989]
+
+By default it measures the DEFAULT training path of the config: its activation-checkpointing
+policy (dit_xl.yaml: auto, the fewest blocks the bucket needs on this GPU by training.memory) and
+its compile setting; --ac / --compile override them for comparisons.
 
 One training step as `spacetime train dit` takes it (training.flow.flow_loss on random latents and
 text embeddings of the bucket's shape -> backward -> clip -> AdamW), with the model sizes of
@@ -53,8 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--text-tokens", type=int, default=120)
     parser.add_argument("--text-dim", type=int, default=4096)
-    parser.add_argument("--no-ac", action="store_true", help="no activation checkpointing")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--ac", choices=["config", "auto", "on", "off"], default="config",
+                        help="activation checkpointing (default: the config's policy)")
+    parser.add_argument("--no-ac", action="store_true", help="same as --ac off")
+    parser.add_argument("--compile", choices=["config", "on", "off"], default="config",
+                        help="torch.compile each block (default: the config's setting)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU")
     args = parser.parse_args(argv)
 
@@ -72,8 +79,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     model = DiT(dit_cfg, in_channels=c, text_dim=args.text_dim).to(device)
-    parallel = ParallelConfig(mode="none", activation_checkpointing=not args.no_ac and cuda, compile=args.compile)
-    forward = parallelize(model, parallel, Dist(0, 1, 0, device, False))
+    ac = "off" if args.no_ac else args.ac
+    policy = cfg.parallel.activation_checkpointing if ac == "config" else {"auto": "auto", "on": True, "off": False}[ac]
+    compile_ = cfg.parallel.compile if args.compile == "config" else args.compile == "on"
+    if not cuda:
+        policy, compile_ = False, False
+    units = None
+    if policy == "auto":
+        from training.memory import blocks_to_checkpoint
+
+        units = blocks_to_checkpoint(dit_cfg, num_params(model), tokens, args.batch,
+                                     torch.cuda.get_device_properties(device).total_memory)
+    recomputed = units if policy == "auto" else (dit_cfg.depth if policy else 0)
+    parallel = ParallelConfig(mode="none", activation_checkpointing=policy, compile=compile_)
+    forward = parallelize(model, parallel, Dist(0, 1, 0, device, False), checkpoint_units=units)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     x0 = torch.randn(args.batch, c, t, h, w, device=device)
@@ -109,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device: {name}" + ("" if cuda else "  (no GPU: small config in fp32, the MFU figure is NOT meaningful)"))
     print(f"model: {num_params(model) / 1e6:.1f}M parameters, hidden {dit_cfg.hidden}, depth {dit_cfg.depth}, "
           f"heads {dit_cfg.heads}, patch {tuple(dit_cfg.patch)}; activation checkpointing "
-          f"{'on' if parallel.activation_checkpointing else 'off'}, compile {'on' if args.compile else 'off'}")
+          f"{policy} ({recomputed} of {dit_cfg.depth} blocks recomputed), compile {'on' if compile_ else 'off'}")
     print(f"bucket: {bucket.name} -> latents {c}x{t}x{h}x{w}, {tokens} tokens/sample, batch {args.batch}, "
           f"text {args.text_tokens} tokens")
     print(f"step: {seconds * 1e3:.1f} ms, tokens/s: {tokens_per_s:,.0f}, training FLOPs/token: {per_token / 1e9:.3g} G")

@@ -14,7 +14,7 @@ from spacetime import contract
 from tests.helpers import CONFIGS, ROOT
 from tests.train_data import make_dataset
 from training.dit import DiTConfig
-from training.memory import STATE_BYTES_PER_PARAM, context_needed, step_memory
+from training.memory import STATE_BYTES_PER_PARAM, blocks_to_checkpoint, context_needed, step_memory
 
 XL, XL_PARAMS, TOKENS = DiTConfig(), 829_000_000, 28_160  # issue #14's H200 measurements
 GIB = 2**30
@@ -54,3 +54,15 @@ def test_the_plan_command_prints_every_bucket(tmp_path, tiny_models):
     assert set(rows) == {"1x1_0p_16f", "1x1_0p_1f"}
     assert rows["1x1_0p_16f"][1] == "16" and rows["1x1_0p_16f"][4] == "1"  # 16 tokens: fits on one rank
     assert "8 rank(s)" in proc.stdout
+
+
+def test_partial_checkpointing_recomputes_only_the_blocks_memory_needs():
+    w, h = contract.Bucket.parse("16x9_720p_128f").target_size()
+    tokens = (1 + (128 - 1) // 4) * (h // 16) * (w // 16)
+    capacity = 141 * GIB
+    k = blocks_to_checkpoint(XL, XL_PARAMS, tokens, 1, capacity)
+    assert 0 < k < XL.depth  # some blocks, not all
+    assert step_memory(XL, XL_PARAMS, tokens, 1, checkpointing=k).total <= 0.9 * capacity
+    assert step_memory(XL, XL_PARAMS, tokens, 1, checkpointing=k - 1).total > 0.9 * capacity
+    assert blocks_to_checkpoint(XL, XL_PARAMS, TOKENS, 1, capacity) == 0  # 28k tokens fit without (measured 88 GiB)
+    assert blocks_to_checkpoint(XL, XL_PARAMS, tokens, 1, capacity, context=4) == 0  # a quarter of the tokens per rank

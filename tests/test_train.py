@@ -297,11 +297,11 @@ def test_activation_checkpointing_is_applied_from_outside_and_changes_no_result(
     from training.parallel import Dist, parallelize
     from training.train_config import ParallelConfig
 
-    def grads(ac: bool):
+    def grads(ac, units=None):
         torch.manual_seed(0)
         model = DiT(DiTConfig(hidden=32, depth=2, heads=2), in_channels=4, text_dim=8)
         forward = parallelize(model, ParallelConfig(mode="none", activation_checkpointing=ac),
-                              Dist(0, 1, 0, torch.device("cpu"), False))
+                              Dist(0, 1, 0, torch.device("cpu"), False), checkpoint_units=units)
         x, text = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 3, 8)
         forward(x, torch.rand(2), text, torch.ones(2, 3, dtype=torch.bool)).square().mean().backward()
         return model, {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
@@ -311,6 +311,11 @@ def test_activation_checkpointing_is_applied_from_outside_and_changes_no_result(
     assert type(wrapped.blocks[0]).__name__ == "CheckpointWrapper" and type(plain.blocks[0]).__name__ == "DiTBlock"
     assert set(get_model_state_dict(wrapped)) == set(plain.state_dict())  # checkpoints keep the model's names
     assert_bitwise_equal(g_ac, g_plain)
+    partial, g_partial = grads("auto", units=1)  # what the planner asks for: the first block only
+    assert [type(b).__name__ for b in partial.blocks] == ["CheckpointWrapper", "DiTBlock"]
+    assert_bitwise_equal(g_partial, g_plain)
+    none, _ = grads("auto", units=0)
+    assert [type(b).__name__ for b in none.blocks] == ["DiTBlock", "DiTBlock"]
 
 
 # ------------------------------------------------------------------------------------- config

@@ -35,10 +35,11 @@ RECOMPUTE = 48.3  # x hidden: the one block recomputed in backward (and its grad
 HEADROOM = 0.9  # of the device's memory: allocator fragmentation, NCCL buffers, the CUDA context
 
 
-def activation_bytes_per_token(cfg: DiTConfig, checkpointing: bool) -> float:
-    if checkpointing:
-        return (cfg.depth * KEPT_PER_BLOCK + RECOMPUTE) * cfg.hidden
-    return cfg.depth * ACT_PER_BLOCK * cfg.hidden
+def activation_bytes_per_token(cfg: DiTConfig, checkpointing: bool | int) -> float:
+    """Per token: `checkpointing` True (every block), False (none) or the number of blocks checkpointed."""
+    k = cfg.depth if checkpointing is True else int(checkpointing)
+    k = min(max(k, 0), cfg.depth)
+    return ((cfg.depth - k) * ACT_PER_BLOCK + k * KEPT_PER_BLOCK + (RECOMPUTE if k else 0.0)) * cfg.hidden
 
 
 @dataclass
@@ -52,7 +53,7 @@ class StepMemory:
 
 
 def step_memory(cfg: DiTConfig, params: int, tokens: int, batch: int, context: int = 1, shards: int = 1,
-                checkpointing: bool = False) -> StepMemory:
+                checkpointing: bool | int = False) -> StepMemory:
     """Estimated peak bytes per rank of one training step (module docstring)."""
     local = math.ceil(tokens / context) * batch
     return StepMemory(state=params * STATE_BYTES_PER_PARAM / shards,
@@ -75,21 +76,46 @@ def context_needed(cfg: DiTConfig, params: int, tokens: int, batch: int, capacit
     return None
 
 
+def blocks_to_checkpoint(cfg: DiTConfig, params: int, tokens: int, batch: int, capacity: float, context: int = 1,
+                         shards: int = 1, reserve: float = 0.0) -> int:
+    """Partial activation checkpointing: the fewest blocks to recompute so that a step of `tokens` x
+    `batch` (per rank: / context) fits `capacity` (x HEADROOM, minus `reserve`); every block when
+    even that does not fit (the start-of-run warning says so). Recomputing a block costs about a
+    third of its training FLOPs, so recomputing only what memory needs is the cheap end."""
+    budget = capacity * HEADROOM - reserve
+    for k in range(cfg.depth + 1):
+        if step_memory(cfg, params, tokens, batch, context, shards, k).total <= budget:
+            return k
+    return cfg.depth
+
+
 # ------------------------------------------------------------------------------------- planning
+def checkpoint_blocks(cfg, specs, params: int, capacity: float, world: int) -> int:
+    """Blocks to recompute for the run (parallel.activation_checkpointing: true -> all, false -> 0,
+    auto -> what its largest bucket needs at its parallel.context)."""
+    p = cfg.parallel
+    if p.activation_checkpointing != "auto":
+        return cfg.dit.depth if p.activation_checkpointing else 0
+    shards = world if p.mode == "fsdp" else 1
+    return max((blocks_to_checkpoint(cfg.dit, params, s.tokens, s.batch, capacity, p.context, shards) for s in specs),
+               default=0)
+
+
 def bucket_plan(cfg, specs, params: int, capacity: float, world: int) -> list[dict]:
-    """Per bucket of the loader's plan (training.data.index.BucketSpec): tokens, batch, estimated
-    GiB per rank at the configured context, and the context size it needs (checkpointing as
-    configured, and the alternative)."""
+    """Per bucket of the loader's plan (training.data.index.BucketSpec): tokens, batch, the blocks
+    recomputed, estimated GiB per rank at the configured context, and the context size it needs
+    (with checkpointing as configured; auto counts as every block) and with the alternative."""
     p = cfg.parallel
     shards = world if p.mode == "fsdp" else 1
+    k = checkpoint_blocks(cfg, specs, params, capacity, world)
+    ac = True if p.activation_checkpointing == "auto" else bool(p.activation_checkpointing)
     rows = []
     for s in specs:
-        est = step_memory(cfg.dit, params, s.tokens, s.batch, p.context, shards, p.activation_checkpointing)
+        est = step_memory(cfg.dit, params, s.tokens, s.batch, p.context, shards, k)
         rows.append({"bucket": s.name, "tokens": s.tokens, "batch": s.batch, "gib": est.total / 2**30,
-                     "context": context_needed(cfg.dit, params, s.tokens, s.batch, capacity, shards,
-                                               p.activation_checkpointing),
-                     "context_other_ac": context_needed(cfg.dit, params, s.tokens, s.batch, capacity, shards,
-                                                        not p.activation_checkpointing)})
+                     "checkpointed": k,
+                     "context": context_needed(cfg.dit, params, s.tokens, s.batch, capacity, shards, ac),
+                     "context_other_ac": context_needed(cfg.dit, params, s.tokens, s.batch, capacity, shards, not ac)})
     return rows
 
 
@@ -145,8 +171,9 @@ def cmd_plan(args) -> int:
         params = num_params(DiT(cfg.dit, in_channels=vae.latent_channels, text_dim=text_dim))
     specs = bucket_specs(read_index(cfg.loader.data, cfg.loader.s3), cfg.loader)
     p = cfg.parallel
+    k = checkpoint_blocks(cfg, specs, params, capacity, world)
     print(f"DiT {params / 1e6:.0f}M parameters; {world} rank(s), {p.mode}, activation checkpointing "
-          f"{'on' if p.activation_checkpointing else 'off'}, parallel.context {p.context}; "
+          f"{p.activation_checkpointing} ({k} of {cfg.dit.depth} blocks recomputed), parallel.context {p.context}; "
           f"{capacity / 2**30:.0f} GiB per GPU ({HEADROOM:.0%} usable). Estimates: training/memory.py")
     print(f"{'bucket':22s} {'tokens':>9s} {'batch':>5s} {'GiB/rank':>9s} {'needs context':>13s} "
           f"{'(AC ' + ('off' if p.activation_checkpointing else 'on') + ')':>9s}")

@@ -224,11 +224,18 @@ def _replace_units(model: nn.Module, fn) -> None:
         model.encoder, model.decoder = fn(model.encoder), fn(model.decoder)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute every unit's activations in backward (non-reentrant checkpoint wrapper)."""
+def apply_activation_checkpointing(model: nn.Module, units: int | None = None) -> None:
+    """Recompute the activations of the first `units` units (None: all) in backward (non-reentrant
+    checkpoint wrapper); the others keep theirs."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    _replace_units(model, checkpoint_wrapper)
+    count = [0]
+
+    def wrap(unit):
+        count[0] += 1
+        return checkpoint_wrapper(unit) if units is None or count[0] <= units else unit
+
+    _replace_units(model, wrap)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -255,12 +262,16 @@ def apply_fsdp(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> N
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, d: Dist) -> nn.Module:
-    """Apply AC, compile and FSDP2 in place; returns the module to call forward on (DDP-wrapped
-    under parallel.mode ddp with several processes, else `model` itself)."""
+def parallelize(model: nn.Module, cfg: ParallelConfig, d: Dist, checkpoint_units: int | None = None) -> nn.Module:
+    """Apply context parallelism, AC, compile and FSDP2 in place; returns the module to call
+    forward on (DDP-wrapped under parallel.mode ddp with several processes, else `model` itself).
+    `checkpoint_units`: how many units activation_checkpointing "auto" recomputes (the caller plans it)."""
     if d.context > 1:
         apply_context_parallel(model, d)
-    if cfg.activation_checkpointing:
+    if cfg.activation_checkpointing == "auto":
+        if checkpoint_units:
+            apply_activation_checkpointing(model, checkpoint_units)
+    elif cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
         apply_compile(model)

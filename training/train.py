@@ -91,12 +91,12 @@ class _Trainer:
     generator and autocast: everything a step and a checkpoint touch. Built in a fixed order after
     torch.manual_seed(cfg.seed), so every rank and every rerun starts from the same weights."""
 
-    def __init__(self, task: Task, cfg: TrainConfig, d: Dist):
+    def __init__(self, task: Task, cfg: TrainConfig, d: Dist, checkpoint_units: int | None = None):
         self.task, self.cfg, self.d = task, cfg, d
         self.model = task.model.to(d.device)
         log.info("%s: %.2fM trainable parameters, %d process(es), parallel %s, device %s", task.kind,
                  num_params(self.model) / 1e6, d.world_size, cfg.parallel.mode, d.device)
-        self.forward_model = parallelize(self.model, cfg.parallel, d)
+        self.forward_model = parallelize(self.model, cfg.parallel, d, checkpoint_units)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, d.device)
         self.ema = EMA(self.model, cfg.ema.decay)
         self.generator = torch.Generator(device=d.device)
@@ -172,13 +172,8 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
     task = build_task(kind, cfg, run_dir, d)
     cfg = sync_loader(cfg, *task.compression, task.patch)
     _prepare_run_dir(cfg, run_dir, d)
-    trainer = _Trainer(task, cfg, d)
     loader = BucketLoader(cfg.loader, d.dp_rank, d.dp_size)  # a context-parallel group reads one stream
-    if kind == "dit" and d.device.type == "cuda" and d.is_main:
-        from training.memory import warn_if_too_big
-
-        warn_if_too_big(cfg, loader.specs, num_params(task.model), torch.cuda.get_device_properties(d.device).total_memory,
-                        d.world_size, log)
+    trainer = _Trainer(task, cfg, d, _plan_memory(kind, cfg, task, loader, d))
     metrics = Metrics(run_dir, cfg.log.tensorboard, d.is_main)
     step, last_ckpt = trainer.resume(run_dir, loader, metrics)
     resumed_from = step if last_ckpt is not None else None
@@ -212,6 +207,25 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
         metrics.close()
     return {"step": step, "resumed_from": resumed_from, "checkpoint": str(last_ckpt) if last_ckpt else None,
             "metrics": last, "run_dir": str(run_dir)}
+
+
+def _plan_memory(kind: str, cfg: TrainConfig, task: Task, loader, d: Dist) -> int | None:
+    """On GPUs, for the DiT: the blocks activation_checkpointing "auto" recomputes (the same on every
+    rank) and a warning for buckets that will not fit (training.memory). None elsewhere."""
+    if kind != "dit" or d.device.type != "cuda":
+        if cfg.parallel.activation_checkpointing == "auto":
+            log.info("activation_checkpointing auto: no GPU memory to plan for, no block is recomputed")
+        return None
+    from training.memory import checkpoint_blocks, warn_if_too_big
+
+    params, capacity = num_params(task.model), torch.cuda.get_device_properties(d.device).total_memory
+    units = checkpoint_blocks(cfg, loader.specs, params, capacity, d.world_size)
+    if cfg.parallel.activation_checkpointing == "auto":
+        log.info("activation_checkpointing auto: %d of %d blocks recomputed (the largest bucket at parallel.context %d "
+                 "on %.0f GiB)", units, cfg.dit.depth, cfg.parallel.context, capacity / 2**30)
+    if d.is_main:
+        warn_if_too_big(cfg, loader.specs, params, capacity, d.world_size, log)
+    return units
 
 
 def _flops_per_token(task: Task, batches: list[dict]) -> float | None:

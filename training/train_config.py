@@ -105,7 +105,9 @@ class EMAConfig(StrictModel):
 class ParallelConfig(StrictModel):
     mode: Literal["none", "ddp", "fsdp"] = "ddp"  # none: one process only
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, gloo on CPU
-    activation_checkpointing: bool = False  # recompute each block in backward
+    # recompute blocks in backward: false | true (every block) | auto (on a GPU, the fewest blocks
+    # the largest bucket needs to fit its memory, by training.memory's model; CPU: none)
+    activation_checkpointing: bool | Literal["auto"] = False
     compile: bool = False  # torch.compile each block
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3)
