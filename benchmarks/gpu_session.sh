@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The ONE prepared script for a session that is lent a GPU (see ../shared/ENVIRONMENT.md): every GPU
+# figure the open trainer/curation issues ask for, as tables, in one run of about 8 minutes.
+#
+#   Here, once: echo /.whl/ >> .git/info/exclude, then download (python 3.12, manylinux x86_64,
+#   --no-deps) pydantic pydantic_core annotated-types typing-inspection typing-extensions pyyaml
+#   diffusers safetensors huggingface-hub into .whl (the device tool's README gives the pip command).
+#   There: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+#
+# Each step prints its own table; a failing step is reported and the next one runs.
+set -uo pipefail
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || echo "wheel install failed"
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+step() { echo; echo "=== $*"; timeout 240 "$@" 2>&1 | grep -v Warning | tee -a "$OUT/tables.txt" || echo "step failed: $*"; }
+# issue 14: the default training path (dit_xl.yaml: AC auto, compile per block), then the eager baseline
+step python3 benchmarks/dit_mfu.py --steps 8
+step python3 benchmarks/dit_mfu.py --steps 8 --ac off --compile off --no-count-flops
+# issue 14: the 1.3B shape against diffusers' Wan at the same shape, both with the config's policy
+step python3 benchmarks/dit_mfu.py --shape wan1.3b --bucket 16x9_360p_128f --reference wan --steps 8
+# issue 14: the cached-latent loader against the trainer's consumption (CPU-side, 16 cores there)
+step python3 benchmarks/loader_throughput.py --cache --token-budget 65536 --steps 20
