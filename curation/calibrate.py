@@ -12,12 +12,13 @@ that reaches the target precision with the most recall, and writes a PR-curve pl
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+
+from spacetime import contract
 
 # filter name -> (score key in manifest scores, side that is bad, config key of its threshold)
 FILTERS = {
@@ -63,7 +64,7 @@ def load(filter_name: str, manifest: Path, labels: Path) -> tuple[np.ndarray, np
     if filter_name not in FILTERS:
         raise ValueError(f"unknown filter {filter_name!r}; one of {', '.join(FILTERS)}")
     key = FILTERS[filter_name][0]
-    rows = {r["clip_id"]: json.loads(r["scores"] or "{}") for r in pq.read_table(manifest).to_pylist()}
+    rows = {r["clip_id"]: contract.scores_of(r["scores"]) for r in pq.read_table(manifest).to_pylist()}
     with open(labels, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"clip_id", "bad"} <= set(reader.fieldnames):

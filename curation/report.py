@@ -118,7 +118,7 @@ def _build(store: Store, report: Path, sheet_limit: int) -> str:
     config = yaml.safe_load(store.read_bytes("config.yaml")) if store.exists("config.yaml") else {}
     thumbs = set(store.list(f"{contract.REPORT_DIR}/thumbs", ".jpg"))
     for c in clips:
-        c["scores"] = json.loads(c["scores"] or "{}")
+        c["scores"] = contract.scores_of(c["scores"])
         c["duration"] = (c["end_time"] or 0) - (c["start_time"] or 0)
     kept = [c for c in clips if c["status"] == "kept"]
     hours = lambda cs: sum(c["duration"] for c in cs) / 3600  # noqa: E731

@@ -391,7 +391,7 @@ def finalize(run: RunDir, units: list[list[str]], wall_start: float, versions: d
                 mark_duplicate(r, first)
             apply_near_duplicates(records, committed.get("near_duplicates", {}))
             shard_of = {row["clip_id"]: row["shard"] for row in committed["index"]}
-            clips = [dict(c, shard=shard_of.get(c["clip_id"]), scores=json.dumps(c.get("scores") or {}, sort_keys=True))
+            clips = [dict(c, shard=shard_of.get(c["clip_id"]), scores=contract.score_columns(c.get("scores")))
                      for r in records for c in r["clips"]]
             rows = {contract.INDEX_PATH: committed["index"], contract.SOURCES_MANIFEST: [r["source"] for r in records],
                     contract.CLIPS_MANIFEST: clips}

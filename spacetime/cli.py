@@ -155,6 +155,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from curation.inspect import inspect
+
+    print(inspect(args.output, args.samples, args.seed))
+    return 0
+
+
 # -------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -243,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)build OUT/report/index.html of a curation output")
     p.add_argument("output", metavar="OUT", help="a `spacetime curate` output: folder or s3://bucket/prefix")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("inspect", help="summarise a curation output in the terminal (sources, clips by reason, "
+                                       "hours, buckets, captions) and show random clips with their captions")
+    p.add_argument("output", metavar="OUT", help="a `spacetime curate` output: folder or s3://bucket/prefix")
+    p.add_argument("--samples", type=int, default=0, metavar="N", help="also show N random kept clips")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --samples draw")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 

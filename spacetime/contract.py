@@ -63,14 +63,20 @@ def version_file(folder: str, rel: str) -> str:
     return f"{folder}/{Path(rel).name}"
 
 
-def published_index(store) -> str:
-    """The index a reader should read on `store` (a spacetime.store.Store): the one of the version
-    latest.json points at, else (an output written before versions) the stable shards/index.parquet."""
+def published_file(store, rel: str) -> str:
+    """Where a reader should read the stable file `rel` (INDEX_PATH, a manifest, SUMMARY_PATH) on
+    `store` (a spacetime.store.Store): the copy of the version latest.json points at, else (an output
+    written before versions) `rel` itself."""
     import json
 
     if store.exists(LATEST_PATH):
-        return version_file(json.loads(store.read_bytes(LATEST_PATH))["path"], INDEX_PATH)
-    return INDEX_PATH
+        return version_file(json.loads(store.read_bytes(LATEST_PATH))["path"], rel)
+    return rel
+
+
+def published_index(store) -> str:
+    """The index a reader should read on `store`: `published_file(store, INDEX_PATH)`."""
+    return published_file(store, INDEX_PATH)
 
 
 def shard_path(bucket: str, number: int, unit: int = 0) -> str:
@@ -184,6 +190,42 @@ SOURCES_SCHEMA = pa.schema([
     ("num_kept", pa.int32()),
 ])
 
+# Every filter score a clip record can hold (`ClipRecord.scores`), one float column each in the clips
+# manifest's `scores` struct (null where the filter did not measure it): DuckDB / pandas / pyarrow
+# filter on `scores.aesthetic > 5` with no JSON. A filter that adds a score adds its name here.
+SCORE_FIELDS: tuple[str, ...] = (
+    "aesthetic",  # filters.aesthetic: CLIP + aesthetic head, ~1..10
+    "motion", "shake", "camera_pan_x", "camera_pan_y", "camera_zoom",  # filters.motion: optical flow
+    "sharpness",  # filters.sharpness: variance of the Laplacian
+    "luma_mean", "luma_clipped",  # filters.exposure
+    "border_area",  # filters.borders: fraction of the frame cut away as black borders
+    "text_area", "text_band",  # filters.text: burned-in text (PP-OCR); band rows (+ bottom, - top)
+)
+SCORES_TYPE = pa.struct([(name, pa.float64()) for name in SCORE_FIELDS])
+
+
+def score_columns(scores: dict[str, float] | None) -> dict[str, float | None]:
+    """A record's scores as the manifest's struct (every field; null where not measured). An unknown
+    score name is an error: it would otherwise vanish from the manifest."""
+    scores = scores or {}
+    unknown = sorted(set(scores) - set(SCORE_FIELDS))
+    if unknown:
+        raise ValueError(f"scores {unknown} are not in spacetime.contract.SCORE_FIELDS: add them there")
+    return {name: (float(scores[name]) if name in scores else None) for name in SCORE_FIELDS}
+
+
+def scores_of(value) -> dict[str, float]:
+    """A manifest row's `scores` -> {name: value} of the measured ones; reads the struct, and the JSON
+    string that outputs written before typed scores hold."""
+    import json
+
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return json.loads(value or "{}")
+    return {k: v for k, v in value.items() if v is not None}
+
+
 CLIPS_SCHEMA = pa.schema([
     ("clip_id", pa.string()),
     ("source_uri", pa.string()),
@@ -201,11 +243,46 @@ CLIPS_SCHEMA = pa.schema([
     ("bucket", pa.string()),
     ("extract_mode", pa.string()),  # copy | partial | reencode | copy_only
     ("skip_frames", pa.int32()),  # leading frames of the clip file before its span (copy_only clips)
-    ("scores", pa.string()),  # JSON object of every filter score
+    ("scores", SCORES_TYPE),  # every filter score, typed (SCORE_FIELDS); null where not measured
     ("ocr_text", pa.string()),  # burned-in text the text filter read
     ("caption", pa.string()),
     ("shard", pa.string()),
 ])
+
+
+# The typed (Arrow) view of `<key>.json` (spacetime.record.ClipRecord), for readers that need a schema
+# up front: Hugging Face `datasets` infers one from a shard's first 5 samples, and a field that is
+# null there (an open-ended span's end_pts, a crop, a caption) and set later breaks that inference.
+# The provenance dicts keep their main keys here (the JSON in the tar keeps everything).
+_CAPTION_ARROW = pa.struct([
+    ("dense", pa.string()), ("short", pa.string()), ("subjects", pa.list_(pa.string())),
+    ("actions", pa.list_(pa.string())), ("scene", pa.string()), ("camera_motion", pa.string()),
+    ("shot_type", pa.string()), ("lighting", pa.string()), ("style", pa.string()), ("on_screen_text", pa.string()),
+    ("provenance", pa.struct([("engine", pa.string()), ("model", pa.string()), ("model_digest", pa.string()),
+                              ("prompt_version", pa.string()), ("prompt_hash", pa.string()), ("seed", pa.int64()),
+                              ("frames", pa.int64())])),
+])
+RECORD_ARROW = pa.struct([
+    ("schema_version", pa.int64()), ("clip_id", pa.string()),
+    ("source", pa.struct([("uri", pa.string()), ("digest", pa.string()), ("digest_kind", pa.string())])),
+    ("span", pa.struct([("start_frame", pa.int64()), ("end_frame", pa.int64()), ("start_time", pa.float64()),
+                        ("end_time", pa.float64()), ("start_pts", pa.int64()), ("end_pts", pa.int64())])),
+    ("fps", pa.float64()), ("width", pa.int64()), ("height", pa.int64()), ("num_frames", pa.int64()),
+    ("duration", pa.float64()), ("rotation", pa.int64()), ("crop", pa.list_(pa.int64())), ("bucket", pa.string()),
+    ("extract_mode", pa.string()), ("skip_frames", pa.int64()), ("sampled_idx", pa.list_(pa.int64())),
+    ("scores", SCORES_TYPE), ("ocr_text", pa.string()), ("caption", _CAPTION_ARROW),
+    ("provenance", pa.struct([("spacetime", pa.string()), ("torch", pa.string()), ("av", pa.string())])),
+])
+SAMPLE_ARROW = pa.schema([(VIDEO_EXT, pa.binary()), (RECORD_EXT, RECORD_ARROW), (CAPTION_EXT, pa.string()),
+                          ("__key__", pa.string()), ("__url__", pa.string())])
+
+
+def hf_features():
+    """`datasets.Features` of a shard sample (mp4 bytes, the typed record, the dense caption), for
+    load_dataset("webdataset", data_files=..., features=hf_features()). Needs `datasets`."""
+    import datasets
+
+    return datasets.Features.from_arrow_schema(SAMPLE_ARROW)
 
 
 def table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

@@ -81,3 +81,21 @@ def test_a_failed_write_leaves_no_shard(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         contract.write_shard(tmp_path / "x.tar", samples())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_typed_record_view_covers_every_record_field():
+    """RECORD_ARROW (readers that need a schema up front) names every field of the clip record."""
+    from spacetime.record import Caption, ClipRecord, SourceRef, Span
+
+    record = contract.RECORD_ARROW
+    assert {record.field(i).name for i in range(record.num_fields)} == set(ClipRecord.model_fields)
+    for name, model in (("source", SourceRef), ("span", Span)):
+        t = record.field(name).type
+        assert {t.field(i).name for i in range(t.num_fields)} == set(model.model_fields), name
+    caption = record.field("caption").type
+    assert {caption.field(i).name for i in range(caption.num_fields)} == set(Caption.model_fields)
+    scores = record.field("scores").type
+    assert [scores.field(i).name for i in range(scores.num_fields)] == list(contract.SCORE_FIELDS)
+    with pytest.raises(ValueError, match="SCORE_FIELDS"):
+        contract.score_columns({"aesthetic": 5.0, "made_up": 1.0})
+    assert contract.scores_of('{"aesthetic": 5.0}') == {"aesthetic": 5.0}  # outputs written before typed scores

@@ -4,7 +4,7 @@ One curation run over generated media with known ground truth, real footage and 
 input (module fixture); the tests below assert on what it wrote.
 """
 
-import json
+import io
 import shutil
 
 import av
@@ -190,7 +190,8 @@ def test_every_written_record_round_trips_through_the_typed_record(curated):
         assert record.schema_version == SCHEMA_VERSION
         row = manifest[record.clip_id]
         assert (record.span.start_frame, record.span.end_frame) == (row["start_frame"], row["end_frame"])
-        assert record.scores == json.loads(row["scores"]) and record.scores
+        assert record.scores == contract.scores_of(row["scores"]) and record.scores
+        assert set(row["scores"]) == set(contract.SCORE_FIELDS)  # typed: one column per score
         assert record.extract_mode == row["extract_mode"] and record.provenance["spacetime"]
         assert record.caption is not None and record.caption.short
 
@@ -272,3 +273,71 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(curated):
     assert corrupt["num_frames"] > 60  # frames after the damaged packets were recovered
     for name in curated["truth"]:
         assert _source(curated, name)["status"] == "ok"
+
+
+# --------------------------------------------------------------------------- readers people use
+def test_hugging_face_datasets_loads_the_shards(curated, tmp_path):
+    """load_dataset("webdataset") with the contract's features (HF infers types from a shard's first
+    5 samples otherwise, and an optional field set only later breaks that)."""
+    from datasets import load_dataset
+
+    out = curated["out"]
+    ds = load_dataset("webdataset", data_files={"train": f"{out}/shards/*/*.tar"}, features=contract.hf_features(),
+                      split="train", cache_dir=str(tmp_path / "hf"))
+    index = {r["key"]: r for r in pq.read_table(out / contract.INDEX_PATH).to_pylist()}
+    assert sorted(ds["__key__"]) == sorted(index)
+    for row in ds:
+        record = row["json"]
+        assert record["clip_id"] == row["__key__"] and record["bucket"] == index[row["__key__"]]["bucket"]
+        assert row["txt"] == (record["caption"]["dense"] if record["caption"] else "")
+        assert record["scores"]["aesthetic"] is not None
+    with av.open(io.BytesIO(ds[0]["mp4"])) as c:
+        assert next(c.decode(video=0)).width == index[ds[0]["__key__"]]["width"]
+
+
+def test_duckdb_queries_index_and_typed_scores(curated):
+    import duckdb
+
+    out = curated["out"]
+    index, clips = out / contract.INDEX_PATH, out / contract.CLIPS_MANIFEST
+    rows = pq.read_table(clips).to_pylist()
+    threshold = sorted(r["scores"]["aesthetic"] for r in rows if r["scores"]["aesthetic"] is not None)[0]
+    got = {r[0] for r in duckdb.sql(f"select clip_id from '{clips}' where scores.aesthetic > {threshold}").fetchall()}
+    assert got == {r["clip_id"] for r in rows if (r["scores"]["aesthetic"] or 0) > threshold} and got
+    joined = duckdb.sql(f"select count(*) from '{index}' i join '{clips}' c using (clip_id) "
+                        "where c.status = 'kept'").fetchone()[0]
+    assert joined == pq.read_metadata(index).num_rows
+
+
+def test_a_plain_webdataset_pipeline_reads_every_sample(curated):
+    out = curated["out"]
+    index = pq.read_table(out / contract.INDEX_PATH).to_pylist()
+    tars = sorted({str(out / r["shard"]) for r in index})
+    seen = {}
+    for sample in wds.WebDataset(tars, shardshuffle=False).decode():
+        assert sample["json"]["clip_id"] == sample["__key__"] and isinstance(sample["txt"], str)
+        seen[sample["__key__"]] = len(sample["mp4"])
+    assert sorted(seen) == sorted(r["key"] for r in index) and min(seen.values()) > 0
+
+
+def test_inspect_summarises_what_curate_wrote(curated):
+    import subprocess
+    import sys
+
+    from curation.inspect import summarize
+    from tests.helpers import ROOT
+
+    out = curated["out"]
+    clips = pq.read_table(out / contract.CLIPS_MANIFEST).to_pylist()
+    index = pq.read_table(out / contract.INDEX_PATH).to_pylist()
+    s = summarize(str(out))
+    assert s["clips_total"] == len(clips) and s["clips"]["kept"] == len(index)
+    assert sum(s["buckets"].values()) == len(index) and s["captioned"] == sum(1 for c in clips if c["caption"]
+                                                                               and c["status"] == "kept")
+    proc = subprocess.run([sys.executable, "-m", "spacetime", "inspect", str(out), "--samples", "2"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    shown = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("clip ")]
+    assert len(shown) == 2 and set(shown) <= {r["clip_id"] for r in index}
+    caption = next(c["caption"] for c in clips if c["clip_id"] == shown[0])
+    assert f"caption: {caption}" in proc.stdout and f"clips    {len(clips)}:" in proc.stdout

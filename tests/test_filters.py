@@ -64,7 +64,7 @@ def test_default_thresholds_separate_labelled_clips(filtered):
 
 def test_every_clip_is_scored_kept_or_not(filtered):
     for uri, clip in filtered["clips"].items():
-        scores = json.loads(clip["scores"])
+        scores = contract.scores_of(clip["scores"])
         for key in ("border_area", "luma_mean", "luma_clipped", "sharpness", "motion", "shake", "aesthetic"):
             assert key in scores, (uri, key)
         assert 1.0 <= scores["aesthetic"] <= 10.0
@@ -95,7 +95,7 @@ def test_subtitle_band_is_cropped_and_its_text_recorded(filtered):
     uri = str(filtered["truth"]["subtitled.mp4"].path.resolve())
     clip = filtered["clips"][uri]
     width, height = filtered["truth"]["subtitled.mp4"].size
-    scores = json.loads(clip["scores"])
+    scores = contract.scores_of(clip["scores"])
     assert scores["text_area"] > 0.01 and scores["text_band"] > 0
     x, y, w, h = _record(filtered["out"], clip)["crop"]
     assert (x, y, w) == (0, 0, width) and 0.75 * height <= h <= 0.93 * height  # subtitles sit 7-13% up
@@ -103,7 +103,7 @@ def test_subtitle_band_is_cropped_and_its_text_recorded(filtered):
     assert len(words & set(re.findall(r"[a-z]+", " ".join(tm.SUBTITLES).lower()))) >= 2, clip["ocr_text"]
     for name in ("moving.mp4", "letterboxed.mp4"):
         clean = filtered["clips"][str(filtered["truth"][name].path.resolve())]
-        assert json.loads(clean["scores"])["text_area"] == 0.0 and clean["ocr_text"] is None
+        assert contract.scores_of(clean["scores"])["text_area"] == 0.0 and clean["ocr_text"] is None
     captioned = filtered["clips"][str(filtered["truth"]["captioned.mp4"].path.resolve())]
     assert "filters.text.max_area" in captioned["reason"] and "news" in captioned["ocr_text"].lower()
 
@@ -143,8 +143,8 @@ def test_calibrate_finds_a_separating_threshold(filtered, tmp_path):
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("threshold for precision"))
     assert "precision 1.000, recall 1.000" in line
     threshold = float(line.split(":")[1].split()[0])
-    blurred = json.loads(next(c for u, c in filtered["clips"].items() if "blur" in u and
-                              filtered["expected"][u] == "sharpness")["scores"])["sharpness"]
+    blurred = contract.scores_of(next(c for u, c in filtered["clips"].items() if "blur" in u and
+                                      filtered["expected"][u] == "sharpness")["scores"])["sharpness"]
     assert threshold > blurred
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
