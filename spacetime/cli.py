@@ -156,7 +156,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from curation.inspect import inspect
+    from curation.inspection import inspect
 
     print(inspect(args.output, args.samples, args.seed))
     return 0

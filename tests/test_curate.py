@@ -324,7 +324,7 @@ def test_inspect_summarises_what_curate_wrote(curated):
     import subprocess
     import sys
 
-    from curation.inspect import summarize
+    from curation.inspection import summarize
     from tests.helpers import ROOT
 
     out = curated["out"]
