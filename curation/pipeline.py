@@ -319,25 +319,37 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | 
     for i, spec in enumerate(stages(cfg, out, known)):
         ds = _apply(ds, spec, (token, i))
     last_log = time.time()
-    with tqdm(total=len(pending), desc="sources", unit="src", disable=None) as bar:
+    # on a terminal a live bar (tqdm disables itself elsewhere); off one, the same figures as a log line
+    # every progress.log_every_s
+    with tqdm(total=len(pending), desc="sources", unit="src", disable=None, dynamic_ncols=True) as bar:
         for row in ds.iter_rows():
             meta = unpack(row)[0]
             if tracker.add(meta):
                 bar.update(1)
+                bar.set_postfix_str(progress_line(tracker.counts, len(pending), time.time() - wall_start, cores,
+                                                  short=True), refresh=False)
                 writer.source_done(meta["source"]["uri"])
             writer.poll()
             if cfg.progress.log_every_s and time.time() - last_log >= cfg.progress.log_every_s:
                 last_log = time.time()
-                _log_progress(tracker.counts, len(pending), last_log - wall_start, cores)
+                log.info("%s", progress_line(tracker.counts, len(pending), last_log - wall_start, cores))
 
 
-def _log_progress(counts, total: int, wall: float, cores: float) -> None:
+def progress_line(counts, total: int, wall: float, cores: float, short: bool = False) -> str:
+    """Sources done / total, clips kept / rejected / failed, video-hours per wall-hour and an ETA
+    (the remaining sources at the mean time per source so far)."""
     from curation.write import throughput
 
-    rates = throughput(counts["video_seconds"], counts["clips"], wall, cores)
-    log.info("%d/%d sources, %d clips (%d kept); %.2f video-h per wall-h, %s per core-h, %.2f clips/s",
-             counts["sources"], total, counts["clips"], counts["kept"], rates["video_hours_per_wall_hour"],
-             rates["video_hours_per_core_hour"], rates["clips_per_second"])
+    done = counts["sources"]
+    rate = throughput(counts["video_seconds"], counts["clips"], wall, cores)["video_hours_per_wall_hour"]
+    eta = wall / done * (total - done) if done else None
+    eta_text = "?" if eta is None else (f"{eta / 60:.0f} min" if eta >= 120 else f"{eta:.0f} s")
+    clips = f"kept {counts['kept']}, rejected {counts['rejected']}, failed {counts['failed']}"
+    if short:
+        return f"{clips}; {rate:.2f} video-h/h; ETA {eta_text}"
+    failed = f" ({counts['failed_sources']} failed)" if counts["failed_sources"] else ""
+    return (f"{done}/{total} sources{failed}; clips {clips}; {rate:.2f} video-h per wall-h; "
+            f"ETA {eta_text}")
 
 
 def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address: str | None = None) -> dict:

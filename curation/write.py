@@ -142,6 +142,9 @@ class CompletionTracker:
         record = {"source": source, "clips": clips, "timings": dict(timings)}
         self.run.store.write(self.run.done_path(uri), json.dumps(record, sort_keys=True))
         self.counts.update(sources=1, clips=len(clips), kept=source["num_kept"],
+                           rejected=sum(c["status"] == "rejected" for c in clips),
+                           failed=sum(c["status"] == "failed" for c in clips),
+                           failed_sources=int(source["status"] == "failed"),
                            video_seconds=(source.get("duration") or 0) if source["status"] == "ok" else 0)
 
 

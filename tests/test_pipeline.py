@@ -60,3 +60,17 @@ def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_poo
     assert kinds["aesthetic"] == ("ActorPoolStrategy", 0, 1, 3)
     assert kinds["extract"] == ("TaskPoolStrategy", 0.5, None, None)
     assert all(k[0] == "TaskPoolStrategy" and k[1] == 1.0 for name, k in kinds.items() if name not in ("aesthetic", "extract"))
+
+
+def test_the_progress_line_counts_clips_by_fate_and_estimates_the_rest():
+    from collections import Counter
+
+    from curation.pipeline import progress_line
+
+    counts = Counter(sources=3, clips=7, kept=4, rejected=2, failed=1, failed_sources=1, video_seconds=360)
+    line = progress_line(counts, total=10, wall=30.0, cores=2.0)
+    # 6 min of video in 30 s of wall time = 12 video-h per wall-h; 7 sources left at 10 s each
+    assert line == "3/10 sources (1 failed); clips kept 4, rejected 2, failed 1; 12.00 video-h per wall-h; ETA 70 s"
+    assert progress_line(counts, 10, 30.0, 2.0, short=True).endswith("12.00 video-h/h; ETA 70 s")
+    assert progress_line(counts, 100, 30.0, 2.0).endswith("ETA 16 min")  # 97 x 10 s
+    assert progress_line(Counter(), 10, 5.0, 2.0).endswith("ETA ?")
