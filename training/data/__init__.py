@@ -20,6 +20,8 @@ How a sample travels, one module per stage:
                 the bucket's size and centre-cropped; the caption drawn for this epoch.
     dataset.py  a Step -> this rank's slice of it, read from the shards by random access, decoded
                 in a DataLoader worker into one batch tensor; corrupt samples replaced.
+    latents.py  (latent caches, training.cache) one cache entry -> its posterior and the encoder
+                rows of the caption drawn for the epoch, instead of decode.py
     loader.py   DataLoader workers over the dataset -> batches in step order, with the state after
                 each batch (what a checkpoint saves), stats and logs.
 

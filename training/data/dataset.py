@@ -93,7 +93,7 @@ class BucketDataset(IterableDataset):
         caption = choose_caption(record, caption_draw(self.state.seed, epoch, s.clip_id[i]), self.cfg)
         return {"caption": caption, "clip_id": s.clip_id[i], "cropped": cropped, "fps": float(s.fps[i]) / stride}
 
-    def load_cached(self, i: int, spec: BucketSpec, epoch: int, reader: ShardReader, out=None) -> dict:
+    def load_cached(self, i: int, spec: BucketSpec, epoch: int, reader: ShardReader) -> dict:
         """Cache entry i: its posterior and the encoder rows of the caption drawn for `epoch`."""
         s = self.samples
         parts = reader.read(s.shard[i], s.key[i], exts=contract.CACHE_EXTS, required=contract.LATENT_EXT)

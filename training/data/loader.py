@@ -4,6 +4,8 @@
     loader.load_state_dict(checkpoint["loader"])     # optional: exact resume
     for batch in loader:                             # endless; epochs roll over
         batch["video"]    # float32 [B, C=3, T, H, W] in [-1, 1]; T, H, W: the bucket's frames and size
+                          # (latent caches instead: batch["latent"] [B, 2, C, T', H', W'] posterior mean
+                          # and log-variance, batch["text"] [B, L, D], batch["text_mask"] [B, L])
         batch["caption"]  # list[str], B;  batch["clip_id"]: list[str], B;  batch["bucket"]: str
         batch["fps"]      # list[float], B: frame rate of the T frames
         batch["stats"]    # this step: epoch, step, bucket, samples, tokens, wait_s (the trainer's
