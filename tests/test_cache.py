@@ -219,3 +219,17 @@ def test_a_broken_clip_is_recorded_and_the_rest_cached(data, env, tmp_path):
     assert manifest["errors"] == 1 and manifest["error_list"][0]["clip_id"] == victim["clip_id"]
     cached = {r["clip_id"] for r in pq.read_table(out / contract.CACHE_INDEX).to_pylist()}
     assert victim["clip_id"] not in cached and len(cached) == 13
+
+
+def test_training_from_the_cache_resumes_exactly(straight, env, tmp_path):
+    """Stopped at step 2 and rerun to 4 = straight to 4, bitwise (loader state, RNG, optimizer)."""
+    sets = ["vae.sample_posterior=true", "loader.caption_dropout=0.3", "checkpoint.every=2", "checkpoint.keep=0"]
+    flags = [x for s in sets for x in ("--set", s)]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run([*spacetime("dit", "--data", str(straight), "--output", str(whole), "--max-steps", "4"), *flags], env)
+    for steps in ("2", "4"):
+        run([*spacetime("dit", "--data", str(straight), "--output", str(parts), "--max-steps", steps), *flags], env)
+    a, b = (load_file(latest_checkpoint(p) / "model.safetensors") for p in (whole, parts))
+    assert latest_checkpoint(parts).name == "step-00000004"
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
