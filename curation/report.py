@@ -2,8 +2,11 @@
 
 What was kept and why: the funnel (inputs -> clips -> kept, per stage, with hours), score histograms
 with the thresholds drawn, distributions of duration, aspect ratio and resolution, clips and hours
-per bucket, contact sheets of kept clips and of rejected clips grouped by reason, and the error
-table. Written at the end of every `spacetime curate`; `spacetime report OUT` rebuilds it.
+per bucket, the captions (length distribution, most common words and phrases, a sample beside their
+frames), contact sheets of kept clips (each card shows its caption; opening it shows the whole
+caption and every score) and of rejected clips grouped by reason (a card says why it has no
+thumbnail where none can exist), the error table, and the time of every stage. Written at the end
+of every `spacetime curate`; `spacetime report OUT` rebuilds it.
 """
 
 from __future__ import annotations
@@ -77,23 +80,85 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _no_thumbnail(clip: dict) -> str:
+    """Why a clip's card has no picture."""
+    if _reason_key(clip) == "too_short":
+        return "no thumbnail: rejected as too short before any frame was sampled"
+    if clip["status"] == "failed":
+        return "no thumbnail: the clip failed before its frames were sampled"
+    return "no thumbnail: no frame of this clip was sampled"
+
+
+def _card(c: dict, thumbs: set[str]) -> str:
+    """One contact-sheet card: thumbnail (or why there is none), source and span, the caption; its
+    <details> holds the whole caption and every score."""
+    thumb = f"{c['clip_id']}.jpg"
+    title = f"{Path(c['source_uri']).name} [{c['start_frame']}:{c['end_frame']})"
+    notes = []
+    if c.get("duplicate_of"):
+        notes.append(f"near-duplicate of {c['duplicate_of']}")
+    if c.get("ocr_text"):
+        notes.append(f"text ({c['scores'].get('text_area', 0.0):.3f} of the frame): {c['ocr_text'][:60]}")
+    if c["status"] != "kept" and c.get("reason"):
+        notes.append(c["reason"][:120])
+    picture = (f'<img src="thumbs/{thumb}" alt="{html.escape(title)}" loading="eager">' if thumb in thumbs
+               else f'<div class="nothumb">{html.escape(_no_thumbnail(c))}</div>')
+    caption = c.get("caption") or ""
+    short = f'<p class="caption">{html.escape(caption[:140])}{"…" if len(caption) > 140 else ""}</p>' if caption else ""
+    scores = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in sorted(c["scores"].items()))
+    details = (f'<details><summary>details</summary><p class="clipid">{c["clip_id"]} · {c["bucket"] or "-"} · '
+               f'{c["duration"]:.2f} s · {c["width"]}x{c["height"]}</p>'
+               + (f'<p class="dense">{html.escape(caption)}</p>' if caption else "")
+               + (f"<table>{scores}</table>" if scores else "") + "</details>")
+    extra = "".join(f'<br><small class="note">{html.escape(n)}</small>' for n in notes)
+    return (f'<figure data-clip="{c["clip_id"]}">{picture}<figcaption>{html.escape(title)}{extra}{short}{details}'
+            "</figcaption></figure>")
+
+
 def _sheet(clips: list[dict], thumbs: set[str], limit: int) -> str:
-    cells = []
-    for c in clips[:limit]:
-        thumb = f"{c['clip_id']}.jpg"
-        if thumb in thumbs:
-            caption = f"{Path(c['source_uri']).name} [{c['start_frame']}:{c['end_frame']})"
-            notes = []
-            if c.get("duplicate_of"):
-                notes.append(f"near-duplicate of {c['duplicate_of']}")
-            if c.get("ocr_text"):
-                area = c["scores"].get("text_area", 0.0)
-                notes.append(f"text ({area:.3f} of the frame): {c['ocr_text'][:60]}")
-            extra = "".join(f'<br><small class="note">{html.escape(n)}</small>' for n in notes)
-            cells.append(f'<figure><img src="thumbs/{thumb}" alt="{html.escape(caption)}" loading="eager">'
-                         f"<figcaption>{html.escape(caption)}{extra}</figcaption></figure>")
+    cells = [_card(c, thumbs) for c in clips[:limit]]
     more = f"<p>… and {len(clips) - limit} more</p>" if len(clips) > limit else ""
     return f'<div class="sheet">{"".join(cells) or "<p>none</p>"}</div>{more}'
+
+
+_STOP = set("a an the of and or in on at to with from by for is are was were be its it this that as into "
+            "while over under near".split())
+
+
+def _captions(kept: list[dict], thumbs: set[str], report: Path) -> tuple[str, list[str]]:
+    """The caption section (HTML) and its plot: length distribution, common words and phrases, and
+    a sample of captions beside their frames."""
+    import re
+
+    captions = [c for c in kept if c.get("caption")]
+    if not captions:
+        return "<p>no captions (curated with caption: null, or no clip kept)</p>", []
+    words = [re.findall(r"[a-z']+", c["caption"].lower()) for c in captions]
+    plot = _plot(report / "plots" / "caption_words.png", _hist({"kept": [len(w) for w in words]}, "words per caption"))
+    common = Counter(w for ws in words for w in ws if w not in _STOP and len(w) > 2).most_common(20)
+    phrases = Counter(" ".join(ws[i:i + 3]) for ws in words for i in range(len(ws) - 2)).most_common(10)
+    rows = []
+    for c in captions[:8]:
+        thumb = f"{c['clip_id']}.jpg"
+        picture = f'<img src="thumbs/{thumb}" width="160" alt="frame">' if thumb in thumbs else ""
+        rows.append(f"<tr><td>{picture}</td><td>{html.escape(c['caption'])}</td></tr>")
+    body = (f"<p>{len(captions)} of {len(kept)} kept clips captioned; words per caption: median "
+            f"{sorted(len(w) for w in words)[len(words) // 2]}.</p>"
+            f'<div class="plots"><img src="{plot}" alt="{plot}"></div>'
+            f"<p>Most common words: {html.escape(', '.join(f'{w} ({n})' for w, n in common))}</p>"
+            f"<p>Most common phrases: {html.escape(', '.join(f'{w} ({n})' for w, n in phrases))}</p>"
+            f'<table class="captions">{"".join(rows)}</table>')
+    return body, [plot]
+
+
+def _stage_plot(stage_seconds: dict[str, float], report: Path) -> str:
+    def draw(ax):
+        names = list(stage_seconds)
+        ax.barh(names, [stage_seconds[n] for n in names], color="#4a7")
+        ax.invert_yaxis()
+        ax.set_title("time per stage (s, summed over workers)", fontsize=9)
+        ax.tick_params(labelsize=7)
+    return _plot(report / "plots" / "stages.png", draw)
 
 
 def build_report(out: str | Path | Store, sheet_limit: int = 48) -> str:
@@ -160,6 +225,9 @@ def _build(store: Store, report: Path, sheet_limit: int) -> str:
     rejected_sheets = "".join(
         f"<h3>{html.escape(reason)} ({len(cs)})</h3>{_sheet(cs, thumbs, sheet_limit // 2)}"
         for reason, cs in sorted(by_reason.items()) if reason != "failed")
+    caption_section, _ = _captions(kept, thumbs, report)
+    stage_seconds = dict(sorted(summary.get("stage_seconds", {}).items(), key=lambda kv: -kv[1]))
+    stage_plot = _stage_plot(stage_seconds, report) if stage_seconds else None
 
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>spacetime curation report</title>
@@ -170,6 +238,9 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
 .plots img {{ margin: 4px; border: 1px solid #ddd; }}
 .sheet {{ display: flex; flex-wrap: wrap; gap: 6px; }}
 figure {{ margin: 0; width: 192px; font-size: 10px; }} figure img {{ width: 192px; }}
+.nothumb {{ width: 188px; height: 100px; border: 1px dashed #bbb; color: #666; padding: 2px; }}
+.caption {{ margin: 2px 0; color: #333; }} .dense {{ font-size: 11px; }} details table {{ font-size: 10px; }}
+table.captions td {{ vertical-align: top; font-size: 12px; max-width: 800px; }}
 </style></head><body>
 <h1>spacetime curation report</h1>
 <p>{summary["sources"]["total"]} inputs, {summary["clips"]["total"]} candidate clips, {summary["clips"]["kept"]} kept in
@@ -177,10 +248,13 @@ figure {{ margin: 0; width: 192px; font-size: 10px; }} figure img {{ width: 192p
 <h2>Funnel</h2>{_table(["stage", "clips", "hours"], funnel)}
 <h2>Scores and distributions</h2><div class="plots">{"".join(f'<img src="{p}" alt="{p}">' for p in plots)}</div>
 <h2>Buckets</h2>{_table(["bucket", "clips", "hours"], bucket_rows)}
+<h2>Captions</h2>{caption_section}
 <h2>Kept clips ({len(kept)})</h2>{_sheet(kept, thumbs, sheet_limit)}
 <h2>Rejected clips, by reason</h2>{rejected_sheets or "<p>none</p>"}
 <h2>Errors ({len(errors)})</h2>{_table(["input", "error"], errors) if errors else "<p>none</p>"}
-<h2>Stage times (s)</h2>{_table(["stage", "seconds"], [[k, v] for k, v in summary["stage_seconds"].items()])}
+<h2>Stage times</h2>{f'<div class="plots"><img src="{stage_plot}" alt="{stage_plot}"></div>' if stage_plot else ""}
+{_table(["stage", "seconds (summed over workers)", "share"],
+        [[k, v, f"{v / (sum(stage_seconds.values()) or 1):.0%}"] for k, v in stage_seconds.items()])}
 </body></html>
 """
     atomic_write(report / "index.html", page)

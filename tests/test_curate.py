@@ -341,3 +341,38 @@ def test_inspect_summarises_what_curate_wrote(curated):
     assert len(shown) == 2 and set(shown) <= {r["clip_id"] for r in index}
     caption = next(c["caption"] for c in clips if c["clip_id"] == shown[0])
     assert f"caption: {caption}" in proc.stdout and f"clips    {len(clips)}:" in proc.stdout
+
+
+def test_report_shows_captions_and_loads_cleanly_in_chromium(curated):
+    """The report of a captioned run, in headless Chromium: no console error, every image loads, a
+    known kept clip's caption is on its card and in its details, every rejected clip has a card;
+    the screenshot is kept as a test artifact (test-artifacts/report.png)."""
+    from tests.browser import Page
+    from tests.helpers import ROOT
+
+    out = curated["out"]
+    clips = pq.read_table(out / contract.CLIPS_MANIFEST).to_pylist()
+    known = next(c for c in clips if c["status"] == "kept" and c["caption"])
+    page = Page((out / contract.REPORT_DIR / "index.html").as_uri(), height=3000)
+    try:
+        images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
+        card = page.evaluate(f"document.querySelector('figure[data-clip=\"{known['clip_id']}\"]').innerText")
+        dense = page.evaluate(f"document.querySelector('figure[data-clip=\"{known['clip_id']}\"] .dense').textContent")
+        cards = page.evaluate("Array.from(document.querySelectorAll('figure[data-clip]')).map(f => f.dataset.clip)")
+        headings = page.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
+        artifacts = ROOT / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        shot = page.screenshot(artifacts / "report.png")
+    finally:
+        page.close()
+    assert not page.errors, page.errors
+    assert images and all(ok for _, ok in images), [src for src, ok in images if not ok]
+    assert "plots/caption_words.png" in {src for src, _ in images} and "plots/stages.png" in {src for src, _ in images}
+    assert known["caption"][:60] in card and dense == known["caption"]
+    first_of_reason = {}
+    for c in clips:  # the sheets list clips in manifest order, up to 24 per reason
+        if c["status"] == "rejected":
+            first_of_reason.setdefault((c["reason"] or "").split(":")[0], c["clip_id"])
+    assert first_of_reason and set(first_of_reason.values()) <= set(cards)  # with a thumbnail or not
+    assert {"Captions", "Stage times"} <= {h.split(" (")[0] for h in headings}
+    assert shot.stat().st_size > 10_000
