@@ -305,7 +305,7 @@ def test_duckdb_queries_index_and_typed_scores(curated):
     got = {r[0] for r in duckdb.sql(f"select clip_id from '{clips}' where scores.aesthetic > {threshold}").fetchall()}
     assert got == {r["clip_id"] for r in rows if (r["scores"]["aesthetic"] or 0) > threshold} and got
     joined = duckdb.sql(f"select count(*) from '{index}' i join '{clips}' c using (clip_id) "
-                        "where c.status = 'kept'").fetchone()[0]
+                        "where c.status = 'kept'").fetchall()[0][0]
     assert joined == pq.read_metadata(index).num_rows
 
 
