@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from curation.caption import Caption
@@ -35,6 +37,7 @@ from spacetime.errors import UserError, describe
 from spacetime.store import Store
 
 log = logging.getLogger(__name__)
+LOGS_DIR = contract.LOGS_DIR
 
 
 class Probe(Stage):
@@ -307,7 +310,7 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str])
 
 
 def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | None, tracker, writer,
-                wall_start: float, cores: float) -> None:
+                wall_start: float, cores: float, console=None) -> None:
     """Stream the pending sources through the stages; completed sources are recorded (tracker) and
     their units written as soon as they are ready (writer)."""
     import ray.data
@@ -321,7 +324,8 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | 
     last_log = time.time()
     # on a terminal a live bar (tqdm disables itself elsewhere); off one, the same figures as a log line
     # every progress.log_every_s
-    with tqdm(total=len(pending), desc="sources", unit="src", disable=None, dynamic_ncols=True) as bar:
+    with tqdm(total=len(pending), desc="sources", unit="src", disable=None, dynamic_ncols=True,
+              file=console or sys.stderr) as bar:
         for row in ds.iter_rows():
             meta = unpack(row)[0]
             if tracker.add(meta):
@@ -352,9 +356,31 @@ def progress_line(counts, total: int, wall: float, cores: float, short: bool = F
             f"ETA {eta_text}")
 
 
-def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address: str | None = None) -> dict:
+def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address: str | None = None,
+                 ray_log: bool = False) -> dict:
     """Curate `inputs` into `output` (resumable: rerunning the same command continues). One run per
-    output at a time: a second one is refused (spacetime.lease.LeaseHeld names the holder)."""
+    output at a time: a second one is refused (spacetime.lease.LeaseHeld names the holder).
+    `ray_log`: Ray's own messages go to OUT/logs/ray.log instead of the console (curation.console;
+    for an s3:// output, a local file uploaded there at the end)."""
+    if not ray_log:
+        return _run_curation(inputs, output, cfg, ray_address, sys.stderr)
+    import tempfile
+
+    from curation.console import ray_messages_to
+
+    local = Path(output) if not output.startswith("s3://") else None
+    with tempfile.TemporaryDirectory(prefix="spacetime-logs-") as folder:
+        path = (local / LOGS_DIR if local else Path(folder)) / "ray.log"
+        log.info("Ray's own messages -> %s (--verbose: on the console)", f"{output.rstrip('/')}/{LOGS_DIR}/ray.log")
+        try:
+            with ray_messages_to(path) as console:
+                return _run_curation(inputs, output, cfg, ray_address, console)
+        finally:
+            if local is None and path.exists():
+                Store(output, cfg.sources.s3).write(f"{LOGS_DIR}/ray.log", path.read_bytes())
+
+
+def _run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address: str | None, console) -> dict:
     from curation.sources import list_inputs
     from spacetime.lease import Lease
 
@@ -368,13 +394,14 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
         raise RuntimeError(f"no video found in inputs {inputs} (extensions: {cfg.sources.extensions})")
     preflight(cfg)
     with Lease(out.uri, cfg.sources.s3) as lease:
-        summary = _curate(uris, out, cfg, ray_address, lease, wall_start)
+        summary = _curate(uris, out, cfg, ray_address, lease, wall_start, console)
     log.info("kept %d of %d clips in %d shards", summary["clips"]["kept"], summary["clips"]["total"],
              summary["shards"])
     return summary
 
 
-def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | None, lease, wall_start: float) -> dict:
+def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | None, lease, wall_start: float,
+            console) -> dict:
     import ray
 
     from curation.report import build_report
@@ -413,7 +440,7 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
         if pending:
             known = contract.version_file(contract.version_dir(earlier[-1].version), contract.SOURCES_MANIFEST) \
                 if earlier else None
-            _run_stages(pending, cfg, out, known, tracker, writer, wall_start, cores)
+            _run_stages(pending, cfg, out, known, tracker, writer, wall_start, cores, console)
         done = run.done_keys()
         missing = [u for u in pending if source_key(u) not in done]
         if missing:

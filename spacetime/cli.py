@@ -28,7 +28,8 @@ def _config_args(parser: argparse.ArgumentParser, default: Path | None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key, e.g. --set split.max_duration=8 (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging (curate: also Ray's own messages on the console, not in OUT/logs/ray.log)")
 
 
 def _resolve(args: argparse.Namespace, model):
@@ -74,7 +75,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
         raise ConfigError("spacetime curate: give at least one --input URI")
     if args.output is None:
         raise ConfigError("spacetime curate: give --output DIR")
-    summary = run_curation(args.input, args.output, cfg, ray_address=args.ray_address)
+    summary = run_curation(args.input, args.output, cfg, ray_address=args.ray_address,
+                           ray_log=not getattr(args, "verbose", False))
     print(f"curated {summary['sources']['ok']}/{summary['sources']['total']} sources: "
           f"{summary['clips']['kept']} clips kept of {summary['clips']['total']} "
           f"in {summary['shards']} shards -> {args.output}")

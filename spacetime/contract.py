@@ -45,6 +45,7 @@ REPORT_DIR = "report"
 CAPTIONS_MANIFEST = "manifest/captions.parquet"  # `spacetime caption` (recaption) outputs
 CAPTION_SUMMARY = "caption_summary.json"
 WORK_DIR = ".work"  # staging and per-source completion records; resumable state of a run
+LOGS_DIR = "logs"  # ray.log: Ray's own messages of the runs (the console keeps ours)
 LEASE_PATH = f"{WORK_DIR}/lease.json"  # the live run's lease on the output (spacetime.lease)
 
 # Extensions of one sample inside a tar: the clip (native resolution), its record, its dense caption.

@@ -49,6 +49,11 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     clean = tmp_path / "clean"
     done = run(curate_cmd([media], clean))
     assert done.returncode == 0, done.stderr[-3000:]
+    # the console holds our lines only; Ray's own (its loggers, warnings, the C++ core worker) are in the log
+    ray_log = (clean / contract.LOGS_DIR / "ray.log").read_text()
+    assert "Started a local Ray instance" in ray_log
+    assert not [line for line in done.stderr.splitlines() if " -- " in line or ".cc:" in line], done.stderr[-3000:]
+    assert "published version 1" in done.stderr and done.stdout.startswith("curated 8/8 sources")
     # Shards are written per work unit (2 sources) by the unit's task and committed before the
     # metadata; finalize writes no video byte. (When small sources complete in one burst, as here,
     # the units are written right after it; benchmarks/curation_scale.py measures time to first shard.)
