@@ -15,6 +15,9 @@ class RayConfig(StrictModel):
     num_cpus: int | None = None  # local Ray only; None: all cores
     object_store_memory: int | None = 512 * 1024**2  # local Ray only (bytes)
     progress_bars: bool = False  # Ray's own bars; spacetime shows one bar per run
+    # local Ray only: start Ray's dashboard on 127.0.0.1 (port 8265, or the next free one) and log its
+    # URL; `spacetime curate --dashboard` sets it
+    dashboard: bool = False
 
 
 class SourcesConfig(StrictModel):

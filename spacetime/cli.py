@@ -71,6 +71,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
     from curation.settings import CurateConfig
 
     cfg = _resolve(args, CurateConfig)
+    if args.dashboard:
+        cfg.ray.dashboard = True
     if not args.input:
         raise ConfigError("spacetime curate: give at least one --input URI")
     if args.output is None:
@@ -197,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, metavar="DIR", help="output: a local folder or s3://bucket/prefix (S3 settings: sources.s3 of the config)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (default: $RAY_ADDRESS, else a local embedded Ray)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start Ray's dashboard with the local Ray (127.0.0.1) and print its URL")
     _config_args(p, CONFIG_DIR / "curate" / "default.yaml")
     p.set_defaults(func=cmd_curate)
 

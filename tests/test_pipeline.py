@@ -74,3 +74,43 @@ def test_the_progress_line_counts_clips_by_fate_and_estimates_the_rest():
     assert progress_line(counts, 10, 30.0, 2.0, short=True).endswith("12.00 video-h/h; ETA 70 s")
     assert progress_line(counts, 100, 30.0, 2.0).endswith("ETA 16 min")  # 97 x 10 s
     assert progress_line(Counter(), 10, 5.0, 2.0).endswith("ETA ?")
+
+
+def test_the_dashboard_flag_starts_ray_dashboard_and_logs_its_url(tmp_path):
+    """`spacetime curate --dashboard` sets ray.dashboard: the local Ray starts its dashboard on
+    127.0.0.1 and the URL is logged; the page answers."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    script = ("import logging\n"
+              "logging.basicConfig(level=logging.INFO)\n"
+              "from curation.pipeline import init_ray\n"
+              "from curation.settings import CurateConfig\n"
+              "cfg = CurateConfig()\n"
+              "cfg.ray.dashboard, cfg.ray.num_cpus = True, 1\n"
+              "init_ray(cfg, None)\n"
+              "print('ready', flush=True)\n"
+              "input()\n"  # until the test has looked
+              "import ray\n"
+              "ray.shutdown()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"})
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready"):
+                break
+        found = re.search(r"Ray dashboard: (http://127\.0\.0\.1:\d+)", "".join(lines))
+        assert found, "".join(lines)[-3000:]
+        import urllib.request
+
+        with urllib.request.urlopen(found.group(1) + "/", timeout=30) as page:
+            assert page.status == 200 and b"<html" in page.read(200)
+    finally:
+        proc.communicate("\n", timeout=60)  # the driver shuts its Ray down
