@@ -159,6 +159,24 @@ def write_thumbnail(sampled: bytes, store: Store, rel: str, width: int = 192) ->
         store.write(rel, data.tobytes())
 
 
+def write_preview(sampled: bytes, store: Store, rel: str, width: int = 256, frame_ms: int = 250) -> None:
+    """The sampled frames as a small looping animated WebP, for the report's clip details."""
+    import io
+
+    from PIL import Image
+
+    from spacetime.frames import decode_frames
+
+    frames = decode_frames(sampled)
+    if len(frames) < 2:
+        return
+    height = max(2, round(frames[0].shape[0] * width / frames[0].shape[1]))
+    images = [Image.fromarray(f).resize((width, height), Image.Resampling.BILINEAR) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, "WEBP", save_all=True, append_images=images[1:], duration=frame_ms, loop=0, quality=60)
+    store.write(rel, buf.getvalue())
+
+
 class Extract(Stage):
     name = "extract"
 
@@ -175,6 +193,8 @@ class Extract(Stage):
         clip = meta.get("clip")
         if clip and sampled:
             write_thumbnail(sampled, self.out, f"{contract.REPORT_DIR}/thumbs/{clip['clip_id']}.jpg")
+            if clip["status"] == "candidate":  # the clips that may be kept: a looping preview
+                write_preview(sampled, self.out, f"{contract.REPORT_DIR}/previews/{clip['clip_id']}.webp")
         if clip and clip["status"] == "candidate":
             try:
                 clip.update(extract_clip(clip, meta["source"], self.cfg, self.s3, self.out,

@@ -3,8 +3,8 @@
 What was kept and why: the funnel (inputs -> clips -> kept, per stage, with hours), score histograms
 with the thresholds drawn, distributions of duration, aspect ratio and resolution, clips and hours
 per bucket, the captions (length distribution, most common words and phrases, a sample beside their
-frames), contact sheets of kept clips (each card shows its caption; opening it shows the whole
-caption and every score) and of rejected clips grouped by reason (a card says why it has no
+frames), contact sheets of kept clips (each card shows its caption; opening it shows a looping
+preview of the clip's sampled frames, the whole caption and every score) and of rejected clips grouped by reason (a card says why it has no
 thumbnail where none can exist), the error table, and the time of every stage. Written at the end
 of every `spacetime curate`; `spacetime report OUT` rebuilds it.
 """
@@ -89,7 +89,7 @@ def _no_thumbnail(clip: dict) -> str:
     return "no thumbnail: no frame of this clip was sampled"
 
 
-def _card(c: dict, thumbs: set[str]) -> str:
+def _card(c: dict, thumbs: set[str], previews: set[str] = frozenset()) -> str:
     """One contact-sheet card: thumbnail (or why there is none), source and span, the caption; its
     <details> holds the whole caption and every score."""
     thumb = f"{c['clip_id']}.jpg"
@@ -106,8 +106,10 @@ def _card(c: dict, thumbs: set[str]) -> str:
     caption = c.get("caption") or ""
     short = f'<p class="caption">{html.escape(caption[:140])}{"…" if len(caption) > 140 else ""}</p>' if caption else ""
     scores = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in sorted(c["scores"].items()))
-    details = (f'<details><summary>details</summary><p class="clipid">{c["clip_id"]} · {c["bucket"] or "-"} · '
-               f'{c["duration"]:.2f} s · {c["width"]}x{c["height"]}</p>'
+    preview = (f'<img class="preview" src="previews/{c["clip_id"]}.webp" alt="sampled frames, looping" '
+               'loading="eager">' if f'{c["clip_id"]}.webp' in previews else "")
+    details = (f'<details><summary>details</summary>{preview}<p class="clipid">{c["clip_id"]} · {c["bucket"] or "-"}'
+               f' · {c["duration"]:.2f} s · {c["width"]}x{c["height"]}</p>'
                + (f'<p class="dense">{html.escape(caption)}</p>' if caption else "")
                + (f"<table>{scores}</table>" if scores else "") + "</details>")
     extra = "".join(f'<br><small class="note">{html.escape(n)}</small>' for n in notes)
@@ -115,8 +117,8 @@ def _card(c: dict, thumbs: set[str]) -> str:
             "</figcaption></figure>")
 
 
-def _sheet(clips: list[dict], thumbs: set[str], limit: int) -> str:
-    cells = [_card(c, thumbs) for c in clips[:limit]]
+def _sheet(clips: list[dict], thumbs: set[str], limit: int, previews: set[str] = frozenset()) -> str:
+    cells = [_card(c, thumbs, previews) for c in clips[:limit]]
     more = f"<p>… and {len(clips) - limit} more</p>" if len(clips) > limit else ""
     return f'<div class="sheet">{"".join(cells) or "<p>none</p>"}</div>{more}'
 
@@ -182,6 +184,7 @@ def _build(store: Store, report: Path, sheet_limit: int) -> str:
     summary = json.loads(store.read_bytes(contract.SUMMARY_PATH))
     config = yaml.safe_load(store.read_bytes("config.yaml")) if store.exists("config.yaml") else {}
     thumbs = set(store.list(f"{contract.REPORT_DIR}/thumbs", ".jpg"))
+    previews = set(store.list(f"{contract.REPORT_DIR}/previews", ".webp"))
     for c in clips:
         c["scores"] = contract.scores_of(c["scores"])
         c["duration"] = (c["end_time"] or 0) - (c["start_time"] or 0)
@@ -239,7 +242,7 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
 .sheet {{ display: flex; flex-wrap: wrap; gap: 6px; }}
 figure {{ margin: 0; width: 192px; font-size: 10px; }} figure img {{ width: 192px; }}
 .nothumb {{ width: 188px; height: 100px; border: 1px dashed #bbb; color: #666; padding: 2px; }}
-.caption {{ margin: 2px 0; color: #333; }} .dense {{ font-size: 11px; }} details table {{ font-size: 10px; }}
+.preview {{ width: 100%; }} .caption {{ margin: 2px 0; color: #333; }} .dense {{ font-size: 11px; }} details table {{ font-size: 10px; }}
 table.captions td {{ vertical-align: top; font-size: 12px; max-width: 800px; }}
 </style></head><body>
 <h1>spacetime curation report</h1>
@@ -249,7 +252,7 @@ table.captions td {{ vertical-align: top; font-size: 12px; max-width: 800px; }}
 <h2>Scores and distributions</h2><div class="plots">{"".join(f'<img src="{p}" alt="{p}">' for p in plots)}</div>
 <h2>Buckets</h2>{_table(["bucket", "clips", "hours"], bucket_rows)}
 <h2>Captions</h2>{caption_section}
-<h2>Kept clips ({len(kept)})</h2>{_sheet(kept, thumbs, sheet_limit)}
+<h2>Kept clips ({len(kept)})</h2>{_sheet(kept, thumbs, sheet_limit, previews)}
 <h2>Rejected clips, by reason</h2>{rejected_sheets or "<p>none</p>"}
 <h2>Errors ({len(errors)})</h2>{_table(["input", "error"], errors) if errors else "<p>none</p>"}
 <h2>Stage times</h2>{f'<div class="plots"><img src="{stage_plot}" alt="{stage_plot}"></div>' if stage_plot else ""}

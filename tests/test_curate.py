@@ -345,7 +345,8 @@ def test_inspect_summarises_what_curate_wrote(curated):
 
 def test_report_shows_captions_and_loads_cleanly_in_chromium(curated):
     """The report of a captioned run, in headless Chromium: no console error, every image loads, a
-    known kept clip's caption is on its card and in its details, every rejected clip has a card;
+    known kept clip's caption is on its card and in its details with its looping preview, the first
+    rejected clip of every reason has a card;
     the screenshot is kept as a test artifact (test-artifacts/report.png)."""
     from tests.browser import Page
     from tests.helpers import ROOT
@@ -358,6 +359,8 @@ def test_report_shows_captions_and_loads_cleanly_in_chromium(curated):
         images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
         card = page.evaluate(f"document.querySelector('figure[data-clip=\"{known['clip_id']}\"]').innerText")
         dense = page.evaluate(f"document.querySelector('figure[data-clip=\"{known['clip_id']}\"] .dense').textContent")
+        preview = page.evaluate(f"(() => {{ const i = document.querySelector('figure[data-clip=\"{known['clip_id']}\"] "
+                                "img.preview'); return i ? [i.getAttribute('src'), i.complete && i.naturalWidth > 0] : null; })()")
         cards = page.evaluate("Array.from(document.querySelectorAll('figure[data-clip]')).map(f => f.dataset.clip)")
         headings = page.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
         artifacts = ROOT / "test-artifacts"
@@ -369,6 +372,7 @@ def test_report_shows_captions_and_loads_cleanly_in_chromium(curated):
     assert images and all(ok for _, ok in images), [src for src, ok in images if not ok]
     assert "plots/caption_words.png" in {src for src, _ in images} and "plots/stages.png" in {src for src, _ in images}
     assert known["caption"][:60] in card and dense == known["caption"]
+    assert preview == [f"previews/{known['clip_id']}.webp", True]  # the looping preview of its frames
     first_of_reason = {}
     for c in clips:  # the sheets list clips in manifest order, up to 24 per reason
         if c["status"] == "rejected":
