@@ -127,14 +127,18 @@ _STOP = set("a an the of and or in on at to with from by for is are was were be 
             "while over under near".split())
 
 
-def _captions(kept: list[dict], thumbs: set[str], report: Path) -> tuple[str, list[str]]:
-    """The caption section (HTML) and its plot: length distribution, common words and phrases, and
-    a sample of captions beside their frames."""
+def _captions(kept: list[dict], failed_qa: list[dict], thumbs: set[str], report: Path) -> tuple[str, list[str]]:
+    """The caption section (HTML) and its plot: length distribution, common words and phrases, the
+    clips whose caption failed QA with the reasons, and a sample of captions beside their frames."""
     import re
 
     captions = [c for c in kept if c.get("caption")]
+    qa = (f"<h3>Caption QA failures ({len(failed_qa)})</h3>"
+          + (_table(["clip", "source", "reason"], [[c["clip_id"], f"{Path(c['source_uri']).name} "
+                                                  f"[{c['start_frame']}:{c['end_frame']})", c["reason"]]
+                                                 for c in failed_qa[:50]]) if failed_qa else "<p>none</p>"))
     if not captions:
-        return "<p>no captions (curated with caption: null, or no clip kept)</p>", []
+        return "<p>no captions (curated with caption: null, or no clip kept)</p>" + (qa if failed_qa else ""), []
     words = [re.findall(r"[a-z']+", c["caption"].lower()) for c in captions]
     plot = _plot(report / "plots" / "caption_words.png", _hist({"kept": [len(w) for w in words]}, "words per caption"))
     common = Counter(w for ws in words for w in ws if w not in _STOP and len(w) > 2).most_common(20)
@@ -149,6 +153,7 @@ def _captions(kept: list[dict], thumbs: set[str], report: Path) -> tuple[str, li
             f'<div class="plots"><img src="{plot}" alt="{plot}"></div>'
             f"<p>Most common words: {html.escape(', '.join(f'{w} ({n})' for w, n in common))}</p>"
             f"<p>Most common phrases: {html.escape(', '.join(f'{w} ({n})' for w, n in phrases))}</p>"
+            f"{qa}<h3>A sample</h3>"
             f'<table class="captions">{"".join(rows)}</table>')
     return body, [plot]
 
@@ -228,7 +233,7 @@ def _build(store: Store, report: Path, sheet_limit: int) -> str:
     rejected_sheets = "".join(
         f"<h3>{html.escape(reason)} ({len(cs)})</h3>{_sheet(cs, thumbs, sheet_limit // 2)}"
         for reason, cs in sorted(by_reason.items()) if reason != "failed")
-    caption_section, _ = _captions(kept, thumbs, report)
+    caption_section, _ = _captions(kept, by_reason.get("caption", []), thumbs, report)
     stage_seconds = dict(sorted(summary.get("stage_seconds", {}).items(), key=lambda kv: -kv[1]))
     stage_plot = _stage_plot(stage_seconds, report) if stage_seconds else None
 
