@@ -88,6 +88,9 @@ def render(summary: dict, samples: list[dict]) -> str:
                       f"{c['width']}x{c['height']}  from {c['source_uri']}",
                   "  scores: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items()),
                   f"  caption: {c['caption'] or '(none)'}"]
+        short = (c.get("caption_fields") or {}).get("short")
+        if short:
+            lines.append(f"  short: {short}")
     return "\n".join(lines)
 
 

@@ -110,11 +110,21 @@ def _card(c: dict, thumbs: set[str], previews: set[str] = frozenset()) -> str:
                'loading="eager">' if f'{c["clip_id"]}.webp' in previews else "")
     details = (f'<details><summary>details</summary>{preview}<p class="clipid">{c["clip_id"]} · {c["bucket"] or "-"}'
                f' · {c["duration"]:.2f} s · {c["width"]}x{c["height"]}</p>'
-               + (f'<p class="dense">{html.escape(caption)}</p>' if caption else "")
+               + (f'<p class="dense">{html.escape(caption)}</p>' if caption else "") + _fields(c.get("caption_fields"))
                + (f"<table>{scores}</table>" if scores else "") + "</details>")
     extra = "".join(f'<br><small class="note">{html.escape(n)}</small>' for n in notes)
     return (f'<figure data-clip="{c["clip_id"]}">{picture}<figcaption>{html.escape(title)}{extra}{short}{details}'
             "</figcaption></figure>")
+
+
+def _fields(fields: dict | None) -> str:
+    """The structured caption fields (short caption, subjects, actions, scene, camera, ...) as lines."""
+    rows = []
+    for name, value in (fields or {}).items():
+        text = ", ".join(value) if isinstance(value, list) else value
+        if text:
+            rows.append(f'<br><b>{html.escape(name.replace("_", " "))}</b>: {html.escape(str(text))}')
+    return f'<p class="fields">{"".join(rows)[4:]}</p>' if rows else ""
 
 
 def _sheet(clips: list[dict], thumbs: set[str], limit: int, previews: set[str] = frozenset()) -> str:

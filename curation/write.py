@@ -141,6 +141,12 @@ class CompletionTracker:
         source = dict(source, num_clips=len(clips), num_kept=sum(c["status"] == "kept" for c in clips))
         record = {"source": source, "clips": clips, "timings": dict(timings)}
         self.run.store.write(self.run.done_path(uri), json.dumps(record, sort_keys=True))
+        if source["status"] == "failed":  # genuine errors reach the console, naming the source
+            log.error("%s: failed: %s", uri, source.get("error"))
+        failed = [c for c in clips if c["status"] == "failed"]
+        if failed:
+            log.error("%s: %d clip(s) failed, first [%s:%s): %s", uri, len(failed), failed[0]["start_frame"],
+                      failed[0]["end_frame"], failed[0].get("reason"))
         self.counts.update(sources=1, clips=len(clips), kept=source["num_kept"],
                            rejected=sum(c["status"] == "rejected" for c in clips),
                            failed=sum(c["status"] == "failed" for c in clips),

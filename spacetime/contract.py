@@ -227,6 +227,13 @@ def scores_of(value) -> dict[str, float]:
     return {k: v for k, v in value.items() if v is not None}
 
 
+# The captioner's structured fields besides the dense caption (the clips manifest's `caption_fields`).
+CAPTION_FIELDS_TYPE = pa.struct([
+    ("short", pa.string()), ("subjects", pa.list_(pa.string())), ("actions", pa.list_(pa.string())),
+    ("scene", pa.string()), ("camera_motion", pa.string()), ("shot_type", pa.string()), ("lighting", pa.string()),
+    ("style", pa.string()), ("on_screen_text", pa.string()),
+])
+
 CLIPS_SCHEMA = pa.schema([
     ("clip_id", pa.string()),
     ("source_uri", pa.string()),
@@ -247,6 +254,7 @@ CLIPS_SCHEMA = pa.schema([
     ("scores", SCORES_TYPE),  # every filter score, typed (SCORE_FIELDS); null where not measured
     ("ocr_text", pa.string()),  # burned-in text the text filter read
     ("caption", pa.string()),
+    ("caption_fields", CAPTION_FIELDS_TYPE),  # the structured caption (null without one)
     ("shard", pa.string()),
 ])
 

@@ -358,6 +358,7 @@ def test_report_shows_captions_and_loads_cleanly_in_chromium(curated):
     try:
         images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
         card = page.evaluate(f"document.querySelector('figure[data-clip=\"{known['clip_id']}\"]').innerText")
+        whole = page.evaluate(f"document.querySelector('figure[data-clip=\"{known['clip_id']}\"]').textContent")
         dense = page.evaluate(f"document.querySelector('figure[data-clip=\"{known['clip_id']}\"] .dense').textContent")
         preview = page.evaluate(f"(() => {{ const i = document.querySelector('figure[data-clip=\"{known['clip_id']}\"] "
                                 "img.preview'); return i ? [i.getAttribute('src'), i.complete && i.naturalWidth > 0] : null; })()")
@@ -373,6 +374,8 @@ def test_report_shows_captions_and_loads_cleanly_in_chromium(curated):
     assert "plots/caption_words.png" in {src for src, _ in images} and "plots/stages.png" in {src for src, _ in images}
     assert known["caption"][:60] in card and dense == known["caption"]
     assert preview == [f"previews/{known['clip_id']}.webp", True]  # the looping preview of its frames
+    if known["caption_fields"] and known["caption_fields"]["short"]:  # the structured fields, from the manifest
+        assert known["caption_fields"]["short"][:40] in whole
     first_of_reason = {}
     for c in clips:  # the sheets list clips in manifest order, up to 24 per reason
         if c["status"] == "rejected":

@@ -28,5 +28,8 @@ def test_caption_qa_failures_are_listed_with_their_reasons(tmp_path):
 def test_a_card_without_thumbnail_says_why():
     short = _card(clip("s1", "rejected", "too_short: 0.4 s < split.min_duration=1.0"), set())
     assert "no thumbnail: rejected as too short" in short and "<img" not in short
-    kept = _card(clip("k1", "kept", None, "a red kite"), {"k1.jpg"}, {"k1.webp"})
+    fields = {"short": "a kite", "subjects": ["kite", "beach"], "actions": [], "scene": "a beach at dusk",
+              "camera_motion": None, "shot_type": None, "lighting": None, "style": None, "on_screen_text": None}
+    kept = _card(dict(clip("k1", "kept", None, "a red kite"), caption_fields=fields), {"k1.jpg"}, {"k1.webp"})
     assert 'src="thumbs/k1.jpg"' in kept and 'src="previews/k1.webp"' in kept and "a red kite" in kept
+    assert "<b>subjects</b>: kite, beach" in kept and "<b>scene</b>: a beach at dusk" in kept and "actions" not in kept
