@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -344,11 +345,17 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | 
     token = f"{os.getpid()}-{time.time_ns()}"
     for i, spec in enumerate(stages(cfg, out, known)):
         ds = _apply(ds, spec, (token, i))
-    last_log = time.time()
     # on a terminal a live bar (tqdm disables itself elsewhere); off one, the same figures as a log line
-    # every progress.log_every_s
-    with tqdm(total=len(pending), desc="sources", unit="src", disable=None, dynamic_ncols=True,
-              file=console or sys.stderr) as bar:
+    # every progress.log_every_s, from a timer thread (a long source may keep rows from coming for minutes)
+    stop = threading.Event()
+    bar = tqdm(total=len(pending), desc="sources", unit="src", disable=None, dynamic_ncols=True,
+               file=console or sys.stderr)
+    if cfg.progress.log_every_s and bar.disable:
+        def heartbeat() -> None:
+            while not stop.wait(cfg.progress.log_every_s):
+                log.info("%s", progress_line(tracker.counts.copy(), len(pending), time.time() - wall_start, cores))
+        threading.Thread(target=heartbeat, name="progress", daemon=True).start()
+    try:
         for row in ds.iter_rows():
             meta = unpack(row)[0]
             if tracker.add(meta):
@@ -357,9 +364,9 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | 
                                                   short=True), refresh=False)
                 writer.source_done(meta["source"]["uri"])
             writer.poll()
-            if cfg.progress.log_every_s and time.time() - last_log >= cfg.progress.log_every_s:
-                last_log = time.time()
-                log.info("%s", progress_line(tracker.counts, len(pending), last_log - wall_start, cores))
+    finally:
+        stop.set()
+        bar.close()
 
 
 def progress_line(counts, total: int, wall: float, cores: float, short: bool = False) -> str:

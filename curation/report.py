@@ -271,8 +271,9 @@ table.captions td {{ vertical-align: top; font-size: 12px; max-width: 800px; }}
 <h2>Rejected clips, by reason</h2>{rejected_sheets or "<p>none</p>"}
 <h2>Errors ({len(errors)})</h2>{_table(["input", "error"], errors) if errors else "<p>none</p>"}
 <h2>Stage times</h2>{f'<div class="plots"><img src="{stage_plot}" alt="{stage_plot}"></div>' if stage_plot else ""}
-{_table(["stage", "seconds (summed over workers)", "share"],
-        [[k, v, f"{v / (sum(stage_seconds.values()) or 1):.0%}"] for k, v in stage_seconds.items()])}
+{_table(["stage", "seconds (summed over workers)", "share", "ms per candidate clip"],
+        [[k, v, f"{v / (sum(stage_seconds.values()) or 1):.0%}", f"{1000 * v / max(1, len(clips)):.0f}"]
+         for k, v in stage_seconds.items()])}
 </body></html>
 """
     atomic_write(report / "index.html", page)

@@ -47,8 +47,11 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     tm.make_multishot(media / "multishot2.mp4", fps=30)
 
     clean = tmp_path / "clean"
-    done = run(curate_cmd([media], clean))
+    done = run(curate_cmd([media], clean, "--set", "progress.log_every_s=3"))
     assert done.returncode == 0, done.stderr[-3000:]
+    # off a terminal, a progress line every 3 s from the start (a timer: sources finish in bursts here)
+    beats = [line for line in done.stderr.splitlines() if "/8 sources; clips kept" in line]
+    assert len(beats) >= 3 and "ETA" in beats[-1], done.stderr[-3000:]
     # the console holds our lines only; Ray's own (its loggers, warnings, the C++ core worker) are in the log
     ray_log = (clean / contract.LOGS_DIR / "ray.log").read_text()
     assert "Started a local Ray instance" in ray_log
