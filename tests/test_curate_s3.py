@@ -65,6 +65,7 @@ def test_curate_to_s3_output_matches_a_local_one_and_grows(s3_server, tmp_path):
     import shutil
     import signal
     import subprocess
+    import sys
     import time
 
     import boto3
@@ -133,3 +134,12 @@ def test_curate_to_s3_output_matches_a_local_one_and_grows(s3_server, tmp_path):
     keys = pq.read_table(io.BytesIO(after[contract.INDEX_PATH])).column("key").to_pylist()
     assert len(keys) == len(set(keys)) > len(index)
     assert not [k for k in after if ".tmp" in k or k.startswith(".work/clips/")]
+    assert b"Started a local Ray instance" in after[f"{contract.LOGS_DIR}/ray.log"]  # Ray's messages, uploaded
+
+    # `spacetime inspect` reads the published version from the bucket
+    shown = subprocess.run([sys.executable, "-m", "spacetime", "inspect", "s3://curated/runs/ds", "--samples", "1"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "AWS_ENDPOINT_URL": s3_server})
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "s3://curated/runs/ds  (version 2)" in shown.stdout and "buckets  " in shown.stdout
+    assert sum(1 for line in shown.stdout.splitlines() if line.startswith("clip ")) == 1
