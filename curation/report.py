@@ -104,7 +104,8 @@ def _card(c: dict, thumbs: set[str], previews: set[str] = frozenset()) -> str:
     picture = (f'<img src="thumbs/{thumb}" alt="{html.escape(title)}" loading="eager">' if thumb in thumbs
                else f'<div class="nothumb">{html.escape(_no_thumbnail(c))}</div>')
     caption = c.get("caption") or ""
-    short = f'<p class="caption">{html.escape(caption[:140])}{"…" if len(caption) > 140 else ""}</p>' if caption else ""
+    line = (c.get("caption_fields") or {}).get("short") or caption  # the short caption, else the dense one cut
+    short = f'<p class="caption">{html.escape(line[:140])}{"…" if len(line) > 140 else ""}</p>' if line else ""
     scores = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in sorted(c["scores"].items()))
     preview = (f'<img class="preview" src="previews/{c["clip_id"]}.webp" alt="sampled frames, looping" '
                'loading="eager">' if f'{c["clip_id"]}.webp' in previews else "")

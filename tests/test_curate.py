@@ -372,10 +372,12 @@ def test_report_shows_captions_and_loads_cleanly_in_chromium(curated):
     assert not page.errors, page.errors
     assert images and all(ok for _, ok in images), [src for src, ok in images if not ok]
     assert "plots/caption_words.png" in {src for src, _ in images} and "plots/stages.png" in {src for src, _ in images}
-    assert known["caption"][:60] in card and dense == known["caption"]
+    short = (known["caption_fields"] or {}).get("short")
+    assert (short or known["caption"])[:60] in card and dense == known["caption"]  # card: short; details: dense
     assert preview == [f"previews/{known['clip_id']}.webp", True]  # the looping preview of its frames
-    if known["caption_fields"] and known["caption_fields"]["short"]:  # the structured fields, from the manifest
-        assert known["caption_fields"]["short"][:40] in whole
+    for name, value in (known["caption_fields"] or {}).items():  # the structured fields, from the manifest
+        if value and name != "short":
+            assert (", ".join(value) if isinstance(value, list) else value)[:40] in whole, name
     first_of_reason = {}
     for c in clips:  # the sheets list clips in manifest order, up to 24 per reason
         if c["status"] == "rejected":

@@ -33,3 +33,4 @@ def test_a_card_without_thumbnail_says_why():
     kept = _card(dict(clip("k1", "kept", None, "a red kite"), caption_fields=fields), {"k1.jpg"}, {"k1.webp"})
     assert 'src="thumbs/k1.jpg"' in kept and 'src="previews/k1.webp"' in kept and "a red kite" in kept
     assert "<b>subjects</b>: kite, beach" in kept and "<b>scene</b>: a beach at dusk" in kept and "actions" not in kept
+    assert '<p class="caption">a kite</p>' in kept  # the card line is the short caption
