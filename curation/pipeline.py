@@ -16,6 +16,7 @@ Bad input never stops a run: each failure becomes a manifest row with a readable
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -390,27 +391,7 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
                  ray_log: bool = False) -> dict:
     """Curate `inputs` into `output` (resumable: rerunning the same command continues). One run per
     output at a time: a second one is refused (spacetime.lease.LeaseHeld names the holder).
-    `ray_log`: Ray's own messages go to OUT/logs/ray.log instead of the console (curation.console;
-    for an s3:// output, a local file uploaded there at the end)."""
-    if not ray_log:
-        return _run_curation(inputs, output, cfg, ray_address, sys.stderr)
-    import tempfile
-
-    from curation.console import ray_messages_to
-
-    local = Path(output) if not output.startswith("s3://") else None
-    with tempfile.TemporaryDirectory(prefix="spacetime-logs-") as folder:
-        path = (local / LOGS_DIR if local else Path(folder)) / "ray.log"
-        log.info("Ray's own messages -> %s (--verbose: on the console)", f"{output.rstrip('/')}/{LOGS_DIR}/ray.log")
-        try:
-            with ray_messages_to(path) as console:
-                return _run_curation(inputs, output, cfg, ray_address, console)
-        finally:
-            if local is None and path.exists():
-                Store(output, cfg.sources.s3).write(f"{LOGS_DIR}/ray.log", path.read_bytes())
-
-
-def _run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address: str | None, console) -> dict:
+    `ray_log`: Ray's own messages go to OUT/logs/ray.log instead of the console (curation.console)."""
     from curation.sources import list_inputs
     from spacetime.lease import Lease
 
@@ -424,14 +405,36 @@ def _run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address
         raise RuntimeError(f"no video found in inputs {inputs} (extensions: {cfg.sources.extensions})")
     preflight(cfg)
     with Lease(out.uri, cfg.sources.s3) as lease:
-        summary = _curate(uris, out, cfg, ray_address, lease, wall_start, console)
+        summary = _curate(uris, out, cfg, ray_address, lease, wall_start, ray_log)
     log.info("kept %d of %d clips in %d shards", summary["clips"]["kept"], summary["clips"]["total"],
              summary["shards"])
     return summary
 
 
+@contextlib.contextmanager
+def _ray_messages(out: Store, enabled: bool):
+    """Ray's own messages to OUT/logs/ray.log while Ray runs (an s3:// output: a local file uploaded
+    there at the end); yields the console stream for the progress bar."""
+    if not enabled:
+        yield sys.stderr
+        return
+    import tempfile
+
+    from curation.console import ray_messages_to
+
+    with tempfile.TemporaryDirectory(prefix="spacetime-logs-") as folder:
+        path = (out.local / LOGS_DIR if out.local else Path(folder)) / "ray.log"
+        log.info("Ray's own messages -> %s (--verbose: on the console)", out.uri_of(f"{LOGS_DIR}/ray.log"))
+        try:
+            with ray_messages_to(path) as console:
+                yield console
+        finally:
+            if out.local is None and path.exists():
+                out.write(f"{LOGS_DIR}/ray.log", path.read_bytes())
+
+
 def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | None, lease, wall_start: float,
-            console) -> dict:
+            ray_log: bool = False) -> dict:
     import ray
 
     from curation.report import build_report
@@ -463,19 +466,20 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
     out.write("config.yaml", dump_config(cfg))
     tracker, cores = CompletionTracker(run), 0.0
     if pending or unwritten:
-        init_ray(cfg, ray_address)
-        cores = float(ray.cluster_resources().get("CPU", 0))
-        writer = _unit_writer(run, units, cfg, set(sources) - set(pending))
-        writer.poll()  # units a killed run completed but did not commit
-        if pending:
-            known = contract.version_file(contract.version_dir(earlier[-1].version), contract.SOURCES_MANIFEST) \
-                if earlier else None
-            _run_stages(pending, cfg, out, known, tracker, writer, wall_start, cores, console)
-        done = run.done_keys()
-        missing = [u for u in pending if source_key(u) not in done]
-        if missing:
-            raise RuntimeError(f"{len(missing)} sources did not complete (first: {missing[0]}); rerun to resume")
-        writer.wait()
+        with _ray_messages(out, ray_log) as console:
+            init_ray(cfg, ray_address)
+            cores = float(ray.cluster_resources().get("CPU", 0))
+            writer = _unit_writer(run, units, cfg, set(sources) - set(pending))
+            writer.poll()  # units a killed run completed but did not commit
+            if pending:
+                known = contract.version_file(contract.version_dir(earlier[-1].version), contract.SOURCES_MANIFEST) \
+                    if earlier else None
+                _run_stages(pending, cfg, out, known, tracker, writer, wall_start, cores, console)
+            done = run.done_keys()
+            missing = [u for u in pending if source_key(u) not in done]
+            if missing:
+                raise RuntimeError(f"{len(missing)} sources did not complete (first: {missing[0]}); rerun to resume")
+            writer.wait()
     lease.check()  # another run took the output over: publish nothing
     summary = finalize(run, units, wall_start, _versions(), cores, dict(tracker.counts), current.version)
     versions.publish(current)
