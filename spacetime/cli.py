@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -288,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # raised on purpose: the message names the input and the fix
         print(f"spacetime: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `spacetime inspect out | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
