@@ -1,7 +1,7 @@
 """Context parallelism (training.parallel.ContextParallel, parallel.context): two gloo processes that
 split one sample's tokens give the loss and gradients of one process holding them all, also when the
 token count is not a multiple of the group (padding); `spacetime train dit` under torchrun with
-parallel.context 2 follows the one-process run; mistakes are clear errors."""
+parallel.context 2, with DDP and with FSDP2, follows the one-process run; mistakes are clear errors."""
 
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def test_a_context_that_does_not_divide_the_heads_is_refused():
 
 
 @pytest.mark.slow
-def test_torchrun_with_context_2_trains_like_one_process(tmp_path, tiny_models):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_with_context_2_trains_like_one_process(tmp_path, tiny_models, mode):
     data = make_dataset(tmp_path / "data")
     env = {**os.environ, "SPACETIME_TINY_MODELS": tiny_models["root"], "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -99,7 +100,7 @@ def test_torchrun_with_context_2_trains_like_one_process(tmp_path, tiny_models):
             "--max-steps", "6", "--set", "log.progress=false", "--set", "log.every=1", "--set", "checkpoint.every=6"]
     runs = {"one": [sys.executable, *args], "cp2": [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), *args[1:], "--set", "parallel.context=2"]}
+        "--master-port", str(free_port()), *args[1:], "--set", "parallel.context=2", "--set", f"parallel.mode={mode}"]}
     for name, cmd in runs.items():
         proc = subprocess.run([*cmd, "--output", str(tmp_path / name)], env=env, cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
@@ -109,11 +110,21 @@ def test_torchrun_with_context_2_trains_like_one_process(tmp_path, tiny_models):
     assert len(losses["one"]) == 6
     # measured: bitwise equal on this machine; the tolerance covers summation orders elsewhere
     np.testing.assert_allclose(losses["cp2"], losses["one"], rtol=1e-5)
-    one, cp2 = (load_file(latest_checkpoint(tmp_path / n) / "model.safetensors") for n in runs)
+    one = load_file(latest_checkpoint(tmp_path / "one") / "model.safetensors")
+    cp2 = model_weights(latest_checkpoint(tmp_path / "cp2"))  # FSDP2: a sharded checkpoint
     for k in one:
         torch.testing.assert_close(cp2[k], one[k], rtol=1e-4, atol=1e-6)
     # one group of 2 ranks reads ONE batch stream: the same samples per step as the single process
     assert [r.get("tokens_per_s", 0) > 0 for r in records["cp2"]] == [True] * 6
+
+
+def model_weights(ckpt) -> dict:
+    from training.checkpoint import load_model_weights
+
+    args = json.loads((ckpt / "meta.json").read_text())["model_args"]
+    model = DiT(DiTConfig.model_validate(args["dit"]), args["in_channels"], args["text_dim"])
+    load_model_weights(ckpt, model, ema=False)
+    return model.state_dict()
 
 
 def test_a_context_that_does_not_divide_the_world_is_refused(tmp_path, tiny_models):
