@@ -144,13 +144,10 @@ class Split(Stage):
             yield pack(m, s)
 
 
-def write_thumbnail(sampled: bytes, store: Store, rel: str, width: int = 192) -> None:
-    """The middle sampled frame as a small JPEG, for the report (every clip: kept or rejected)."""
+def write_thumbnail(frames, store: Store, rel: str, width: int = 192) -> None:
+    """The middle sampled frame (RGB arrays) as a small JPEG, for the report (every clip: kept or rejected)."""
     import cv2
 
-    from spacetime.frames import decode_frames
-
-    frames = decode_frames(sampled)
     if not len(frames):
         return
     frame = frames[len(frames) // 2]
@@ -161,15 +158,12 @@ def write_thumbnail(sampled: bytes, store: Store, rel: str, width: int = 192) ->
         store.write(rel, data.tobytes())
 
 
-def write_preview(sampled: bytes, store: Store, rel: str, width: int = 256, frame_ms: int = 250) -> None:
-    """The sampled frames as a small looping animated WebP, for the report's clip details."""
+def write_preview(frames, store: Store, rel: str, width: int = 256, frame_ms: int = 250) -> None:
+    """The sampled frames (RGB arrays) as a small looping animated WebP, for the report's clip details."""
     import io
 
     from PIL import Image
 
-    from spacetime.frames import decode_frames
-
-    frames = decode_frames(sampled)
     if len(frames) < 2:
         return
     height = max(2, round(frames[0].shape[0] * width / frames[0].shape[1]))
@@ -194,9 +188,12 @@ class Extract(Stage):
         meta, sampled = unpack(row)
         clip = meta.get("clip")
         if clip and sampled:
-            write_thumbnail(sampled, self.out, f"{contract.REPORT_DIR}/thumbs/{clip['clip_id']}.jpg")
+            from spacetime.frames import decode_frames
+
+            frames = decode_frames(sampled)  # once, for the thumbnail and the preview
+            write_thumbnail(frames, self.out, f"{contract.REPORT_DIR}/thumbs/{clip['clip_id']}.jpg")
             if clip["status"] == "candidate":  # the clips that may be kept: a looping preview
-                write_preview(sampled, self.out, f"{contract.REPORT_DIR}/previews/{clip['clip_id']}.webp")
+                write_preview(frames, self.out, f"{contract.REPORT_DIR}/previews/{clip['clip_id']}.webp")
         if clip and clip["status"] == "candidate":
             try:
                 clip.update(extract_clip(clip, meta["source"], self.cfg, self.s3, self.out,

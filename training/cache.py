@@ -49,7 +49,8 @@ from spacetime import contract
 from spacetime.config import ConfigError, load_config
 from spacetime.errors import UserError, describe
 from spacetime.store import Store
-from training.data.decode import INTERPOLATION, decode_clip, frame_stride
+from training.data.dataset import to_unit_range
+from training.data.decode import sample_frames
 from training.data.index import Samples, bucket_specs, read_index
 from training.data.latents import npy_bytes
 from training.parallel import Dist, init_distributed
@@ -255,15 +256,12 @@ class _Builder:
     # ---- one entry
     @torch.no_grad()
     def latent(self, i: int, reader: contract.ShardReader) -> tuple[np.ndarray, contract.CacheEntry]:
-        s, loader = self.samples, self.cfg.loader
+        s = self.samples
         spec = self.specs[s.bucket[i]]
         parts = reader.read(s.shard[i], s.key[i])
         record = contract.read_record(parts, where=s.shard[i])
-        stride = frame_stride(float(s.fps[i]), int(s.num_frames[i]), spec.frames, loader.target_fps)
-        frames, cropped = decode_clip(parts[contract.VIDEO_EXT], spec.frames, stride, spec.size,
-                                INTERPOLATION[loader.interpolation], loader.decode_threads, skip=record.skip_frames)
-        from training.data.dataset import to_unit_range
-
+        frames, cropped, stride = sample_frames(parts, record, float(s.fps[i]), int(s.num_frames[i]), spec.frames,
+                                                spec.size, self.cfg.loader)
         video = to_unit_range(torch.from_numpy(frames[None])).to(self.d.device, self.vae_dtype)
         mean, logvar = self.vae.posterior(video)
         latent = torch.stack([mean[0], logvar[0]]).float().cpu().numpy()

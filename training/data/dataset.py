@@ -45,8 +45,7 @@ from spacetime import contract
 from spacetime.contract import ShardReader
 from spacetime.errors import describe
 from training.config import LoaderConfig
-from training.data.decode import (INTERPOLATION, caption_draw, caption_kind, choose_caption, decode_clip,
-                                  frame_stride)
+from training.data.decode import caption_draw, caption_kind, choose_caption, sample_frames
 from training.data.index import BucketSpec, Samples
 from training.data.latents import caption_rows, pad_text, read_entry
 from training.data.plan import LoaderState, Step, plan_steps
@@ -86,10 +85,8 @@ class BucketDataset(IterableDataset):
         s = self.samples
         parts = reader.read(s.shard[i], s.key[i])
         record = contract.read_record(parts, where=s.shard[i])
-        stride = frame_stride(float(s.fps[i]), int(s.num_frames[i]), spec.frames, self.cfg.target_fps)
-        _, cropped = decode_clip(parts[contract.VIDEO_EXT], spec.frames, stride, spec.size,
-                                 INTERPOLATION[self.cfg.interpolation], self.cfg.decode_threads, out,
-                                 skip=record.skip_frames)
+        _, cropped, stride = sample_frames(parts, record, float(s.fps[i]), int(s.num_frames[i]), spec.frames,
+                                           spec.size, self.cfg, out)
         caption = choose_caption(record, caption_draw(self.state.seed, epoch, s.clip_id[i]), self.cfg)
         return {"caption": caption, "clip_id": s.clip_id[i], "cropped": cropped, "fps": float(s.fps[i]) / stride}
 

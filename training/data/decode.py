@@ -32,6 +32,7 @@ import io
 import av
 import numpy as np
 
+from spacetime.contract import VIDEO_EXT
 from spacetime.frames import upright
 from spacetime.record import ClipRecord
 from training.config import LoaderConfig
@@ -98,6 +99,16 @@ def decode_clip(data: bytes, frames: int, stride: int, target: tuple[int, int], 
     if n < frames:
         raise ValueError(f"decoded {n} of the {frames} frames its bucket needs (stride {stride})")
     return out, cropped
+
+
+def sample_frames(parts: dict[str, bytes], record: ClipRecord, fps: float, num_frames: int, frames: int,
+                  size: tuple[int, int], cfg: LoaderConfig, out: np.ndarray | None = None) -> tuple[np.ndarray, float, int]:
+    """A shard sample's frames as its bucket needs them (the loader's and the latent cache's one
+    definition): ([3, T, H, W] uint8 (into `out` if given), cropped fraction, stride)."""
+    stride = frame_stride(fps, num_frames, frames, cfg.target_fps)
+    pixels, cropped = decode_clip(parts[VIDEO_EXT], frames, stride, size, INTERPOLATION[cfg.interpolation],
+                                  cfg.decode_threads, out, skip=record.skip_frames)
+    return pixels, cropped, stride
 
 
 # ------------------------------------------------------------------------------------ captions
