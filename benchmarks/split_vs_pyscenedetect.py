@@ -6,7 +6,9 @@ Methods
   ours: the analysis pass (`curation.analyze.analyze`, in-process, the pipeline's defaults,
     window_frames=250) with `analyze.detector` = content, adaptive, transnetv2, and combined with each
     `analyze.combine` rule (union, agree, learned_plus_dissolves; the classic half of `combined` is
-    always scenedetect's ContentDetector + our dissolve detector).
+    always scenedetect's ContentDetector + our dissolve detector); TransNetV2 in float32, and
+    transnetv2 and combined/agree again in bfloat16 (`analyze.transnet_dtype`). combined/agree runs
+    the model near the classic transitions only (curation.analyze.CombinedShots).
   scenedetect: the `scenedetect` CLI (subprocess, its defaults: OpenCV backend, auto downscale,
     min scene length 0.6 s) with detect-content, detect-adaptive, detect-hist, detect-hash and
     detect-threshold. Where its default OpenCV backend decodes nothing (the AV1 file: OpenCV's FFmpeg
@@ -61,12 +63,15 @@ SD_DETECTORS = ("detect-content", "detect-adaptive", "detect-hist", "detect-hash
 OURS = {  # method -> AnalyzeConfig overrides
     "ours content": {"detector": "content"},
     "ours adaptive": {"detector": "adaptive"},
-    "ours transnetv2": {"detector": "transnetv2"},
-    "ours combined/union": {"detector": "combined", "combine": "union"},
-    "ours combined/agree": {"detector": "combined", "combine": "agree"},
-    "ours combined/learned_plus_dissolves": {"detector": "combined", "combine": "learned_plus_dissolves"},
+    "ours transnetv2": {"detector": "transnetv2", "transnet_dtype": "float32"},
+    "ours combined/union": {"detector": "combined", "combine": "union", "transnet_dtype": "float32"},
+    "ours combined/agree": {"detector": "combined", "combine": "agree", "transnet_dtype": "float32"},
+    "ours combined/learned_plus_dissolves": {"detector": "combined", "combine": "learned_plus_dissolves", "transnet_dtype": "float32"},
+    "ours transnetv2 bf16": {"detector": "transnetv2", "transnet_dtype": "bfloat16"},
+    "ours combined/agree bf16": {"detector": "combined", "combine": "agree", "transnet_dtype": "bfloat16"},
 }
-REPLAYED = ("ours combined/agree", "ours combined/learned_plus_dissolves")  # cached model unless --no-cache
+# cached model unless --no-cache
+REPLAYED = ("ours combined/agree", "ours combined/learned_plus_dissolves", "ours combined/agree bf16")
 TOL = 2
 GRADUAL = ("dissolve", "fade")
 
@@ -145,7 +150,10 @@ class CachedModel:
         model.predict_raw = self
 
     def __call__(self, frames):
-        key = hashlib.sha1(frames.cpu().numpy().tobytes()).hexdigest() + str(tuple(frames.shape))
+        import torch
+
+        key = (hashlib.sha1(frames.cpu().numpy().tobytes()).hexdigest() + str(tuple(frames.shape))
+               + str(torch.is_autocast_enabled(frames.device.type)))  # bfloat16 windows apart
         if self.replay and key in self.cache:
             self.hits.append(key)
             return tuple(x.clone() for x in self.cache[key])

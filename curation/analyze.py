@@ -160,7 +160,10 @@ class LearnedShots:
     def __init__(self, cfg: AnalyzeConfig):
         from curation.transnet import TransNetV2Shots
 
-        self.model = TransNetV2Shots(cfg.transnet_threshold, cfg.dissolve_max_frames, cfg.transnet_device)
+        from curation.transnet import resolve_dtype
+
+        self.model = TransNetV2Shots(cfg.transnet_threshold, cfg.dissolve_max_frames, cfg.transnet_device,
+                                     resolve_dtype(cfg.transnet_dtype, cfg.transnet_device))
         self.lag = self.model.lag
 
     def update(self, index: int, bgr: np.ndarray, gray: np.ndarray) -> list[tuple[int, int]]:
@@ -180,26 +183,74 @@ class CombinedShots:
     """TransNetV2 and the classic detectors, merged by `analyze.combine` (see AnalyzeConfig).
 
     Their transitions are held until neither detector can still report one that overlaps them (`lag`
-    frames), then merged: transitions within `combine_tolerance` frames of each other are one; its
-    extent is the learned model's where it found it, else the classic one's."""
+    frames), then merged: transitions within `combine_tolerance` frames of each other are one (the
+    connected groups of [first, end + tolerance]); its extent is the learned model's where it found
+    it, else the classic one's.
 
-    def __init__(self, cfg: AnalyzeConfig, fps: Fraction):
+    Under `agree` only groups with a classic transition are kept, so TransNetV2 runs only near the
+    classic transitions (`TransNetV2Near`: the reference windows around them, the same numbers), not
+    over the whole video: before a group is released, the learned transitions connected to each of
+    its classic ones are found (growing the connected interval until no more join). The result is
+    the same as running the model everywhere (tests/test_transnet.py); the cost falls with the
+    number of cuts, from every frame twice (100-frame windows, step 50) to nothing on a single shot.
+    """
+
+    def __init__(self, cfg: AnalyzeConfig, fps: Fraction, sparse: bool = True):
+        """`sparse=False` runs TransNetV2 everywhere under `agree` too (the reference, for tests)."""
+        from curation.transnet import TransNetV2Near, TransNetV2Shots, resolve_dtype
+
         self.cfg = cfg
-        self.classic, self.learned = ClassicShots(cfg, fps), LearnedShots(cfg)
-        self.lag = max(self.classic.lag, self.learned.lag) + cfg.combine_tolerance + 1
+        self.classic = ClassicShots(cfg, fps)
+        dtype = resolve_dtype(cfg.transnet_dtype, cfg.transnet_device)
+        self.near = (TransNetV2Near(cfg.transnet_threshold, cfg.dissolve_max_frames, cfg.transnet_device, dtype)
+                     if sparse and cfg.combine == "agree" else None)
+        self.learned = None if self.near else LearnedShots(cfg)
+        learned_lag = TransNetV2Shots.lag_of(cfg.dissolve_max_frames)
+        self.lag = max(self.classic.lag, learned_lag) + cfg.combine_tolerance + 1
         self.held: list[tuple[int, int, str]] = []  # (first, end, "classic" | "learned")
+        self.resolved: set[tuple[int, int, str]] = set()  # classic ones whose learned neighbours are held
 
     def update(self, index: int, bgr: np.ndarray, gray: np.ndarray) -> list[tuple[int, int]]:
         self.held += [(*t, "classic") for t in self.classic.update(index, bgr, gray)]
-        self.held += [(*t, "learned") for t in self.learned.update(index, bgr, gray)]
+        if self.near:
+            from curation.transnet import frame48
+
+            self.near.update(frame48(bgr))
+        else:
+            self.held += [(*t, "learned") for t in self.learned.update(index, bgr, gray)]
         return self._release(index - self.lag)
 
     def finish(self, last: int) -> list[tuple[int, int]]:
         self.held += [(*t, "classic") for t in self.classic.finish(last)]
-        self.held += [(*t, "learned") for t in self.learned.finish(last)]
+        if self.near:
+            self.near.finish()
+        else:
+            self.held += [(*t, "learned") for t in self.learned.finish(last)]
         return self._release(None)
 
+    def _resolve(self) -> None:
+        """Hold the learned transitions connected to each held classic one (agree mode)."""
+        tol = self.cfg.combine_tolerance
+        for t in sorted(self.held):
+            if t[2] != "classic" or t in self.resolved:
+                continue
+            first, last = t[0], t[1] + tol  # the connected interval so far
+            while True:
+                found = self.near.near(first - tol - 1, last)
+                if found is None:
+                    return  # frames not decoded yet; later classic ones need later frames still
+                joined = [f for f in found if f[0] <= last and f[1] + tol >= first]
+                grown = (min([first] + [f[0] for f in joined]), max([last] + [f[1] + tol for f in joined]))
+                if grown == (first, last):
+                    break
+                first, last = grown
+            known = set(self.held)
+            self.held += [(*f, "learned") for f in joined if (*f, "learned") not in known]
+            self.resolved.add(t)
+
     def _release(self, before: int | None) -> list[tuple[int, int]]:
+        if self.near:
+            self._resolve()
         tol, out = self.cfg.combine_tolerance, []
         self.held.sort()
         while self.held:
@@ -209,7 +260,10 @@ class CombinedShots:
                     group.append(t)
             if before is not None and max(g[1] for g in group) + tol > before:
                 break  # a detector may still report a transition that joins this group
+            if self.near and any(g[2] == "classic" and g not in self.resolved for g in group):
+                break  # its learned neighbours are not known yet
             del self.held[:len(group)]
+            self.resolved -= set(group)
             merged = self._merge(group)
             if merged:
                 out.append(merged)

@@ -43,16 +43,21 @@ class AnalyzeConfig(StrictModel):
     # heavily compressed sources whose sampled frames are not downscaled.
     skip_loop_filter: bool = True
     # Shot boundaries: `content` / `adaptive` (scenedetect's hard cuts, plus the dissolve detector
-    # below), `transnetv2` (the learned model, hard cuts and gradual transitions; ~44 frames per
-    # CPU-second at 48x27, so ~8x a 1080p decode on a CPU, ~25x on small files) or `combined` (both,
-    # merged by `combine`). The CPU default is `content`: the same F1 as transnetv2 on our set once
-    # the classic pass flushes its last dissolve, at 1.4x decode; on a GPU use `combined`.
+    # below), `transnetv2` (the learned model, hard cuts and gradual transitions; ~37 predicted frames
+    # per CPU-second at 48x27 in float32, about twice that in bfloat16: ~25x / 13x a small file's
+    # decode) or `combined` (both, merged by `combine`; under `agree` the model runs only around the
+    # classic transitions). The default is `content`: the same F1 as transnetv2 alone on our set, at
+    # 1.5x decode; `combined` + `agree` is the best F1 (benchmarks/split_vs_pyscenedetect.py).
     detector: Literal["content", "adaptive", "transnetv2", "combined"] = "content"
     transnet_threshold: float = 0.5  # TransNetV2 single-frame probability of a transition
     transnet_device: str = "cpu"  # "cuda" with resources.num_gpus > 0 (a fraction is fine)
-    # combined: `agree` keeps the transitions both found (measured best: F1 0.947 vs transnetv2 0.933,
-    # content 0.915, benchmarks/split_vs_pyscenedetect.py; each one's false cuts on exposure steps and
-    # fast pans mostly differ); `union` every transition either found; `learned_plus_dissolves`
+    # "bfloat16": TransNetV2 under autocast, ~2x faster on CPUs with AVX-512 BF16 or AMX (and on GPUs),
+    # probabilities within ~2e-3 of float32: the same transitions on every file of
+    # benchmarks/split_vs_pyscenedetect.py. "auto": bfloat16 where the device runs it natively.
+    transnet_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # combined: `agree` keeps the transitions both found (measured best: F1 1.000 vs transnetv2 and
+    # content 0.982, benchmarks/split_vs_pyscenedetect.py; each one's false cuts on exposure steps and
+    # fast pans differ); `union` every transition either found; `learned_plus_dissolves`
     # TransNetV2's plus the classic dissolves/fades it missed (never recalls less than transnetv2)
     combine: Literal["agree", "union", "learned_plus_dissolves"] = "agree"
     combine_tolerance: int = 2  # frames: transitions this close are one

@@ -90,6 +90,100 @@ def test_combined_rules_differ_where_the_detectors_do(multishot, torch_one_threa
     assert [c for c, e in agree if e - c == 1] == multishot.hard_cuts
 
 
+def _agree(path, sparse, window_s=10.0, **cfg):
+    """The analysis pass under combined/agree, with TransNetV2 run near the classic transitions only
+    (sparse, the default) or over the whole video; returns cuts, segments and the windows run."""
+    from fractions import Fraction
+
+    from curation import analyze as A
+
+    made = []
+
+    def make(c, fps: Fraction):
+        made.append(A.CombinedShots(c, fps, sparse=sparse))
+        return A.CleanTransitions(made[-1], c) if c.clean_transitions else made[-1]
+
+    source = probe(str(path), ProbeConfig(), S3Config())
+    original, A.make_shot_detector = A.make_shot_detector, make
+    try:
+        segments = list(analyze(source, AnalyzeConfig(detector="combined", combine="agree", **cfg), S3Config(),
+                                window_frames(window_s, source["fps"])))
+    finally:
+        A.make_shot_detector = original
+    windows = made[0].near.computed if made[0].near else None
+    return segments[-1]["cuts"], [(s["start_frame"], s["end_frame"]) for s in segments], windows
+
+
+def test_agree_runs_the_model_near_classic_transitions_only_with_the_same_result(tmp_path, multishot,
+                                                                                   torch_one_thread):
+    """combined/agree computes TransNetV2's reference windows around the classic transitions only,
+    and cuts exactly where running it over the whole video does: on cut-dense footage, with a content
+    threshold low enough to fire inside shots, on long shots flushed in short windows, and on one shot
+    (no window at all)."""
+    noisy = dict(content_threshold=8.0, min_scene_frames=4, clean_transitions=False)
+    long = tm.make_multishot(tmp_path / "long.mp4", dissolve_frames=0, segments=[
+        ("bigbuckbunny.mp4", 0, 132), ("carphone_pristine.mp4", 0, 120), ("bigbuckbunny.mp4", 0, 132)])
+    cases = [(multishot.path, {}), (multishot.path, noisy), (long.path, {"window_s": 0.8}),
+             (tm.real_footage("bigbuckbunny.mp4"), {})]
+    for path, cfg in cases:
+        dense_cuts, dense_segments, _ = _agree(path, sparse=False, **cfg)
+        cuts, segments, windows = _agree(path, sparse=True, **cfg)
+        assert (cuts, segments) == (dense_cuts, dense_segments), (path, cfg)
+        if path == long.path:  # 384 frames: 8 windows everywhere, 2 around each of its 2 cuts
+            assert [c for c, _ in cuts] == long.hard_cuts and windows <= 5, windows
+    assert windows == 0 and cuts == []  # one shot: the model never runs
+
+
+def test_near_returns_what_the_whole_video_scan_finds_for_any_query(monkeypatch):
+    """TransNetV2Near's islands against TransNetV2Shots over the whole stream, with a stand-in for the
+    network (deterministic per window, context-dependent like it): hard cuts, runs across window
+    edges, transitions within the margin of each other, and components longer than max_frames (capped
+    extents that end past their component). Every query, during the stream or after it, returns
+    exactly the whole-video transitions that intersect it, or None while its frames are not in."""
+    import curation.transnet as T
+
+    def stand_in(model, window, dtype="float32"):
+        v = window[:, 0, 0, 0].astype(np.float32) / 255
+        single = 0.5 * v + 0.15 + 0.1 * v.mean()  # never saturates: the peak is where v is largest
+        many = np.clip(np.convolve(v, np.ones(5) / 5, "same") + 0.2 * v.mean(), 0, 1)
+        return single.astype(np.float32), many.astype(np.float32)
+
+    monkeypatch.setattr(T, "infer", stand_in)
+    monkeypatch.setattr(T, "load_model", lambda device="cpu": None)
+    rng = np.random.default_rng(0)
+    level = np.zeros(1500)
+    for start, length in [(40, 1), (49, 2), (100, 5), (170, 80), (255, 1), (300, 90), (395, 1), (475, 70), (555, 1), (600, 12),
+                          (614, 1), (700, 61), (900, 200), (1490, 6)]:
+        level[start:start + length] = 1
+    values = [int(190 * x + rng.integers(0, 50)) for x in level]
+    # a long run ending on a window edge (250), peaking 2 frames before it: its capped extent ends 28
+    # frames into the next window, past a hard cut at 255, which the whole-video scan thus skips
+    values[248] = 255
+    # one ending 6 frames before a window edge (550), peaking at its last frame: its capped extent
+    # ends past the edge, and the scan of the next window starts at the edge again (a cut at 555 kept)
+    values[544] = 255
+    frames = [np.full((27, 48, 3), v, np.uint8) for v in values]
+    dense = T.TransNetV2Shots()
+    every = [t for i, f in enumerate(frames) for t in dense.update(i, f)] + dense.finish()
+    assert any(b - a == 60 for a, b in every) and any(b - a == 1 for a, b in every)  # capped and hard
+    assert (218, 278) in every and not any(255 <= a < 278 for a, _ in every)
+    assert (514, 574) in every and (556, 557) in every
+    queries = [(int(a), int(a + b)) for a, b in zip(rng.integers(-5, 1500, 60), rng.integers(0, 80, 60))]
+    queries += [(251, 260), (256, 256), (280, 300), (550, 560), (556, 556)]
+    near, answered = T.TransNetV2Near(), 0
+    for i, frame in enumerate(frames):
+        near.update(frame)
+        for lo, hi in queries:
+            if i == hi + 130:  # the window of frame hi needs frames up to hi + 75, more if it grows
+                got = near.near(lo, hi)
+                assert got is None or got == [t for t in every if t[0] <= hi and t[1] - 1 >= lo], (lo, hi)
+                answered += got is not None
+    near.finish()
+    for lo, hi in queries:
+        assert near.near(lo, hi) == [t for t in every if t[0] <= hi and t[1] - 1 >= lo], (lo, hi)
+    assert answered > 0  # some answered while streaming
+
+
 def test_loading_the_model_leaves_the_process_as_it_was():
     """TransNetV2's constructor seeds every RNG with 42 and turns on deterministic algorithms for the
     whole process; load_model undoes both (fresh process: the model is cached per process)."""
