@@ -14,7 +14,7 @@ and `extract.copy_only=true`, and prints:
 - each run's wall time, its ratio to the floor (the goal: within 3x) and video-hours per wall-hour;
 - each stage's summed seconds (summary.json `stage_seconds`, added up over workers) and its share of
   the run's machine time (wall x cores);
-- extraction alone, in this process, of every kept clip of the caption-off run, with partial
+- extraction alone, in this process, of every extracted clip of the caption-off run, with partial
   re-encoding on (default) and off, with every clip re-encoded, and copy-only: seconds per
   clip-second, bytes written, and the share of each extract mode, over all clips and for the 1080p
   file alone.
@@ -150,15 +150,17 @@ def extraction(out: Path, scratch: Path) -> None:
     from spacetime.config import S3Config
     from spacetime.store import Store
 
+    # every clip the run extracted (kept, or dropped after extraction as a near-duplicate: the set's
+    # files share footage), of the original files (not the remuxed copies)
     clips = [c for c in pq.read_table(out / "manifest/clips.parquet").to_pylist()
-             if c["status"] == "kept" and "_copy" not in Path(c["source_uri"]).name]  # the originals' clips
+             if c["extract_mode"] is not None and "_copy" not in Path(c["source_uri"]).name]
     sources = {}
     for uri in sorted({c["source_uri"] for c in clips}):
         with av.open(uri) as f:
             stream = f.streams.video[0]
             pts = sorted(p.pts for p in f.demux(stream) if p.pts is not None)
             sources[uri] = (pts, stream.codec_context.name, float(stream.average_rate))
-    print("extraction in one process (every kept clip):")
+    print("extraction in one process (every extracted clip):")
     print(f"    {'mode':<16} {'files':<6} {'clips':>5} {'clip s':>7} {'extract s':>9} {'s per clip-s':>12} {'MiB':>8}  modes")
     store = Store(str(scratch))
     for mode in ("partial on", "partial off", "always re-encode", "copy only"):

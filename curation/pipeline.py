@@ -277,20 +277,21 @@ def init_ray(cfg: CurateConfig, address: str | None) -> None:
 
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return
-    if address:
-        context = ray.init(address=address, log_to_driver=False)
-    else:
-        # address="local": an embedded Ray of its own, never a cluster that happens to run on this machine
-        context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
-                           include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
-    if cfg.ray.dashboard or address:
-        url = getattr(context, "dashboard_url", None)
-        log.info("Ray dashboard: %s", f"http://{url}" if url else "none (this Ray has no dashboard)")
+    if not ray.is_initialized():  # (a caller, e.g. a test, may have started or joined one)
+        if address:
+            context = ray.init(address=address, log_to_driver=False)
+        else:
+            # address="local": an embedded Ray of its own, never a cluster that happens to run here
+            context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, log_to_driver=False,
+                               object_store_memory=cfg.ray.object_store_memory,
+                               include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1")
+        if cfg.ray.dashboard or address:
+            url = getattr(context, "dashboard_url", None)
+            log.info("Ray dashboard: %s", f"http://{url}" if url else "none (this Ray has no dashboard)")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.print_on_execution_start = False
+    ctx.op_resource_reservation_enabled = cfg.ray.reserve_operator_resources
 
 
 def _versions() -> dict:

@@ -62,6 +62,24 @@ def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_poo
     assert all(k[0] == "TaskPoolStrategy" and k[1] == 1.0 for name, k in kinds.items() if name not in ("aesthetic", "extract"))
 
 
+def test_ray_data_shares_the_cores_between_stages_unless_told_to_reserve():
+    """`ray.reserve_operator_resources` reaches Ray Data's context, also on a Ray someone else started
+    (a test's, a cluster's): off by default, so stages share the cores as work arrives."""
+    import ray.data
+
+    from curation.pipeline import init_ray
+    from tests.helpers import start_local_ray
+
+    start_local_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.op_resource_reservation_enabled = True  # Ray Data's own default
+    init_ray(load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", []), None)
+    assert ctx.op_resource_reservation_enabled is False
+    init_ray(load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", ["ray.reserve_operator_resources=true"]), None)
+    assert ctx.op_resource_reservation_enabled is True
+    init_ray(load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", []), None)
+
+
 def test_the_progress_line_counts_clips_by_fate_and_estimates_the_rest():
     from collections import Counter
 
