@@ -6,8 +6,10 @@ decoded once for everything. The reference predictor (`TransNetV2.predict_frames
 100 frames with a step of 50 and keeps the middle 50 predictions (25 frames of context each side,
 the first/last frame repeated at the ends); `TransNetV2Shots` does exactly that online, one window
 per 50 frames (not frame by frame), and its predictions are bit-identical to `predict_frames`.
-(Measured on 2 cores, one thread: ~44 frames/s whatever the window, so longer windows or batching
-several windows buy nothing; batching 4 windows was slower, 26 frames/s.)
+(Measured on 2 cores, one thread: ~75 window frames/s in float32 whatever the window, so longer
+windows or batching several windows buy nothing; batching 4 windows was slower. The convolutions run
+at ~80% of the core's float32 matmul peak, so only bfloat16 (`infer`, ~2x) makes the model cheaper.)
+`TransNetV2Near` runs only the windows around given frames, for `combine: agree` (see there).
 
 From predictions to the `cuts` format of the analysis pass ([first, end) frames in no shot):
 - a transition is a run of frames whose single-frame probability exceeds `threshold`;
