@@ -282,7 +282,8 @@ def init_ray(cfg: CurateConfig, address: str | None) -> None:
             context = ray.init(address=address, log_to_driver=False)
         else:
             # address="local": an embedded Ray of its own, never a cluster that happens to run here
-            context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, log_to_driver=False,
+            slots = cfg.ray.num_cpus or max(1, round((os.cpu_count() or 1) * cfg.ray.cpus_per_core))
+            context = ray.init(address="local", num_cpus=slots, log_to_driver=False,
                                object_store_memory=cfg.ray.object_store_memory,
                                include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1")
         if cfg.ray.dashboard or address:
@@ -291,7 +292,6 @@ def init_ray(cfg: CurateConfig, address: str | None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.print_on_execution_start = False
-    ctx.op_resource_reservation_enabled = cfg.ray.reserve_operator_resources
 
 
 def _versions() -> dict:

@@ -12,17 +12,20 @@ from spacetime.config import ActorResources, S3Config, StrictModel, TaskResource
 
 class RayConfig(StrictModel):
     address: str | None = None  # None: $RAY_ADDRESS, else a local embedded Ray
-    num_cpus: int | None = None  # local Ray only; None: all cores
+    num_cpus: int | None = None  # local Ray only; None: cores x cpus_per_core
     object_store_memory: int | None = 512 * 1024**2  # local Ray only (bytes)
     progress_bars: bool = False  # Ray's own bars; spacetime shows one bar per run
     # local Ray only: start Ray's dashboard on 127.0.0.1 (port 8265, or the next free one) and log its
     # URL; `spacetime curate --dashboard` sets it
     dashboard: bool = False
-    # Ray Data's per-operator resource reservation (DataContext.op_resource_reservation_enabled). Off:
-    # the stages share the cores as work arrives, bounded by Ray Data's object-store backpressure. On
-    # 2 cores the reservation held the source tasks to one core at a time while the extract
-    # operator's share sat idle: 65% CPU use, 134 s against 102 s at ~100% (benchmarks/curation_vs_decode.py).
-    reserve_operator_resources: bool = False
+    # local Ray only, when num_cpus is None: Ray's CPU slots per core. Task stages take 1 slot each
+    # and Ray Data reserves slots per operator so that every stage keeps streaming; with one slot per
+    # core that held the source tasks to 1 of 2 cores while the extract stage's reserved slot idled
+    # (65% CPU; 134 s on the benchmark set). Two per core: 97% CPU, 97 s, still streaming
+    # (benchmarks/curation_vs_decode.py, curation_scale.py). Turning Ray Data's reservation off
+    # instead fills the cores too, but the sources then only complete at the end: no streaming.
+    # A cluster's nodes declare their own slots: start them with `ray start --num-cpus` = 2 x cores.
+    cpus_per_core: float = Field(2.0, gt=0)
 
 
 class SourcesConfig(StrictModel):

@@ -62,22 +62,26 @@ def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_poo
     assert all(k[0] == "TaskPoolStrategy" and k[1] == 1.0 for name, k in kinds.items() if name not in ("aesthetic", "extract"))
 
 
-def test_ray_data_shares_the_cores_between_stages_unless_told_to_reserve():
-    """`ray.reserve_operator_resources` reaches Ray Data's context, also on a Ray someone else started
-    (a test's, a cluster's): off by default, so stages share the cores as work arrives."""
-    import ray.data
+def test_the_local_ray_has_cpus_per_core_slots_per_core():
+    """The embedded Ray gets cores x ray.cpus_per_core CPU slots (2 by default: the stages stream and
+    still fill the cores under Ray Data's per-operator reservation), unless ray.num_cpus says."""
+    import os
+    import subprocess
+    import sys
 
-    from curation.pipeline import init_ray
-    from tests.helpers import start_local_ray
+    from tests.helpers import ROOT
 
-    start_local_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.op_resource_reservation_enabled = True  # Ray Data's own default
-    init_ray(load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", []), None)
-    assert ctx.op_resource_reservation_enabled is False
-    init_ray(load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", ["ray.reserve_operator_resources=true"]), None)
-    assert ctx.op_resource_reservation_enabled is True
-    init_ray(load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", []), None)
+    script = ("import ray\n"
+              "from curation.pipeline import init_ray\n"
+              "from curation.settings import CurateConfig\n"
+              "for ray_cfg in ({}, {'cpus_per_core': 0.5}, {'num_cpus': 3}):\n"
+              "    init_ray(CurateConfig(ray={'object_store_memory': 80 * 2**20, **ray_cfg}), None)\n"
+              "    print(int(ray.cluster_resources()['CPU']), flush=True)\n"
+              "    ray.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"})
+    cores = os.cpu_count()
+    assert out.stdout.split() == [str(2 * cores), str(max(1, round(cores / 2))), "3"], out.stderr[-3000:]
 
 
 def test_the_progress_line_counts_clips_by_fate_and_estimates_the_rest():
