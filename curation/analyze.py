@@ -158,9 +158,7 @@ class LearnedShots:
     """TransNetV2 (curation.transnet) fed 48x27 frames made from the pass's small frame."""
 
     def __init__(self, cfg: AnalyzeConfig):
-        from curation.transnet import TransNetV2Shots
-
-        from curation.transnet import resolve_dtype
+        from curation.transnet import TransNetV2Shots, resolve_dtype
 
         self.model = TransNetV2Shots(cfg.transnet_threshold, cfg.dissolve_max_frames, cfg.transnet_device,
                                      resolve_dtype(cfg.transnet_dtype, cfg.transnet_device))
