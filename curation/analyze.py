@@ -158,10 +158,10 @@ class LearnedShots:
     """TransNetV2 (curation.transnet) fed 48x27 frames made from the pass's small frame."""
 
     def __init__(self, cfg: AnalyzeConfig):
-        from curation.transnet import TransNetV2Shots, resolve_dtype
+        from curation.transnet import TransNetV2Shots
 
         self.model = TransNetV2Shots(cfg.transnet_threshold, cfg.dissolve_max_frames, cfg.transnet_device,
-                                     resolve_dtype(cfg.transnet_dtype, cfg.transnet_device))
+                                     cfg.transnet_dtype)
         self.lag = self.model.lag
 
     def update(self, index: int, bgr: np.ndarray, gray: np.ndarray) -> list[tuple[int, int]]:
@@ -195,13 +195,12 @@ class CombinedShots:
 
     def __init__(self, cfg: AnalyzeConfig, fps: Fraction, sparse: bool = True):
         """`sparse=False` runs TransNetV2 everywhere under `agree` too (the reference, for tests)."""
-        from curation.transnet import TransNetV2Near, TransNetV2Shots, resolve_dtype
+        from curation.transnet import TransNetV2Near, TransNetV2Shots
 
         self.cfg = cfg
         self.classic = ClassicShots(cfg, fps)
-        dtype = resolve_dtype(cfg.transnet_dtype, cfg.transnet_device)
-        self.near = (TransNetV2Near(cfg.transnet_threshold, cfg.dissolve_max_frames, cfg.transnet_device, dtype)
-                     if sparse and cfg.combine == "agree" else None)
+        self.near = (TransNetV2Near(cfg.transnet_threshold, cfg.dissolve_max_frames, cfg.transnet_device,
+                                    cfg.transnet_dtype) if sparse and cfg.combine == "agree" else None)
         self.learned = None if self.near else LearnedShots(cfg)
         learned_lag = TransNetV2Shots.lag_of(cfg.dissolve_max_frames)
         self.lag = max(self.classic.lag, learned_lag) + cfg.combine_tolerance + 1

@@ -25,6 +25,7 @@ Constructing the model seeds torch/numpy/random with 42 and switches on
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 from contextlib import contextmanager
@@ -71,6 +72,7 @@ def load_model(device: str = "cpu"):
         return _models[device]
 
 
+@functools.lru_cache(maxsize=None)
 def fast_bfloat16(device: str) -> bool:
     """Whether `device` runs bfloat16 convolutions natively: a CUDA GPU that supports it, or a CPU with
     AVX-512 BF16 or AMX (Linux: /proc/cpuinfo flags). Elsewhere bfloat16 is emulated, no faster."""
@@ -101,6 +103,17 @@ def infer(model, window: np.ndarray, dtype: str = "float32") -> tuple[np.ndarray
     with torch.inference_mode(), torch.autocast(model.device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
         single, many = model.predict_raw(x)
     return single[0, :, 0].float().cpu().numpy(), many[0, :, 0].float().cpu().numpy()
+
+
+def predict_window(model, frames: list[np.ndarray], base: int, k: int, total: int,
+                   dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The reference predictor's window k: frames STEP k - CONTEXT .. + WINDOW (clamped to the first
+    and the last of `total` frames; `frames` holds them from index `base` on) in, the predictions of
+    frames [STEP k, min(STEP k + STEP, total)) out."""
+    idx = np.clip(np.arange(STEP * k - CONTEXT, STEP * k - CONTEXT + WINDOW), 0, total - 1) - base
+    single, many = infer(model, np.stack([frames[i] for i in idx]), dtype)
+    m = min(STEP, total - STEP * k)
+    return single[CONTEXT:CONTEXT + m], many[CONTEXT:CONTEXT + m]
 
 
 def scan(single: np.ndarray, many: np.ndarray, scanned: int, threshold: float, max_frames: int,
@@ -150,7 +163,7 @@ class TransNetV2Shots:
     """
 
     def __init__(self, threshold: float = 0.5, max_frames: int = 60, device: str = "cpu", dtype: str = "float32"):
-        self.threshold, self.max_frames, self.dtype = threshold, max_frames, dtype
+        self.threshold, self.max_frames, self.dtype = threshold, max_frames, resolve_dtype(dtype, device)
         self.model = load_model(device)
         self.frames: list[np.ndarray] = []  # frames from index `base` on
         self.base = 0
@@ -173,24 +186,21 @@ class TransNetV2Shots:
         """Frame `index` (48x27 RGB uint8); indices must be consecutive from 0."""
         self.frames.append(frame)
         if index + 1 >= self.predicted + STEP + CONTEXT:  # the next window is complete
-            self._predict(end=False)
+            self._predict()
             return self._scan(final=False)
         return []
 
     def finish(self) -> list[tuple[int, int]]:
         total = self.base + len(self.frames)
         while self.predicted < total:
-            self._predict(end=True)
+            self._predict()
         return self._scan(final=True)
 
-    def _predict(self, end: bool) -> None:
-        first = self.predicted - CONTEXT  # window start, in frame indices (may be < 0: padding)
-        idx = np.clip(np.arange(first, first + WINDOW), 0, self.base + len(self.frames) - 1) - self.base
-        single, many = infer(self.model, np.stack([self.frames[i] for i in idx]), self.dtype)
-        total = self.base + len(self.frames)
-        n = min(STEP, total - self.predicted) if end else STEP
-        self.single = np.concatenate([self.single, single[CONTEXT:CONTEXT + n]])
-        self.many = np.concatenate([self.many, many[CONTEXT:CONTEXT + n]])
+    def _predict(self) -> None:
+        single, many = predict_window(self.model, self.frames, self.base, self.predicted // STEP,
+                                      self.base + len(self.frames), self.dtype)
+        self.single = np.concatenate([self.single, single])
+        self.many = np.concatenate([self.many, many])
         keep_from = max(0, self.predicted - CONTEXT) - self.base  # the next window's first frame
         if keep_from > 0:
             del self.frames[:keep_from]
@@ -218,7 +228,8 @@ class TransNetV2Near:
 
     def __init__(self, threshold: float = 0.5, max_frames: int = 60, device: str = "cpu", dtype: str = "float32",
                  keep: int = 2000):
-        self.threshold, self.max_frames, self.dtype, self.keep = threshold, max_frames, dtype, keep
+        self.threshold, self.max_frames, self.keep = threshold, max_frames, keep
+        self.dtype = resolve_dtype(dtype, device)
         self.model = load_model(device)
         self.margin = max_frames - max_frames // 2 + 1
         self.frames: list[np.ndarray] = []  # frames from index `base` on
@@ -250,11 +261,8 @@ class TransNetV2Near:
 
     def _window(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k not in self.windows:
-            n = self.total if self.total is not None else self.count
-            idx = np.clip(np.arange(STEP * k - CONTEXT, STEP * k - CONTEXT + WINDOW), 0, n - 1) - self.base
-            single, many = infer(self.model, np.stack([self.frames[i] for i in idx]), self.dtype)
-            m = min(STEP, n - STEP * k)
-            self.windows[k] = single[CONTEXT:CONTEXT + m], many[CONTEXT:CONTEXT + m]
+            total = self.total if self.total is not None else self.count
+            self.windows[k] = predict_window(self.model, self.frames, self.base, k, total, self.dtype)
             self.computed += 1
             for old in [j for j in self.windows if j < k - (self.keep // STEP + 4)]:
                 del self.windows[old]  # bounded memory on long videos
