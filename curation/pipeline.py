@@ -17,6 +17,7 @@ Bad input never stops a run: each failure becomes a manifest row with a readable
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -272,12 +273,15 @@ def _apply(ds, spec: StageSpec, key: tuple[str, int]):
                           batch_size=res.batch_size, batch_format="numpy", **kwargs)
 
 
-def init_ray(cfg: CurateConfig, address: str | None) -> None:
+def init_ray(cfg: CurateConfig, address: str | None) -> bool:
+    """Start the embedded Ray, or join the cluster at `address`; True if this call did either (False:
+    the caller, e.g. a test, had started or joined one, and keeps it)."""
     import ray
 
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():  # (a caller, e.g. a test, may have started or joined one)
+    started = not ray.is_initialized()
+    if started:
         if address:
             context = ray.init(address=address, log_to_driver=False)
         else:
@@ -292,6 +296,42 @@ def init_ray(cfg: CurateConfig, address: str | None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.print_on_execution_start = False
+    return started
+
+
+def _report_while_ray_stops(out: Store, stop_ray: bool) -> None:
+    """Build the report; if `stop_ray`, shut Ray down meanwhile (in this, the main thread: Ray's shutdown
+    is mostly waiting for its processes to exit, ~1.5 s, while the report draws its plots, ~1.5 s;
+    one after the other they were most of the run's tail, see #12)."""
+    from curation.report import build_report
+
+    if not stop_ray:
+        build_report(out)
+        return
+    import ray
+
+    failed: list[BaseException] = []
+
+    def report() -> None:
+        try:
+            build_report(out)
+        except BaseException as err:  # re-raised below, in the main thread
+            failed.append(err)
+
+    # Ray aborts the process if an object reference is freed while it shuts down; the report thread's
+    # allocations would start the cyclic collector, which may free old garbage that holds some. So:
+    # collect now, while Ray is up, and not again until it is down.
+    gc.collect()
+    gc.disable()
+    thread = threading.Thread(target=report, name="report")
+    thread.start()
+    try:
+        ray.shutdown()
+    finally:
+        thread.join()
+        gc.enable()
+    if failed:
+        raise failed[0]
 
 
 def _versions() -> dict:
@@ -435,7 +475,6 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
             ray_log: bool = False) -> dict:
     import ray
 
-    from curation.report import build_report
     from curation.sources import source_key
     from curation.versions import VersionLog
     from curation.write import CompletionTracker, RunDir, finalize, plan_units
@@ -462,10 +501,10 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
         log.info("no new input: %s stays at version %d", out.uri, earlier[-1].version)
         return json.loads(out.read_bytes(contract.SUMMARY_PATH))
     out.write("config.yaml", dump_config(cfg))
-    tracker, cores = CompletionTracker(run), 0.0
+    tracker, cores, started = CompletionTracker(run), 0.0, False
     if pending or unwritten:
         with _ray_messages(out, ray_log) as console:
-            init_ray(cfg, ray_address)
+            started = init_ray(cfg, ray_address)
             cores = float(ray.cluster_resources().get("CPU", 0))
             writer = _unit_writer(run, units, cfg, set(sources) - set(pending))
             writer.poll()  # units a killed run completed but did not commit
@@ -481,6 +520,6 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
     lease.check()  # another run took the output over: publish nothing
     summary = finalize(run, units, wall_start, _versions(), cores, dict(tracker.counts), current.version)
     versions.publish(current)
-    build_report(out)
+    _report_while_ray_stops(out, stop_ray=started)
     log.info("published version %d: %d new sources", current.version, len(current.sources))
     return summary
