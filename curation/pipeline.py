@@ -303,20 +303,14 @@ def _report_while_ray_stops(out: Store, stop_ray: bool) -> None:
     """Build the report; if `stop_ray`, shut Ray down meanwhile (in this, the main thread: Ray's shutdown
     is mostly waiting for its processes to exit, ~1.5 s, while the report draws its plots, ~1.5 s;
     one after the other they were most of the run's tail, see #12)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from curation.report import build_report
 
     if not stop_ray:
         build_report(out)
         return
     import ray
-
-    failed: list[BaseException] = []
-
-    def report() -> None:
-        try:
-            build_report(out)
-        except BaseException as err:  # re-raised below, in the main thread
-            failed.append(err)
 
     # The cyclic collector, started by the report thread's allocations during Ray's shutdown, aborted
     # the process ("The core worker has already been shutdown ...") in 3 runs of 3: it frees what the
@@ -325,16 +319,14 @@ def _report_while_ray_stops(out: Store, stop_ray: bool) -> None:
     collecting = gc.isenabled()
     gc.collect()
     gc.disable()
-    thread = threading.Thread(target=report, name="report")
-    thread.start()
     try:
-        ray.shutdown()
+        with ThreadPoolExecutor(1, thread_name_prefix="report") as pool:
+            report = pool.submit(build_report, out)
+            ray.shutdown()
+        report.result()  # the report's error, if any, raised here
     finally:
-        thread.join()
         if collecting:
             gc.enable()
-    if failed:
-        raise failed[0]
 
 
 def _versions() -> dict:

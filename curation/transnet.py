@@ -6,9 +6,12 @@ decoded once for everything. The reference predictor (`TransNetV2.predict_frames
 100 frames with a step of 50 and keeps the middle 50 predictions (25 frames of context each side,
 the first/last frame repeated at the ends); `TransNetV2Shots` does exactly that online, one window
 per 50 frames (not frame by frame), and its predictions are bit-identical to `predict_frames`.
-(Measured on 2 cores, one thread: ~75 window frames/s in float32 whatever the window, so longer
-windows or batching several windows buy nothing; batching 4 windows was slower. The convolutions run
-at ~80% of the core's float32 matmul peak, so only bfloat16 (`infer`, ~2x) makes the model cheaper.)
+(Measured on 2 cores, one thread: ~75 window frames/s in float32 whatever the window; batching 4
+windows was slower. The convolutions run at ~80% of the core's float32 matmul peak, so per frame only
+bfloat16 (`infer`, ~2x) makes the model cheaper. Longer windows with the same context would put fewer
+frames through it twice: 200-frame windows cut the time 17-19% on benchmarks/split_vs_pyscenedetect.py
+with the same transitions, but left `spacetime curate` under combine: agree within noise, and they
+are not the reference predictor, so they are not offered.)
 `TransNetV2Near` runs only the windows around given frames, for `combine: agree` (see there).
 
 From predictions to the `cuts` format of the analysis pass ([first, end) frames in no shot):
