@@ -44,17 +44,14 @@ def _reason_key(clip: dict) -> str:
 
 
 def _plot(path: Path, draw, left: float = 0.13) -> str:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global figure registry, no GUI backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
+    fig = Figure(figsize=(4.2, 2.8), dpi=100)
+    ax = fig.subplots()
     fig.subplots_adjust(left=left, right=0.97, bottom=0.12, top=0.9)  # fixed: tight_layout took 30% of the report
     draw(ax)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    fig.savefig(path)  # a bare Figure draws with Agg
     return f"plots/{path.name}"
 
 
@@ -64,7 +61,7 @@ def _hist(values_by_label: dict[str, list[float]], title: str, lines: list[float
         bins = 20 if data else 1
         for label, values in values_by_label.items():
             if values:
-                ax.hist(values, bins=bins, alpha=0.6, label=f"{label} ({len(values)})")
+                ax.hist(values, bins=bins, histtype="stepfilled", alpha=0.6, label=f"{label} ({len(values)})")
         for x in lines:
             ax.axvline(x, color="red", linestyle="--", linewidth=1.2, label=f"threshold {x:g}")
         ax.set_title(title, fontsize=9)

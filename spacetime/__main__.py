@@ -2,6 +2,6 @@
 
 import sys
 
-from spacetime.cli import main
+from spacetime.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

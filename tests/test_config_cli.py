@@ -104,3 +104,17 @@ def test_help_imports_no_heavy_library_or_wing_internals():
             "'transformers', 'cv2'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
+def test_the_process_entry_point_exits_without_a_final_collection():
+    """`spacetime` and `python -m spacetime` run `entry`: the command's result, then gc.freeze(), so the
+    interpreter's exit skips its garbage-collection passes over everything imported (#12's tail);
+    `main`, which tests call in-process, does not freeze."""
+    code = ("import gc, sys; from spacetime import cli; "
+            "sys.argv = ['spacetime', 'version']; m = cli.main(sys.argv[1:]); "
+            "before = gc.get_freeze_count(); e = cli.entry(); print(m, e, before, gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-4:] == ["0", "0", "0", "True"], out.stdout[-500:] + out.stderr[-2000:]
+    scripts = (ROOT / "pyproject.toml").read_text()
+    assert 'spacetime = "spacetime.cli:entry"' in scripts
+    assert "sys.exit(entry())" in (ROOT / "spacetime/__main__.py").read_text()
