@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from spacetime.errors import describe
 from spacetime.frames import decode_frames, encode_frames
 from curation.stage import BatchStage, Stage, pack, unpack
 from curation.settings import (AestheticConfig, BordersConfig, DedupConfig, ExposureConfig, MotionConfig,
@@ -115,7 +116,8 @@ def motion(frames: np.ndarray, seconds: list[float], cfg: MotionConfig) -> dict[
 # ------------------------------------------------------------------------------------ stages
 class FilterStage(Stage):
     """Per-row filter built from its `filters.<name>` section: `score(clip, frames, cfg)` records
-    scores, may reject, and returns new frames for the next stages (or None to keep them)."""
+    scores, may reject, and returns new frames for the next stages (or None to keep them). A score
+    that raises fails that clip, with the error as its reason; the run goes on."""
 
     def __call__(self, row: dict) -> dict:
         import time
@@ -123,12 +125,14 @@ class FilterStage(Stage):
         t0 = time.perf_counter()
         meta, sampled = unpack(row)
         clip = meta.get("clip")
-        if clip and sampled and self.cfg.enabled:
-            frames = decode_frames(sampled)
-            if len(frames):
-                new = self.score(clip, frames, self.cfg)
+        if clip and sampled and self.cfg.enabled and clip["status"] != "failed":
+            try:
+                frames = decode_frames(sampled)
+                new = self.score(clip, frames, self.cfg) if len(frames) else None
                 if new is not None:
                     sampled = encode_frames(list(new))
+            except Exception as err:
+                clip.update(status="failed", reason=f"{self.name} failed: {describe(err)}")
         return pack(self.timed(meta, t0), sampled)
 
     def score(self, clip: dict, frames: np.ndarray, cfg):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from curation.filters import Exposure, Sharpness
 from curation.pipeline import Analyze, Probe, Split
 from curation.settings import CurateConfig
 from curation.stage import pack, unpack
@@ -36,6 +37,25 @@ def test_stage_seconds_summed_over_rows_count_each_stage_call_once(tmp_path):
     assert abs(total["analyze"] - sum(analyze_seconds)) < 1e-9
     # each segment row holds its own analysis time, not the running total of the source's
     assert max(analyze_seconds) < sum(analyze_seconds)
+
+
+def test_a_filter_that_raises_fails_its_clip_and_the_rows_go_on(tmp_path):
+    """One clip whose frames a filter cannot read (its sampled bytes damaged in transit) is a failed
+    clip with the error as its reason; it was an exception that ended the whole run. Its neighbours
+    are scored as before, and later filters leave the failed clip alone."""
+    cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml")
+    s3 = cfg.sources.s3
+    probed = Probe(cfg.probe, s3, Store(str(tmp_path)), None)(
+        pack({"source": {"uri": str(tm.real_footage("bikes.mp4")), "status": "pending"}}))
+    split = Split(cfg.split, cfg.analyze.max_sampled_per_clip)
+    rows = [row for seg in Analyze(cfg.analyze, s3, cfg.split.max_duration)(probed) for row in split(seg)]
+    rows = [r for r in rows if unpack(r)[0]["clip"]][:2]
+    rows[0] = dict(rows[0], sampled=rows[0]["sampled"][: len(rows[0]["sampled"]) // 2])  # cut short
+    sharpness, exposure = Sharpness(cfg.filters.sharpness), Exposure(cfg.filters.exposure)
+    out = [unpack(exposure(sharpness(r)))[0]["clip"] for r in rows]
+    assert out[0]["status"] == "failed" and out[0]["reason"].startswith("sharpness failed: "), out[0]
+    assert "sharpness" not in out[0]["scores"] and "luma_mean" not in out[0]["scores"]
+    assert out[1]["status"] != "failed" and {"sharpness", "luma_mean"} <= set(out[1]["scores"])
 
 
 def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_pools(tmp_path):
