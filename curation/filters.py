@@ -271,14 +271,23 @@ class Aesthetic(BatchStage):
             return
         picked, owners = [], []
         for k, (meta, sampled) in enumerate(items):
-            frames = decode_frames(sampled) if sampled else []
+            try:
+                frames = decode_frames(sampled) if sampled else []
+            except Exception as err:  # that clip fails; the batch goes on
+                meta["clip"].update(status="failed", reason=f"{self.name} failed: {describe(err)}")
+                continue
             if len(frames):
                 for j in np.unique(np.linspace(0, len(frames) - 1, self.cfg.frames).round().astype(int)):
                     picked.append(frames[j])
                     owners.append(k)
         if not picked:
             return
-        scores = self.head.score(embed_frames(self.model, self.preprocess, picked))
+        try:
+            scores = self.head.score(embed_frames(self.model, self.preprocess, picked))
+        except Exception as err:  # the model failed on this batch: its clips fail, the run goes on
+            for k in set(owners):
+                items[k][0]["clip"].update(status="failed", reason=f"{self.name} failed: {describe(err)}")
+            return
         owners = np.array(owners)
         for k, (meta, _) in enumerate(items):
             mine = scores[owners == k]

@@ -116,7 +116,8 @@ class Analyze(Stage):
 
 class Split(Stage):
     """One row per clip candidate; a segment without clips still yields one (clip-less) row, so
-    the writer can count every segment's rows."""
+    the writer can count every segment's rows. A segment that cannot be split yields that row with
+    its source failed; the source's other segments go on (as after an analysis that fails midway)."""
 
     name = "split"
 
@@ -134,7 +135,12 @@ class Split(Stage):
         clips = []
         if seg is not None:
             seg["sampled"] = sampled
-            clips = split_segment(meta["source"], seg, self.cfg, self.max_sampled)
+            try:
+                clips = split_segment(meta["source"], seg, self.cfg, self.max_sampled)
+            except Exception as err:  # this segment's source fails (the writer reads it off any row)
+                meta["source"] = dict(meta["source"], status="failed",
+                                      error=f"split failed on segment {meta['seg_index']}: {describe(err)}")
+                log.debug(traceback.format_exc())
         rows = [(dict(meta, clip=None), b"")] if not clips else [
             (dict(meta, clip={k: v for k, v in c.items() if k != "sampled"}), c["sampled"]) for c in clips]
         share = (time.perf_counter() - t0) / len(rows)
@@ -191,10 +197,13 @@ class Extract(Stage):
         if clip and sampled:
             from spacetime.frames import decode_frames
 
-            frames = decode_frames(sampled)  # once, for the thumbnail and the preview
-            write_thumbnail(frames, self.out, f"{contract.REPORT_DIR}/thumbs/{clip['clip_id']}.jpg")
-            if clip["status"] == "candidate":  # the clips that may be kept: a looping preview
-                write_preview(frames, self.out, f"{contract.REPORT_DIR}/previews/{clip['clip_id']}.webp")
+            try:  # the report's pictures: a clip whose frames a filter could not read has failed already
+                frames = decode_frames(sampled)  # once, for the thumbnail and the preview
+                write_thumbnail(frames, self.out, f"{contract.REPORT_DIR}/thumbs/{clip['clip_id']}.jpg")
+                if clip["status"] == "candidate":  # the clips that may be kept: a looping preview
+                    write_preview(frames, self.out, f"{contract.REPORT_DIR}/previews/{clip['clip_id']}.webp")
+            except Exception as err:
+                log.warning("%s: no thumbnail for clip %s: %s", meta["source"]["uri"], clip["clip_id"], describe(err))
         if clip and clip["status"] == "candidate":
             try:
                 clip.update(extract_clip(clip, meta["source"], self.cfg, self.s3, self.out,

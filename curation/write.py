@@ -134,6 +134,9 @@ class CompletionTracker:
         for state in (self.seen, self.need, self.final):
             state.pop(uri, None)
         source = next((r["source"] for r in rows if r.get("final")), rows[0]["source"])
+        failed = next((r["source"] for r in rows if r["source"]["status"] == "failed"), None)
+        if failed is not None:  # a stage may fail a source on any of its segments, not only the final one
+            source = dict(source, status="failed", error=failed.get("error"))
         clips = sorted((r["clip"] for r in rows if r.get("clip")), key=lambda c: c["start_frame"])
         timings: Counter = Counter()
         for r in rows:

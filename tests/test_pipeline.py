@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 from curation.filters import Exposure, Sharpness
-from curation.pipeline import Analyze, Probe, Split
+from curation.pipeline import Analyze, Extract, Probe, Split
 from curation.settings import CurateConfig
 from curation.stage import pack, unpack
 from spacetime.config import load_config
@@ -52,11 +53,72 @@ def test_a_filter_that_raises_fails_its_clip_and_the_rows_go_on(tmp_path):
     rows = [r for r in rows if unpack(r)[0]["clip"]][:2]
     rows[0] = dict(rows[0], sampled=rows[0]["sampled"][: len(rows[0]["sampled"]) // 2])  # cut short
     sharpness, exposure = Sharpness(cfg.filters.sharpness), Exposure(cfg.filters.exposure)
-    out = [unpack(exposure(sharpness(r)))[0]["clip"] for r in rows]
+    filtered = [exposure(sharpness(r)) for r in rows]
+    out = [unpack(r)[0]["clip"] for r in filtered]
     assert out[0]["status"] == "failed" and out[0]["reason"].startswith("sharpness failed: "), out[0]
     assert "sharpness" not in out[0]["scores"] and "luma_mean" not in out[0]["scores"]
     assert out[1]["status"] != "failed" and {"sharpness", "luma_mean"} <= set(out[1]["scores"])
+    # the last stage, which draws every clip's thumbnail from the same bytes, passes it on as it is
+    extracted = unpack(Extract(cfg.extract, s3, Store(str(tmp_path / "out")))(filtered[0]))[0]["clip"]
+    assert extracted["status"] == "failed" and extracted["reason"] == out[0]["reason"]
 
+
+
+
+def test_the_aesthetic_model_stage_fails_a_clip_it_cannot_read_and_scores_the_rest(tmp_path, tiny_models):
+    """The aesthetic actor batches frames across clips: one clip with damaged sampled bytes (every
+    other filter switched off, so nothing failed it before) is failed with the error; it used to fail
+    the whole batch, and the run with it. A model that raises fails the batch's clips, not the run."""
+    from curation.filters import Aesthetic
+
+    cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml")
+    s3 = cfg.sources.s3
+    probed = Probe(cfg.probe, s3, Store(str(tmp_path)), None)(
+        pack({"source": {"uri": str(tm.real_footage("bikes.mp4")), "status": "pending"}}))
+    split = Split(cfg.split, cfg.analyze.max_sampled_per_clip)
+    rows = [row for seg in Analyze(cfg.analyze, s3, cfg.split.max_duration)(probed) for row in split(seg)]
+    rows = [r for r in rows if unpack(r)[0]["clip"]][:3]
+    rows[1] = dict(rows[1], sampled=rows[1]["sampled"][: len(rows[1]["sampled"]) // 2])
+    batch = {"meta": [r["meta"] for r in rows], "sampled": [r["sampled"] for r in rows]}
+    aesthetic = Aesthetic(cfg.filters.aesthetic)
+    clips = [json.loads(m)["clip"] for m in aesthetic(batch)["meta"]]
+    assert clips[1]["status"] == "failed" and clips[1]["reason"].startswith("aesthetic failed: "), clips[1]
+    assert all(c["status"] != "failed" and "aesthetic" in c["scores"] for c in (clips[0], clips[2]))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    aesthetic.head.score = broken
+    clips = [json.loads(m)["clip"] for m in aesthetic({**batch, "sampled": [r["sampled"] for r in rows]})["meta"]]
+    assert [c["status"] for c in clips] == ["failed"] * 3
+    assert clips[0]["reason"] == "aesthetic failed: RuntimeError: out of memory", clips[0]["reason"]
+
+def test_a_segment_that_cannot_be_split_fails_its_source_and_the_rows_go_on(tmp_path):
+    """A segment whose sampled frames cannot be read (its bytes damaged in transit) used to raise in
+    Split and end the whole run. Now its source's completion record says `failed`, naming the split
+    and the segment, even though that segment is not the source's final one; the other segments'
+    clips are still there."""
+    from curation.write import CompletionTracker, RunDir
+
+    cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml")
+    s3 = cfg.sources.s3
+    uri = str(tm.real_footage("bikes.mp4"))
+    probed = Probe(cfg.probe, s3, Store(str(tmp_path)), None)(pack({"source": {"uri": uri, "status": "pending"}}))
+    segments = list(Analyze(cfg.analyze, s3, cfg.split.max_duration)(probed))
+    assert len(segments) > 2 and segments[0]["sampled"] and not unpack(segments[0])[0]["final"]
+    segments[0] = dict(segments[0], sampled=segments[0]["sampled"][: len(segments[0]["sampled"]) // 2])
+    split = Split(cfg.split, cfg.analyze.max_sampled_per_clip)
+    rows = [unpack(row)[0] for seg in segments for row in split(seg)]
+
+    run = RunDir(Store(str(tmp_path / "out")))
+    tracker = CompletionTracker(run)
+    done = [tracker.add(m) for m in rows]
+    assert done[-1] and not any(done[:-1])
+    record = run.record(uri)
+    assert record["source"]["status"] == "failed", record["source"]
+    assert record["source"]["error"].startswith("split failed on segment 0: "), record["source"]["error"]
+    second = unpack(segments[1])[0]["segment"]["start_frame"]
+    assert record["clips"] and all(c["start_frame"] >= second for c in record["clips"])
 
 def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_pools(tmp_path):
     """The Ray Data plan `_apply` builds (no execution): tasks with the section's CPUs for stages
