@@ -118,3 +118,38 @@ def test_copy_only_copies_from_the_keyframe_before_the_span_and_the_loader_skips
     # a span that starts on a keyframe needs no lead
     fields, *_ = _extract(media["h264"], GOP, 2 * GOP - 10, tmp_path, "h.mp4", copy_only=True)
     assert fields["extract_mode"] == "copy_only" and fields["skip_frames"] == 0
+
+
+@pytest.mark.parametrize("rotation, crop", [(90, None), (270, (8, 4, 100, 61)), (180, (3, 5, 101, 60))])
+def test_a_whole_re_encode_is_upright_and_cropped_like_the_source_frames(media, tmp_path, rotation, crop):
+    """Rotation and crop act on the YUV planes (no RGB round trip), or through RGB where the crop
+    starts on an odd pixel (the last case): either way each frame matches the source frame turned
+    upright, cropped and cut to even sizes."""
+    from spacetime.frames import upright
+
+    pts, frames, _, codec, fps = _frames(media["h264"])
+    a, b = 20, 45
+    clip = dict(start_pts=pts[a], end_pts=pts[b], num_frames=b - a, fps=fps, rotation=rotation,
+                crop=list(crop) if crop else None)
+    fields = extract_clip(clip, {"uri": str(media["h264"]), "codec": codec}, ExtractConfig(crf=20), source_s3(),
+                          Store(str(tmp_path)), "r.mp4")
+    reference = []
+    for frame in frames[a:b]:
+        image = upright(frame, rotation)
+        if crop:
+            x, y, w, h = crop
+            image = image[y:y + h, x:x + w]
+        reference.append(image[: image.shape[0] // 2 * 2, : image.shape[1] // 2 * 2])
+    got = _frames(tmp_path / "r.mp4")[1]
+    assert fields["extract_mode"] == "reencode" and len(got) == b - a
+    assert (fields["height"], fields["width"]) == reference[0].shape[:2] == got[0].shape[:2]
+    assert max(_errors(reference, got)) < 4.0
+
+
+def test_the_yuv_path_keeps_the_source_pixels_and_declines_an_odd_crop(media):
+    from curation.extract import _yuv420_frame
+
+    with av.open(str(media["h264"])) as c:
+        frame = next(c.decode(video=0))
+    assert np.array_equal(_yuv420_frame(frame, 0, None).to_ndarray(), frame.to_ndarray())  # no rounding at all
+    assert _yuv420_frame(frame, 0, (1, 0, 64, 64)) is None and _yuv420_frame(frame, 0, (2, 4, 64, 64)).height == 64
