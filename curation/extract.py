@@ -268,9 +268,10 @@ def x264_options(cfg: ExtractConfig) -> dict[str, str]:
 def _yuv420_frame(frame: av.VideoFrame, rotation: int, crop: tuple[int, int, int, int] | None) -> av.VideoFrame | None:
     """The frame upright, cropped and cut to even sizes without leaving YUV 4:2:0: each plane is
     rotated and cut on its own. Through RGB, the two colour conversions cost ~14 of the ~64 ms a 1080p
-    frame took to re-encode (veryfast, 2 threads), and rounded every pixel twice. None when the crop
-    starts on an odd row or column (the chroma would move half a pixel): the caller goes through RGB."""
-    if crop and (crop[0] % 2 or crop[1] % 2):
+    frame took to re-encode (veryfast, 2 threads), and rounded every pixel twice. None where the chroma
+    grid would not stay aligned with the luma (a crop starting on an odd row or column; a rotation of
+    a frame with an odd side, whose half-size chroma plane rounds up): the caller goes through RGB."""
+    if (crop and (crop[0] % 2 or crop[1] % 2)) or (rotation % 360 and (frame.width % 2 or frame.height % 2)):
         return None
     if frame.format.name != "yuv420p":
         frame = frame.reformat(format="yuv420p")  # 10-bit, 4:2:2, full range: one conversion

@@ -153,3 +153,5 @@ def test_the_yuv_path_keeps_the_source_pixels_and_declines_an_odd_crop(media):
         frame = next(c.decode(video=0))
     assert np.array_equal(_yuv420_frame(frame, 0, None).to_ndarray(), frame.to_ndarray())  # no rounding at all
     assert _yuv420_frame(frame, 0, (1, 0, 64, 64)) is None and _yuv420_frame(frame, 0, (2, 4, 64, 64)).height == 64
+    odd = av.VideoFrame(321, 240, "yuv420p")  # its chroma is 161 wide: rotated, it would shift by a pixel
+    assert _yuv420_frame(odd, 90, None) is None and _yuv420_frame(odd, 0, None).width == 320
