@@ -7,12 +7,19 @@ frames), contact sheets of kept clips (each card shows its caption; opening it s
 preview of the clip's sampled frames, the whole caption and every score) and of rejected clips grouped by reason (a card says why it has no
 thumbnail where none can exist), the error table, and the time of every stage. Written at the end
 of every `spacetime curate`; `spacetime report OUT` rebuilds it.
+
+The manifests are read a batch of rows at a time into bounded state (`_Digest`): counts and hours are
+exact; the histograms and the caption word counts use a uniform sample of at most `SAMPLE` values
+(said on the page where it applies); the sheets show the first clips of each kind and the error table
+the first `ERROR_ROWS` errors, with the totals. So the driver's memory does not grow with the dataset.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import random
+import re
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -35,6 +42,9 @@ THRESHOLDS = {
     "border_area": ("borders", ["min_area"]),
     "text_area": ("text", ["max_area"]),
 }
+SAMPLE = 20000  # values per histogram series (and captions for the word counts): a uniform sample beyond
+ERROR_ROWS = 200  # errors listed on the page; the manifests hold every one
+BATCH_ROWS = 4096  # manifest rows read at a time
 FUNNEL_ORDER = ["too_short", "borders", "text", "exposure", "sharpness", "motion", "aesthetic", "caption",
                 "extract failed", "duplicate"]
 
@@ -55,16 +65,39 @@ def _plot(path: Path, draw, left: float = 0.13) -> str:
     return f"plots/{path.name}"
 
 
-def _hist(values_by_label: dict[str, list[float]], title: str, lines: list[float] = ()):
+class _Sample:
+    """At most `cap` of the values added, a uniform sample of them all (reservoir sampling, seeded: the
+    same manifest gives the same page); `seen` counts every value."""
+
+    def __init__(self, cap: int = SAMPLE):
+        self.cap, self.seen, self.values = cap, 0, []
+        self._rng = random.Random(0)
+
+    def add(self, value) -> None:
+        self.seen += 1
+        if len(self.values) < self.cap:
+            self.values.append(value)
+        else:
+            j = self._rng.randrange(self.seen)
+            if j < self.cap:
+                self.values[j] = value
+
+    @property
+    def sampled(self) -> bool:
+        return self.seen > len(self.values)
+
+
+def _hist(samples: dict[str, _Sample], title: str, lines: list[float] = ()):
     def draw(ax):
-        data = [v for v in values_by_label.values() if v]
+        data = [s.values for s in samples.values() if s.values]
         bins = 20 if data else 1
-        for label, values in values_by_label.items():
-            if values:
-                ax.hist(values, bins=bins, histtype="stepfilled", alpha=0.6, label=f"{label} ({len(values)})")
+        for label, sample in samples.items():
+            if sample.values:
+                ax.hist(sample.values, bins=bins, histtype="stepfilled", alpha=0.6, label=f"{label} ({sample.seen})")
         for x in lines:
             ax.axvline(x, color="red", linestyle="--", linewidth=1.2, label=f"threshold {x:g}")
-        ax.set_title(title, fontsize=9)
+        sampled = any(s.sampled for s in samples.values())
+        ax.set_title(f"{title} (a sample of {SAMPLE} per series)" if sampled else title, fontsize=9)
         ax.tick_params(labelsize=7)
         if data or lines:
             ax.legend(fontsize=6)
@@ -125,9 +158,10 @@ def _fields(fields: dict | None) -> str:
     return f'<p class="fields">{"".join(rows)[4:]}</p>' if rows else ""
 
 
-def _sheet(clips: list[dict], thumbs: set[str], limit: int, previews: set[str] = frozenset()) -> str:
-    cells = [_card(c, thumbs, previews) for c in clips[:limit]]
-    more = f"<p>… and {len(clips) - limit} more</p>" if len(clips) > limit else ""
+def _sheet(clips: list[dict], total: int, thumbs: set[str], previews: set[str] = frozenset()) -> str:
+    """Cards of `clips`, the first of `total` such clips."""
+    cells = [_card(c, thumbs, previews) for c in clips]
+    more = f"<p>… and {total - len(clips)} more</p>" if total > len(clips) else ""
     return f'<div class="sheet">{"".join(cells) or "<p>none</p>"}</div>{more}'
 
 
@@ -135,35 +169,134 @@ _STOP = set("a an the of and or in on at to with from by for is are was were be 
             "while over under near".split())
 
 
-def _captions(kept: list[dict], failed_qa: list[dict], thumbs: set[str], report: Path) -> tuple[str, list[str]]:
-    """The caption section (HTML) and its plot: length distribution, common words and phrases, the
-    clips whose caption failed QA with the reasons, and a sample of captions beside their frames."""
-    import re
-
-    captions = [c for c in kept if c.get("caption")]
-    qa = (f"<h3>Caption QA failures ({len(failed_qa)})</h3>"
+def _captions(d: _Digest, thumbs: set[str], report: Path) -> tuple[str, list[str]]:
+    """The caption section (HTML) and its plot: words per caption, the most common words and phrases
+    (over a uniform sample of at most SAMPLE captions), the clips whose caption failed QA with the
+    reasons, and the first captions beside their frames."""
+    failed = d.dropped.get("caption", 0)
+    qa = (f"<h3>Caption QA failures ({failed})</h3>"
           + (_table(["clip", "source", "reason"], [[c["clip_id"], f"{Path(c['source_uri']).name} "
                                                   f"[{c['start_frame']}:{c['end_frame']})", c["reason"]]
-                                                 for c in failed_qa[:50]]) if failed_qa else "<p>none</p>"))
-    if not captions:
-        return "<p>no captions (curated with caption: null, or no clip kept)</p>" + (qa if failed_qa else ""), []
-    words = [re.findall(r"[a-z']+", c["caption"].lower()) for c in captions]
-    plot = _plot(report / "plots" / "caption_words.png", _hist({"kept": [len(w) for w in words]}, "words per caption"))
+                                                 for c in d.failed_qa]) if failed else "<p>none</p>"))
+    if not d.captioned:
+        return "<p>no captions (curated with caption: null, or no clip kept)</p>" + (qa if failed else ""), []
+    plot = _plot(report / "plots" / "caption_words.png", _hist({"kept": d.caption_words}, "words per caption"))
+    words = [_words(text) for text in d.captions.values]
     common = Counter(w for ws in words for w in ws if w not in _STOP and len(w) > 2).most_common(20)
     phrases = Counter(" ".join(ws[i:i + 3]) for ws in words for i in range(len(ws) - 2)).most_common(10)
     rows = []
-    for c in captions[:8]:
+    for c in d.caption_rows:
         thumb = f"{c['clip_id']}.jpg"
         picture = f'<img src="thumbs/{thumb}" width="160" alt="frame">' if thumb in thumbs else ""
         rows.append(f"<tr><td>{picture}</td><td>{html.escape(c['caption'])}</td></tr>")
-    body = (f"<p>{len(captions)} of {len(kept)} kept clips captioned; words per caption: median "
-            f"{sorted(len(w) for w in words)[len(words) // 2]}.</p>"
+    lengths = sorted(d.caption_words.values)
+    over = f" (counted over a uniform sample of {len(words)} captions)" if d.captions.sampled else ""
+    body = (f"<p>{d.captioned} of {d.kept} kept clips captioned; words per caption: median "
+            f"{lengths[len(lengths) // 2]}.</p>"
             f'<div class="plots"><img src="{plot}" alt="{plot}"></div>'
-            f"<p>Most common words: {html.escape(', '.join(f'{w} ({n})' for w, n in common))}</p>"
-            f"<p>Most common phrases: {html.escape(', '.join(f'{w} ({n})' for w, n in phrases))}</p>"
+            f"<p>Most common words{over}: {html.escape(', '.join(f'{w} ({n})' for w, n in common))}</p>"
+            f"<p>Most common phrases{over}: {html.escape(', '.join(f'{w} ({n})' for w, n in phrases))}</p>"
             f"{qa}<h3>A sample</h3>"
             f'<table class="captions">{"".join(rows)}</table>')
     return body, [plot]
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+class _Digest:
+    """What the page shows of the manifests, gathered a row at a time into state that does not grow
+    with them: exact counts and hours (funnel, buckets, errors), samples for the histograms, the first
+    clips of each contact sheet, the first errors."""
+
+    def __init__(self, sheet_limit: int):
+        self.limit = sheet_limit
+        self.sources = self.readable = 0
+        self.source_hours = 0.0
+        self.total = self.kept = 0
+        self.hours = self.kept_hours = 0.0
+        self.dropped: Counter = Counter()  # clips not kept, by reason key
+        self.dropped_hours: Counter = Counter()
+        self.buckets: Counter = Counter()
+        self.bucket_hours: Counter = Counter()
+        self.scores: dict[str, dict[str, _Sample]] = defaultdict(lambda: {"kept": _Sample(), "not kept": _Sample()})
+        self.shape = {"duration": _Sample(), "aspect": _Sample(), "short side": _Sample()}  # of kept clips
+        self.kept_sheet: list[dict] = []
+        self.sheets: dict[str, list[dict]] = defaultdict(list)  # reason key -> its first clips
+        self.errors: list[list[str]] = []
+        self.error_count = 0
+        self.captioned = 0
+        self.captions, self.caption_words = _Sample(), _Sample()
+        self.caption_rows: list[dict] = []
+        self.failed_qa: list[dict] = []
+
+    def _error(self, where: str, what: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < ERROR_ROWS:
+            self.errors.append([where, what])
+
+    def add_source(self, s: dict) -> None:
+        self.sources += 1
+        if s["status"] == "ok":
+            self.readable += 1
+            self.source_hours += (s["duration"] or 0) / 3600
+        elif s["status"] == "failed":
+            self._error(s["uri"], s["error"])
+
+    def add_clip(self, c: dict) -> None:
+        c["scores"] = contract.scores_of(c["scores"])
+        c["duration"] = (c["end_time"] or 0) - (c["start_time"] or 0)
+        hours = c["duration"] / 3600
+        self.total += 1
+        self.hours += hours
+        kept = c["status"] == "kept"
+        for key, value in c["scores"].items():
+            self.scores[key]["kept" if kept else "not kept"].add(value)
+        if kept:
+            self.kept += 1
+            self.kept_hours += hours
+            self.buckets[c["bucket"]] += 1
+            self.bucket_hours[c["bucket"]] += hours
+            self.shape["duration"].add(c["duration"])
+            if c["height"]:
+                self.shape["aspect"].add(c["width"] / c["height"])
+            self.shape["short side"].add(min(c["width"], c["height"]))
+            if len(self.kept_sheet) < self.limit:
+                self.kept_sheet.append(c)
+            if c.get("caption"):
+                self.captioned += 1
+                self.captions.add(c["caption"])
+                self.caption_words.add(len(_words(c["caption"])))
+                if len(self.caption_rows) < 8:
+                    self.caption_rows.append(c)
+            return
+        reason = _reason_key(c)
+        self.dropped[reason] += 1
+        self.dropped_hours[reason] += hours
+        if reason != "failed" and len(self.sheets[reason]) < self.limit // 2:
+            self.sheets[reason].append(c)
+        if reason == "caption" and len(self.failed_qa) < 50:
+            self.failed_qa.append(c)
+        if c["status"] == "failed":
+            self._error(f"{c['source_uri']} [{c['start_frame']}:{c['end_frame']})", c["reason"])
+
+    def funnel(self) -> list[list]:
+        """inputs -> clips -> after each stage that rejects -> kept, with hours."""
+        rows = [["inputs", self.sources, f"{self.source_hours:.4f}"], ["readable sources", self.readable, ""],
+                ["candidate clips", self.total, f"{self.hours:.4f}"]]
+        left, hours = self.total, self.hours
+        for stage in FUNNEL_ORDER + sorted(set(self.dropped) - set(FUNNEL_ORDER)):
+            if self.dropped.get(stage):
+                left -= self.dropped[stage]
+                hours = max(0.0, hours - self.dropped_hours[stage])
+                rows.append([f"after {stage} (-{self.dropped[stage]})", left, f"{hours:.4f}"])
+        rows.append(["kept", self.kept, f"{self.kept_hours:.4f}"])
+        return rows
+
+    def shown(self) -> list[dict]:
+        """Every clip the page shows a card or a frame of."""
+        return self.kept_sheet + [c for cs in self.sheets.values() for c in cs] + self.caption_rows
 
 
 def _stage_plot(stage_seconds: dict[str, float], report: Path) -> str:
@@ -189,61 +322,55 @@ def build_report(out: str | Path | Store, sheet_limit: int = 48) -> str:
     return store.uri_of(f"{contract.REPORT_DIR}/index.html")
 
 
-def _build(store: Store, report: Path, sheet_limit: int) -> str:
-    def table(rel: str) -> list[dict]:
-        return pq.read_table(store.path(rel), filesystem=store.fs).to_pylist()
+def _rows(store: Store, rel: str, columns: list[str] | None = None):
+    """The rows of a published Parquet file as dicts, BATCH_ROWS at a time."""
+    with pq.ParquetFile(store.path(rel), filesystem=store.fs) as f:
+        for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            yield from batch.to_pylist()
 
-    sources, clips = table(contract.SOURCES_MANIFEST), table(contract.CLIPS_MANIFEST)
+
+def _existing(store: Store, rels: list[str]) -> set[str]:
+    """Which of `rels` exist: a lookup per file the page shows (bounded), not a listing of all of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16 if store.is_s3 else 1) as pool:  # S3: one request each
+        return {rel for rel, found in zip(rels, pool.map(store.exists, rels)) if found}
+
+
+def _build(store: Store, report: Path, sheet_limit: int) -> str:
+    d = _Digest(sheet_limit)
+    for row in _rows(store, contract.SOURCES_MANIFEST, ["uri", "status", "error", "duration"]):
+        d.add_source(row)
+    for row in _rows(store, contract.CLIPS_MANIFEST):
+        d.add_clip(row)
     summary = json.loads(store.read_bytes(contract.SUMMARY_PATH))
     config = yaml.safe_load(store.read_bytes("config.yaml")) if store.exists("config.yaml") else {}
-    thumbs = set(store.list(f"{contract.REPORT_DIR}/thumbs", ".jpg"))
-    previews = set(store.list(f"{contract.REPORT_DIR}/previews", ".webp"))
-    for c in clips:
-        c["scores"] = contract.scores_of(c["scores"])
-        c["duration"] = (c["end_time"] or 0) - (c["start_time"] or 0)
-    kept = [c for c in clips if c["status"] == "kept"]
-    hours = lambda cs: sum(c["duration"] for c in cs) / 3600  # noqa: E731
-
-    # funnel: inputs -> clips -> after each stage that rejects -> kept
-    by_reason = defaultdict(list)
-    for c in clips:
-        if c["status"] != "kept":
-            by_reason[_reason_key(c)].append(c)
-    ok_sources = [s for s in sources if s["status"] == "ok"]
-    funnel = [["inputs", len(sources), f"{sum(s['duration'] or 0 for s in ok_sources) / 3600:.4f}"],
-              ["readable sources", len(ok_sources), ""],
-              ["candidate clips", len(clips), f"{hours(clips):.4f}"]]
-    remaining = list(clips)
-    for stage in FUNNEL_ORDER + sorted(set(by_reason) - set(FUNNEL_ORDER)):
-        if by_reason.get(stage):
-            remaining = [c for c in remaining if _reason_key(c) != stage or c["status"] == "kept"]
-            funnel.append([f"after {stage} (-{len(by_reason[stage])})", len(remaining), f"{hours(remaining):.4f}"])
-    funnel.append(["kept", len(kept), f"{hours(kept):.4f}"])
+    shown = {c["clip_id"] for c in d.shown()}
+    thumbs = {Path(rel).name for rel in _existing(store, [f"{contract.REPORT_DIR}/thumbs/{i}.jpg" for i in sorted(shown)])}
+    previews = {Path(rel).name for rel in _existing(
+        store, [f"{contract.REPORT_DIR}/previews/{c['clip_id']}.webp" for c in d.kept_sheet])}
 
     plots = []
     filters_cfg = config.get("filters", {})
-    for key in sorted({k for c in clips for k in c["scores"]}):
-        values = {"kept": [c["scores"][key] for c in kept if key in c["scores"]],
-                  "not kept": [c["scores"][key] for c in clips if c["status"] != "kept" and key in c["scores"]]}
+    for key in sorted(d.scores):
         section, names = THRESHOLDS.get(key, (None, []))
         lines = [filters_cfg.get(section, {}).get(n) for n in names] if section else []
-        plots.append(_plot(report / "plots" / f"score_{key}.png", _hist(values, key, [x for x in lines if x is not None])))
-    plots.append(_plot(report / "plots" / "duration.png", _hist({"kept": [c["duration"] for c in kept]}, "duration (s)")))
-    plots.append(_plot(report / "plots" / "aspect.png",
-                       _hist({"kept": [c["width"] / c["height"] for c in kept if c["height"]]}, "aspect ratio (w/h)")))
-    plots.append(_plot(report / "plots" / "resolution.png",
-                       _hist({"kept": [min(c["width"], c["height"]) for c in kept]}, "short side (px)")))
+        plots.append(_plot(report / "plots" / f"score_{key}.png", _hist(d.scores[key], key, [x for x in lines if x is not None])))
+    plots.append(_plot(report / "plots" / "duration.png", _hist({"kept": d.shape["duration"]}, "duration (s)")))
+    plots.append(_plot(report / "plots" / "aspect.png", _hist({"kept": d.shape["aspect"]}, "aspect ratio (w/h)")))
+    plots.append(_plot(report / "plots" / "resolution.png", _hist({"kept": d.shape["short side"]}, "short side (px)")))
 
-    buckets = Counter(c["bucket"] for c in kept)
-    bucket_rows = [[b, n, f"{hours([c for c in kept if c['bucket'] == b]):.4f}"] for b, n in sorted(buckets.items())]
-    errors = [[s["uri"], s["error"]] for s in sources if s["status"] == "failed"]
-    errors += [[f"{c['source_uri']} [{c['start_frame']}:{c['end_frame']})", c["reason"]] for c in clips if c["status"] == "failed"]
+    bucket_rows = [[b, n, f"{d.bucket_hours[b]:.4f}"] for b, n in sorted(d.buckets.items())]
     rejected_sheets = "".join(
-        f"<h3>{html.escape(reason)} ({len(cs)})</h3>{_sheet(cs, thumbs, sheet_limit // 2)}"
-        for reason, cs in sorted(by_reason.items()) if reason != "failed")
-    caption_section, _ = _captions(kept, by_reason.get("caption", []), thumbs, report)
+        f"<h3>{html.escape(reason)} ({d.dropped[reason]})</h3>{_sheet(d.sheets[reason], d.dropped[reason], thumbs)}"
+        for reason in sorted(d.dropped) if reason != "failed")
+    caption_section, _ = _captions(d, thumbs, report)
     stage_seconds = dict(sorted(summary.get("stage_seconds", {}).items(), key=lambda kv: -kv[1]))
     stage_plot = _stage_plot(stage_seconds, report) if stage_seconds else None
+    errors = _table(["input", "error"], d.errors) if d.errors else "<p>none</p>"
+    if d.error_count > len(d.errors):
+        errors += (f"<p>… and {d.error_count - len(d.errors)} more: every one is in the manifests "
+                   f"({contract.SOURCES_MANIFEST}, {contract.CLIPS_MANIFEST}: status failed)</p>")
 
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>spacetime curation report</title>
@@ -261,16 +388,16 @@ table.captions td {{ vertical-align: top; font-size: 12px; max-width: 800px; }}
 <h1>spacetime curation report</h1>
 <p>{summary["sources"]["total"]} inputs, {summary["clips"]["total"]} candidate clips, {summary["clips"]["kept"]} kept in
 {summary["shards"]} shards; {summary["hours_in"]:.4f} h in, {summary["hours_out"]:.4f} h out.</p>
-<h2>Funnel</h2>{_table(["stage", "clips", "hours"], funnel)}
+<h2>Funnel</h2>{_table(["stage", "clips", "hours"], d.funnel())}
 <h2>Scores and distributions</h2><div class="plots">{"".join(f'<img src="{p}" alt="{p}">' for p in plots)}</div>
 <h2>Buckets</h2>{_table(["bucket", "clips", "hours"], bucket_rows)}
 <h2>Captions</h2>{caption_section}
-<h2>Kept clips ({len(kept)})</h2>{_sheet(kept, thumbs, sheet_limit, previews)}
+<h2>Kept clips ({d.kept})</h2>{_sheet(d.kept_sheet, d.kept, thumbs, previews)}
 <h2>Rejected clips, by reason</h2>{rejected_sheets or "<p>none</p>"}
-<h2>Errors ({len(errors)})</h2>{_table(["input", "error"], errors) if errors else "<p>none</p>"}
+<h2>Errors ({d.error_count})</h2>{errors}
 <h2>Stage times</h2>{f'<div class="plots"><img src="{stage_plot}" alt="{stage_plot}"></div>' if stage_plot else ""}
 {_table(["stage", "seconds (summed over workers)", "share", "ms per candidate clip"],
-        [[k, v, f"{v / (sum(stage_seconds.values()) or 1):.0%}", f"{1000 * v / max(1, len(clips)):.0f}"]
+        [[k, v, f"{v / (sum(stage_seconds.values()) or 1):.0%}", f"{1000 * v / max(1, d.total):.0f}"]
          for k, v in stage_seconds.items()])}
 </body></html>
 """

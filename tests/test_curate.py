@@ -244,6 +244,10 @@ def test_manifest_accounts_for_everything(curated):
     assert processed["video_seconds"] == pytest.approx(sum(s["duration"] or 0 for s in curated["sources"].values()
                                                            if s["status"] in ("ok", "duplicate")))
     assert not (curated["out"] / contract.WORK_DIR / "clips").exists()
+    # one row group per published file, not one per work unit of 4 sources (this run has several)
+    assert len(curated["sources"]) > 2 * tiny_config().write.unit_sources
+    for rel in (contract.INDEX_PATH, contract.SOURCES_MANIFEST, contract.CLIPS_MANIFEST):
+        assert pq.ParquetFile(curated["out"] / rel).num_row_groups == 1, rel
 
 
 EXPECTED_ERRORS = {

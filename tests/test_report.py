@@ -1,28 +1,67 @@
 """curation.report pieces that a curation fixture rarely exercises: caption QA failures listed with
-their reasons, and cards that say why a clip has no thumbnail. (The whole page is checked in
-headless Chromium on real runs: tests/test_curate.py, tests/test_filters.py.)"""
+their reasons, cards that say why a clip has no thumbnail, and the bounded digest of the manifests
+(samples, first clips, first errors, exact counts). (The whole page is checked in headless Chromium
+on real runs: tests/test_curate.py, tests/test_filters.py.)"""
 
 from __future__ import annotations
 
-from curation.report import _captions, _card
+from curation.report import ERROR_ROWS, _captions, _card, _Digest, _Sample, _sheet
 
 
 def clip(clip_id: str, status: str, reason: str | None, caption: str | None = None) -> dict:
     return {"clip_id": clip_id, "source_uri": "/data/a.mp4", "start_frame": 0, "end_frame": 48, "status": status,
             "reason": reason, "caption": caption, "scores": {"aesthetic": 5.5}, "bucket": "16x9_360p_32f",
-            "duration": 2.0, "width": 640, "height": 360}
+            "start_time": 0.0, "end_time": 2.0, "duration": 2.0, "width": 640, "height": 360}
+
+
+def digest(clips: list[dict], sheet_limit: int = 48) -> _Digest:
+    d = _Digest(sheet_limit)
+    for c in clips:
+        d.add_clip(c)
+    return d
 
 
 def test_caption_qa_failures_are_listed_with_their_reasons(tmp_path):
     kept = [clip("k1", "kept", None, "a red kite over a grey beach at dusk"),
             clip("k2", "kept", None, "two dogs run along the wet sand")]
     failed = [clip("f1", "failed", "caption: QA: dense caption repeats itself (after 1 retry)")]
-    body, plots = _captions(kept, failed, set(), tmp_path)
+    body, plots = _captions(digest(kept + failed), set(), tmp_path)
     assert "Caption QA failures (1)" in body and "dense caption repeats itself" in body and "f1" in body
     assert plots == ["plots/caption_words.png"] and (tmp_path / "plots/caption_words.png").exists()
-    assert "beach (1)" in body  # common words
-    body, _ = _captions([], failed, set(), tmp_path)
+    assert "beach (1)" in body and "2 of 2 kept clips captioned" in body  # common words, counts
+    body, _ = _captions(digest(failed), set(), tmp_path)
     assert "no captions" in body and "Caption QA failures (1)" in body
+
+
+def test_a_sample_keeps_at_most_its_cap_uniformly_and_the_same_each_time():
+    samples = [_Sample(cap=100) for _ in range(2)]
+    for s in samples:
+        for v in range(10_000):
+            s.add(v)
+    a, b = samples
+    assert a.seen == 10_000 and len(a.values) == 100 and a.sampled and a.values == b.values
+    assert len(set(a.values)) == 100 and 3000 < sum(a.values) / 100 < 7000  # spread over the whole range
+    small = _Sample(cap=100)
+    for v in range(7):
+        small.add(v)
+    assert small.values == list(range(7)) and not small.sampled
+
+
+def test_the_digest_counts_every_clip_but_holds_only_what_the_page_shows():
+    """Counts (funnel, errors) are exact; the sheets hold their first clips and the error table its
+    first ERROR_ROWS errors: the report's memory does not grow with the manifests."""
+    clips = ([clip(f"k{i}", "kept", None) for i in range(100)]
+             + [clip(f"s{i}", "rejected", "sharpness: blurry") for i in range(30)]
+             + [clip(f"x{i}", "failed", "extract failed: RuntimeError: boom") for i in range(ERROR_ROWS + 50)])
+    d = digest(clips, sheet_limit=10)
+    assert (d.total, d.kept, d.dropped["sharpness"], d.dropped["extract failed"]) == (380, 100, 30, ERROR_ROWS + 50)
+    assert d.error_count == ERROR_ROWS + 50 and len(d.errors) == ERROR_ROWS
+    assert len(d.kept_sheet) == 10 and len(d.sheets["sharpness"]) == 5
+    funnel = d.funnel()
+    assert funnel[2] == ["candidate clips", 380, f"{380 * 2 / 3600:.4f}"] and funnel[-1][:2] == ["kept", 100]
+    assert [row[1] for row in funnel[3:-1]] == [350, 100]  # after sharpness, after extract failed
+    page = _sheet(d.kept_sheet, d.kept, set())
+    assert page.count("<figure") == 10 and "… and 90 more" in page
 
 
 def test_a_card_without_thumbnail_says_why():
