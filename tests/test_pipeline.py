@@ -40,17 +40,22 @@ def test_stage_seconds_summed_over_rows_count_each_stage_call_once(tmp_path):
     assert max(analyze_seconds) < sum(analyze_seconds)
 
 
-def test_a_filter_that_raises_fails_its_clip_and_the_rows_go_on(tmp_path):
-    """One clip whose frames a filter cannot read (its sampled bytes damaged in transit) is a failed
-    clip with the error as its reason; it was an exception that ended the whole run. Its neighbours
-    are scored as before, and later filters leave the failed clip alone."""
-    cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml")
+def _bikes_clip_rows(cfg: CurateConfig, tmp_path, count: int) -> list[dict]:
+    """The first `count` clip rows of bikes.mp4, as the stages before the filters hand them on."""
     s3 = cfg.sources.s3
     probed = Probe(cfg.probe, s3, Store(str(tmp_path)), None)(
         pack({"source": {"uri": str(tm.real_footage("bikes.mp4")), "status": "pending"}}))
     split = Split(cfg.split, cfg.analyze.max_sampled_per_clip)
     rows = [row for seg in Analyze(cfg.analyze, s3, cfg.split.max_duration)(probed) for row in split(seg)]
-    rows = [r for r in rows if unpack(r)[0]["clip"]][:2]
+    return [r for r in rows if unpack(r)[0]["clip"]][:count]
+
+
+def test_a_filter_that_raises_fails_its_clip_and_the_rows_go_on(tmp_path):
+    """One clip whose frames a filter cannot read (its sampled bytes damaged in transit) is a failed
+    clip with the error as its reason; it was an exception that ended the whole run. Its neighbours
+    are scored as before, and later filters leave the failed clip alone."""
+    cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml")
+    rows = _bikes_clip_rows(cfg, tmp_path, 2)
     rows[0] = dict(rows[0], sampled=rows[0]["sampled"][: len(rows[0]["sampled"]) // 2])  # cut short
     sharpness, exposure = Sharpness(cfg.filters.sharpness), Exposure(cfg.filters.exposure)
     filtered = [exposure(sharpness(r)) for r in rows]
@@ -59,10 +64,8 @@ def test_a_filter_that_raises_fails_its_clip_and_the_rows_go_on(tmp_path):
     assert "sharpness" not in out[0]["scores"] and "luma_mean" not in out[0]["scores"]
     assert out[1]["status"] != "failed" and {"sharpness", "luma_mean"} <= set(out[1]["scores"])
     # the last stage, which draws every clip's thumbnail from the same bytes, passes it on as it is
-    extracted = unpack(Extract(cfg.extract, s3, Store(str(tmp_path / "out")))(filtered[0]))[0]["clip"]
+    extracted = unpack(Extract(cfg.extract, cfg.sources.s3, Store(str(tmp_path / "out")))(filtered[0]))[0]["clip"]
     assert extracted["status"] == "failed" and extracted["reason"] == out[0]["reason"]
-
-
 
 
 def test_the_aesthetic_model_stage_fails_a_clip_it_cannot_read_and_scores_the_rest(tmp_path, tiny_models):
@@ -72,12 +75,7 @@ def test_the_aesthetic_model_stage_fails_a_clip_it_cannot_read_and_scores_the_re
     from curation.filters import Aesthetic
 
     cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml")
-    s3 = cfg.sources.s3
-    probed = Probe(cfg.probe, s3, Store(str(tmp_path)), None)(
-        pack({"source": {"uri": str(tm.real_footage("bikes.mp4")), "status": "pending"}}))
-    split = Split(cfg.split, cfg.analyze.max_sampled_per_clip)
-    rows = [row for seg in Analyze(cfg.analyze, s3, cfg.split.max_duration)(probed) for row in split(seg)]
-    rows = [r for r in rows if unpack(r)[0]["clip"]][:3]
+    rows = _bikes_clip_rows(cfg, tmp_path, 3)
     rows[1] = dict(rows[1], sampled=rows[1]["sampled"][: len(rows[1]["sampled"]) // 2])
     batch = {"meta": [r["meta"] for r in rows], "sampled": [r["sampled"] for r in rows]}
     aesthetic = Aesthetic(cfg.filters.aesthetic)
@@ -89,9 +87,10 @@ def test_the_aesthetic_model_stage_fails_a_clip_it_cannot_read_and_scores_the_re
         raise RuntimeError("out of memory")
 
     aesthetic.head.score = broken
-    clips = [json.loads(m)["clip"] for m in aesthetic({**batch, "sampled": [r["sampled"] for r in rows]})["meta"]]
+    clips = [json.loads(m)["clip"] for m in aesthetic(batch)["meta"]]
     assert [c["status"] for c in clips] == ["failed"] * 3
     assert clips[0]["reason"] == "aesthetic failed: RuntimeError: out of memory", clips[0]["reason"]
+
 
 def test_a_segment_that_cannot_be_split_fails_its_source_and_the_rows_go_on(tmp_path):
     """A segment whose sampled frames cannot be read (its bytes damaged in transit) used to raise in
