@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from spacetime.errors import describe
 from spacetime.frames import decode_frames, encode_frames
-from curation.stage import BatchStage, Stage, pack, unpack
+from curation.stage import BatchStage, Stage, fail, pack, unpack
 from curation.settings import (AestheticConfig, BordersConfig, DedupConfig, ExposureConfig, MotionConfig,
                                SharpnessConfig, TextConfig)
 
@@ -132,7 +131,7 @@ class FilterStage(Stage):
                 if new is not None:
                     sampled = encode_frames(list(new))
             except Exception as err:
-                clip.update(status="failed", reason=f"{self.name} failed: {describe(err)}")
+                fail(clip, self.name, err)
         return pack(self.timed(meta, t0), sampled)
 
     def score(self, clip: dict, frames: np.ndarray, cfg):
@@ -274,7 +273,7 @@ class Aesthetic(BatchStage):
             try:
                 frames = decode_frames(sampled) if sampled else []
             except Exception as err:  # that clip fails; the batch goes on
-                meta["clip"].update(status="failed", reason=f"{self.name} failed: {describe(err)}")
+                fail(meta["clip"], self.name, err)
                 continue
             if len(frames):
                 for j in np.unique(np.linspace(0, len(frames) - 1, self.cfg.frames).round().astype(int)):
@@ -286,7 +285,7 @@ class Aesthetic(BatchStage):
             scores = self.head.score(embed_frames(self.model, self.preprocess, picked))
         except Exception as err:  # the model failed on this batch: its clips fail, the run goes on
             for k in set(owners):
-                items[k][0]["clip"].update(status="failed", reason=f"{self.name} failed: {describe(err)}")
+                fail(items[k][0]["clip"], self.name, err)
             return
         owners = np.array(owners)
         for k, (meta, _) in enumerate(items):

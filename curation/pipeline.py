@@ -33,7 +33,7 @@ from typing import Any
 from curation.caption import Caption
 from curation.filters import Aesthetic, Borders, Exposure, Fingerprint, Motion, Sharpness, Text
 from curation.settings import AnalyzeConfig, CurateConfig, ExtractConfig, ProbeConfig, SplitConfig
-from curation.stage import Stage, pack, unpack
+from curation.stage import Stage, fail, pack, unpack
 from spacetime import contract
 from spacetime.config import S3Config
 from spacetime.errors import UserError, describe
@@ -211,7 +211,7 @@ class Extract(Stage):
                 clip["bucket"] = contract.bucket_for(clip["width"], clip["height"], clip["num_frames"]).name
                 clip["status"] = "kept"
             except Exception as err:
-                clip.update(status="failed", reason=f"extract failed: {describe(err)}")
+                fail(clip, "extract", err)
         if clip:
             clip.pop("signals", None)  # per-frame signals stay out of the manifests
         return pack(self.timed(meta, t0))  # frames are dropped here: the driver never receives them

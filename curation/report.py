@@ -96,8 +96,8 @@ def _hist(samples: dict[str, _Sample], title: str, lines: list[float] = ()):
                 ax.hist(sample.values, bins=bins, histtype="stepfilled", alpha=0.6, label=f"{label} ({sample.seen})")
         for x in lines:
             ax.axvline(x, color="red", linestyle="--", linewidth=1.2, label=f"threshold {x:g}")
-        sampled = any(s.sampled for s in samples.values())
-        ax.set_title(f"{title} (a sample of {SAMPLE} per series)" if sampled else title, fontsize=9)
+        cap = max((s.cap for s in samples.values() if s.sampled), default=None)
+        ax.set_title(f"{title} (a sample of {cap} per series)" if cap else title, fontsize=9)
         ax.tick_params(labelsize=7)
         if data or lines:
             ax.legend(fontsize=6)

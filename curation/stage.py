@@ -13,6 +13,13 @@ import json
 import time
 
 
+def fail(clip: dict, name: str, err: BaseException) -> None:
+    """Mark a clip failed by stage `name` with the error as its reason; the run goes on."""
+    from spacetime.errors import describe
+
+    clip.update(status="failed", reason=f"{name} failed: {describe(err)}")
+
+
 def pack(meta: dict, sampled: bytes = b"") -> dict:
     return {"meta": json.dumps(meta), "sampled": sampled}
 
