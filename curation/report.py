@@ -27,6 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
+from curation import charts
 from spacetime import contract
 from spacetime.io import atomic_write
 from spacetime.store import Store
@@ -53,16 +54,10 @@ def _reason_key(clip: dict) -> str:
     return (clip.get("reason") or "").split(":")[0] or clip["status"]
 
 
-def _plot(path: Path, draw, left: float = 0.13) -> str:
-    from matplotlib.figure import Figure  # not pyplot: no global figure registry, no GUI backend
-
-    fig = Figure(figsize=(4.2, 2.8), dpi=100)
-    ax = fig.subplots()
-    fig.subplots_adjust(left=left, right=0.97, bottom=0.12, top=0.9)  # fixed: tight_layout took 30% of the report
-    draw(ax)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)  # a bare Figure draws with Agg
-    return f"plots/{path.name}"
+def _write_plot(report: Path, name: str, svg: str) -> str:
+    """Write one chart under report/plots; returns its path relative to the page."""
+    atomic_write(report / "plots" / name, svg)
+    return f"plots/{name}"
 
 
 class _Sample:
@@ -87,21 +82,12 @@ class _Sample:
         return self.seen > len(self.values)
 
 
-def _hist(samples: dict[str, _Sample], title: str, lines: list[float] = ()):
-    def draw(ax):
-        data = [s.values for s in samples.values() if s.values]
-        bins = 20 if data else 1
-        for label, sample in samples.items():
-            if sample.values:
-                ax.hist(sample.values, bins=bins, histtype="stepfilled", alpha=0.6, label=f"{label} ({sample.seen})")
-        for x in lines:
-            ax.axvline(x, color="red", linestyle="--", linewidth=1.2, label=f"threshold {x:g}")
-        cap = max((s.cap for s in samples.values() if s.sampled), default=None)
-        ax.set_title(f"{title} (a sample of {cap} per series)" if cap else title, fontsize=9)
-        ax.tick_params(labelsize=7)
-        if data or lines:
-            ax.legend(fontsize=6)
-    return draw
+def _hist(samples: dict[str, _Sample], title: str, lines: list[float] = ()) -> str:
+    """A histogram of each series (legend: its label and how many values it had); its title says where
+    the series are a sample."""
+    cap = max((s.cap for s in samples.values() if s.sampled), default=None)
+    return charts.histogram({label: (s.values, s.seen) for label, s in samples.items()},
+                            f"{title} (a sample of {cap} per series)" if cap else title, list(lines))
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -180,7 +166,7 @@ def _captions(d: _Digest, thumbs: set[str], report: Path) -> tuple[str, list[str
                                                  for c in d.failed_qa]) if failed else "<p>none</p>"))
     if not d.captioned:
         return "<p>no captions (curated with caption: null, or no clip kept)</p>" + (qa if failed else ""), []
-    plot = _plot(report / "plots" / "caption_words.png", _hist({"kept": d.caption_words}, "words per caption"))
+    plot = _write_plot(report, "caption_words.svg", _hist({"kept": d.caption_words}, "words per caption"))
     words = [_words(text) for text in d.captions.values]
     common = Counter(w for ws in words for w in ws if w not in _STOP and len(w) > 2).most_common(20)
     phrases = Counter(" ".join(ws[i:i + 3]) for ws in words for i in range(len(ws) - 2)).most_common(10)
@@ -300,13 +286,7 @@ class _Digest:
 
 
 def _stage_plot(stage_seconds: dict[str, float], report: Path) -> str:
-    def draw(ax):
-        names = list(stage_seconds)
-        ax.barh(names, [stage_seconds[n] for n in names], color="#4a7")
-        ax.invert_yaxis()
-        ax.set_title("time per stage (s, summed over workers)", fontsize=9)
-        ax.tick_params(labelsize=7)
-    return _plot(report / "plots" / "stages.png", draw, left=0.2)  # room for the stage names
+    return _write_plot(report, "stages.svg", charts.bars(stage_seconds, "time per stage (s, summed over workers)"))
 
 
 def build_report(out: str | Path | Store, sheet_limit: int = 48) -> str:
@@ -355,10 +335,11 @@ def _build(store: Store, report: Path, sheet_limit: int) -> str:
     for key in sorted(d.scores):
         section, names = THRESHOLDS.get(key, (None, []))
         lines = [filters_cfg.get(section, {}).get(n) for n in names] if section else []
-        plots.append(_plot(report / "plots" / f"score_{key}.png", _hist(d.scores[key], key, [x for x in lines if x is not None])))
-    plots.append(_plot(report / "plots" / "duration.png", _hist({"kept": d.shape["duration"]}, "duration (s)")))
-    plots.append(_plot(report / "plots" / "aspect.png", _hist({"kept": d.shape["aspect"]}, "aspect ratio (w/h)")))
-    plots.append(_plot(report / "plots" / "resolution.png", _hist({"kept": d.shape["short side"]}, "short side (px)")))
+        plots.append(_write_plot(report, f"score_{key}.svg",
+                                 _hist(d.scores[key], key, [x for x in lines if x is not None])))
+    plots.append(_write_plot(report, "duration.svg", _hist({"kept": d.shape["duration"]}, "duration (s)")))
+    plots.append(_write_plot(report, "aspect.svg", _hist({"kept": d.shape["aspect"]}, "aspect ratio (w/h)")))
+    plots.append(_write_plot(report, "resolution.svg", _hist({"kept": d.shape["short side"]}, "short side (px)")))
 
     bucket_rows = [[b, n, f"{d.bucket_hours[b]:.4f}"] for b, n in sorted(d.buckets.items())]
     rejected_sheets = "".join(

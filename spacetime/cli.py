@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> int:
     """The process's entry point (the `spacetime` script, `python -m spacetime`): `main`, then an exit
     without the interpreter's final garbage-collection passes over everything the command imported.
-    Those passes took ~0.65 s after `spacetime curate` (Ray, Ray Data, pyarrow, pandas, matplotlib:
+    Those passes took ~0.65 s after `spacetime curate` (Ray, Ray Data, pyarrow, pandas and the rest:
     ~2200 modules), a quarter of the run's tail after its last source (#12); `gc.freeze()` leaves
     them out. Exit handlers (atexit, `weakref.finalize`) still run; only objects in reference cycles
     are left to the operating system instead of being freed one by one. `main` does not freeze:

@@ -375,7 +375,7 @@ def test_report_shows_captions_and_loads_cleanly_in_chromium(curated):
         page.close()
     assert not page.errors, page.errors
     assert images and all(ok for _, ok in images), [src for src, ok in images if not ok]
-    assert "plots/caption_words.png" in {src for src, _ in images} and "plots/stages.png" in {src for src, _ in images}
+    assert "plots/caption_words.svg" in {src for src, _ in images} and "plots/stages.svg" in {src for src, _ in images}
     short = (known["caption_fields"] or {}).get("short")
     assert (short or known["caption"])[:60] in card and dense == known["caption"]  # card: short; details: dense
     assert preview == [f"previews/{known['clip_id']}.webp", True]  # the looping preview of its frames

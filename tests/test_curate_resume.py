@@ -59,7 +59,7 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     assert "published version 1" in done.stderr and done.stdout.startswith("curated 8/8 sources")
     # the report, drawn while the command shuts its Ray down, is whole (Ray aborted the process if
     # the drawing thread's garbage collection freed Ray objects during the shutdown)
-    assert (clean / contract.REPORT_DIR / "plots" / "stages.png").exists()
+    assert (clean / contract.REPORT_DIR / "plots" / "stages.svg").exists()
     # Shards are written per work unit (2 sources) by the unit's task and committed before the
     # metadata; finalize writes no video byte. (When small sources complete in one burst, as here,
     # the units are written right after it; benchmarks/curation_scale.py measures time to first shard.)

@@ -27,7 +27,7 @@ def test_caption_qa_failures_are_listed_with_their_reasons(tmp_path):
     failed = [clip("f1", "failed", "caption: QA: dense caption repeats itself (after 1 retry)")]
     body, plots = _captions(digest(kept + failed), set(), tmp_path)
     assert "Caption QA failures (1)" in body and "dense caption repeats itself" in body and "f1" in body
-    assert plots == ["plots/caption_words.png"] and (tmp_path / "plots/caption_words.png").exists()
+    assert plots == ["plots/caption_words.svg"] and (tmp_path / "plots/caption_words.svg").exists()
     assert "beach (1)" in body and "2 of 2 kept clips captioned" in body  # common words, counts
     body, _ = _captions(digest(failed), set(), tmp_path)
     assert "no captions" in body and "Caption QA failures (1)" in body
