@@ -23,3 +23,11 @@ def start_local_ray():
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
     return ray
+
+
+def stop_local_ray() -> None:
+    """Stop the embedded Ray the way `spacetime curate` does (curation.pipeline.stop_ray: a second
+    sooner than ray.shutdown); a no-op if none runs."""
+    from curation.pipeline import stop_ray
+
+    stop_ray()

@@ -44,11 +44,11 @@ def make_good_media(folder):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    from tests.helpers import start_local_ray
+    from tests.helpers import start_local_ray, stop_local_ray
 
     ray = start_local_ray()
     yield ray
-    ray.shutdown()
+    stop_local_ray()
 
 
 @pytest.fixture(scope="module")

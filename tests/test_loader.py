@@ -39,7 +39,7 @@ def curated(tmp_path_factory):
     4x3 clip, a rotated portrait clip (9x16) and two images (4x3_240p_1f)."""
     from curation.pipeline import run_curation
     from curation.settings import CurateConfig
-    from tests.helpers import start_local_ray
+    from tests.helpers import start_local_ray, stop_local_ray
 
     root = tmp_path_factory.mktemp("loader")
     media = root / "media"
@@ -49,7 +49,7 @@ def curated(tmp_path_factory):
     portrait = tm.make_portrait_rotated(media / "portrait.mp4", num_frames=40)
     for i, src in enumerate([("bigbuckbunny.mp4", 40), ("bikes.mp4", 100)]):
         tm.make_image(media / f"still{i}.png", source=src)
-    ray = start_local_ray()
+    start_local_ray()
     out = root / "out"
     try:
         # The clip layout this fixture needs (two 16-frame and three 32-frame 4x3 clips): no
@@ -59,7 +59,7 @@ def curated(tmp_path_factory):
         run_curation([str(media)], str(out), load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", [
             "caption=null", "dedup.enabled=false", "analyze.detector=content"]))
     finally:
-        ray.shutdown()  # DataLoader workers fork from this process
+        stop_local_ray()  # DataLoader workers fork from this process
     index = pq.read_table(out / contract.INDEX_PATH).to_pylist()
     return {"root": root, "out": out, "index": index, "portrait": portrait,
             "by_source": {Path(r["source_uri"]).stem: r for r in index}}

@@ -125,7 +125,7 @@ def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_poo
     import ray.data
 
     from curation.pipeline import _apply, stages
-    from tests.helpers import start_local_ray
+    from tests.helpers import start_local_ray, stop_local_ray
 
     had_ray = ray.is_initialized()
     start_local_ray()  # from_items puts its rows in the object store (else Ray would start with its defaults)
@@ -137,7 +137,7 @@ def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_poo
         kinds[spec.stage.name] = (type(op.compute).__name__, op.ray_remote_args.get("num_cpus"),
                                   getattr(op.compute, "min_size", None), getattr(op.compute, "max_size", None))
     if not had_ray:
-        ray.shutdown()
+        stop_local_ray()
     assert kinds["aesthetic"] == ("ActorPoolStrategy", 0, 1, 3)
     assert kinds["extract"] == ("TaskPoolStrategy", 0.5, None, None)
     assert all(k[0] == "TaskPoolStrategy" and k[1] == 1.0 for name, k in kinds.items() if name not in ("aesthetic", "extract"))
@@ -145,24 +145,28 @@ def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_poo
 
 def test_the_local_ray_has_cpus_per_core_slots_per_core():
     """The embedded Ray gets cores x ray.cpus_per_core CPU slots (2 by default: the stages stream and
-    still fill the cores under Ray Data's per-operator reservation), unless ray.num_cpus says."""
+    still fill the cores under Ray Data's per-operator reservation), unless ray.num_cpus says; and
+    `stop_ray` stops every process of it (the monitor SIGKILLed first, the rest by ray.shutdown)."""
     import os
     import subprocess
     import sys
 
     from tests.helpers import ROOT
 
-    script = ("import ray\n"
-              "from curation.pipeline import init_ray\n"
+    script = ("import psutil, ray\n"
+              "from curation.pipeline import init_ray, stop_ray\n"
               "from curation.settings import CurateConfig\n"
               "for ray_cfg in ({}, {'cpus_per_core': 0.5}, {'num_cpus': 3}):\n"
               "    init_ray(CurateConfig(ray={'object_store_memory': 80 * 2**20, **ray_cfg}), None)\n"
               "    print(int(ray.cluster_resources()['CPU']), flush=True)\n"
-              "    ray.shutdown()\n")
+              "    stop_ray()\n"
+              "    print('left', [p.cmdline()[:2] for p in psutil.Process().children() if p.status() != 'zombie'])\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"})
     cores = os.cpu_count()
-    assert out.stdout.split() == [str(2 * cores), str(max(1, round(cores / 2))), "3"], out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0::2] == [str(2 * cores), str(max(1, round(cores / 2))), "3"], out.stderr[-3000:]
+    assert lines[1::2] == ["left []"] * 3, lines  # stop_ray (its monitor killed first) leaves no Ray process
 
 
 def test_the_progress_line_counts_clips_by_fate_and_estimates_the_rest():
