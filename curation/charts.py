@@ -51,8 +51,11 @@ def histogram(series: dict[str, tuple[list[float], int]], title: str, lines: lis
     all: more than len(values) where the values are a sample); `lines` are thresholds, drawn as dashed
     vertical lines. Values that are not finite are left out."""
     left, right, top, bottom = 48, WIDTH - 12, 24, HEIGHT - 30
-    data = {k: a[np.isfinite(a)] for k, (v, _) in series.items() for a in [np.asarray(v, dtype=float)]}
-    data = {k: a for k, a in data.items() if a.size}  # a series with no finite value draws nothing
+    data = {}
+    for label, (values, _) in series.items():
+        a = np.asarray(values, dtype=float)
+        if np.isfinite(a).any():  # a series with no finite value draws nothing
+            data[label] = a[np.isfinite(a)]
     points = [float(a.min()) for a in data.values()] + [float(a.max()) for a in data.values()] + list(lines)
     lo, hi = (min(points), max(points)) if points else (0.0, 1.0)
     if hi - lo < 1e-12:

@@ -24,10 +24,3 @@ def start_local_ray():
         ctx.print_on_execution_start = False
     return ray
 
-
-def stop_local_ray() -> None:
-    """Stop the embedded Ray the way `spacetime curate` does (curation.pipeline.stop_ray: a second
-    sooner than ray.shutdown); a no-op if none runs."""
-    from curation.pipeline import stop_ray
-
-    stop_ray()

@@ -55,7 +55,8 @@ def test_stage_in_a_ray_data_pipeline(cfg, tmp_path):
     """The stage as an async actor pool in Ray Data: candidates captioned, other rows untouched."""
     import ray
 
-    from tests.helpers import start_local_ray, stop_local_ray
+    from curation.pipeline import stop_ray
+    from tests.helpers import start_local_ray
 
     start_local_ray()
     try:
@@ -71,7 +72,7 @@ def test_stage_in_a_ray_data_pipeline(cfg, tmp_path):
             compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=2))
         metas = [unpack(r)[0] for r in ds.iter_rows()]
     finally:
-        stop_local_ray()
+        stop_ray()
     assert len(metas) == len(rows)
     by_id = {m["clip"]["clip_id"]: m["clip"] for m in metas if m["clip"]}
     for clip, _ in items:

@@ -44,11 +44,12 @@ def make_good_media(folder):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    from tests.helpers import start_local_ray, stop_local_ray
+    from curation.pipeline import stop_ray
+    from tests.helpers import start_local_ray
 
     ray = start_local_ray()
     yield ray
-    stop_local_ray()
+    stop_ray()
 
 
 @pytest.fixture(scope="module")

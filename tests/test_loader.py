@@ -39,7 +39,8 @@ def curated(tmp_path_factory):
     4x3 clip, a rotated portrait clip (9x16) and two images (4x3_240p_1f)."""
     from curation.pipeline import run_curation
     from curation.settings import CurateConfig
-    from tests.helpers import start_local_ray, stop_local_ray
+    from curation.pipeline import stop_ray
+    from tests.helpers import start_local_ray
 
     root = tmp_path_factory.mktemp("loader")
     media = root / "media"
@@ -59,7 +60,7 @@ def curated(tmp_path_factory):
         run_curation([str(media)], str(out), load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", [
             "caption=null", "dedup.enabled=false", "analyze.detector=content"]))
     finally:
-        stop_local_ray()  # DataLoader workers fork from this process
+        stop_ray()  # DataLoader workers fork from this process
     index = pq.read_table(out / contract.INDEX_PATH).to_pylist()
     return {"root": root, "out": out, "index": index, "portrait": portrait,
             "by_source": {Path(r["source_uri"]).stem: r for r in index}}

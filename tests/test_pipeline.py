@@ -125,7 +125,8 @@ def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_poo
     import ray.data
 
     from curation.pipeline import _apply, stages
-    from tests.helpers import start_local_ray, stop_local_ray
+    from curation.pipeline import stop_ray
+    from tests.helpers import start_local_ray
 
     had_ray = ray.is_initialized()
     start_local_ray()  # from_items puts its rows in the object store (else Ray would start with its defaults)
@@ -137,7 +138,7 @@ def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_poo
         kinds[spec.stage.name] = (type(op.compute).__name__, op.ray_remote_args.get("num_cpus"),
                                   getattr(op.compute, "min_size", None), getattr(op.compute, "max_size", None))
     if not had_ray:
-        stop_local_ray()
+        stop_ray()
     assert kinds["aesthetic"] == ("ActorPoolStrategy", 0, 1, 3)
     assert kinds["extract"] == ("TaskPoolStrategy", 0.5, None, None)
     assert all(k[0] == "TaskPoolStrategy" and k[1] == 1.0 for name, k in kinds.items() if name not in ("aesthetic", "extract"))
