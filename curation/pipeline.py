@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -397,32 +398,48 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | 
     if cfg.progress.log_every_s and bar.disable:
         def heartbeat() -> None:
             while not stop.wait(cfg.progress.log_every_s):
-                log.info("%s", progress_line(tracker.counts.copy(), len(pending), time.time() - wall_start, cores))
+                log.info("%s", progress_line(fates(tracker, writer), len(pending), time.time() - wall_start, cores))
         threading.Thread(target=heartbeat, name="progress", daemon=True).start()
+    # Blocks as they come: iter_rows() prefetches one block and holds each back until the next one
+    # exists (measured: the first rows of a run waited for the next extract batch, seconds at the start).
+    # The driver takes the meta column only: nothing else of a row is needed here.
+    blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
     try:
-        for row in ds.iter_rows():
-            meta = unpack(row)[0]
-            if tracker.add(meta):
-                bar.update(1)
-                bar.set_postfix_str(progress_line(tracker.counts, len(pending), time.time() - wall_start, cores,
-                                                  short=True), refresh=False)
+        for text in (t for block in blocks for t in block.column("meta").to_pylist()):
+            meta = json.loads(text)
+            completed = tracker.add(meta)
+            if completed:
                 writer.source_done(meta["source"]["uri"])
-            writer.poll()
+            writer.poll()  # a completed unit's duplicates are decided here: the bar shows them at once
+            if completed:
+                bar.set_postfix_str(progress_line(fates(tracker, writer), len(pending), time.time() - wall_start,
+                                                  cores, short=True), refresh=False)
+                bar.update(1)
     finally:
         stop.set()
         bar.close()
 
 
+def fates(tracker, writer) -> Counter:
+    """This invocation's counts so far (curation.write.CompletionTracker), with the clips the unit writer
+    found to be duplicates moved from `kept` to `duplicates` (they are decided a unit at a time, after
+    the filters: until its unit is ready, a clip that passed them counts as kept)."""
+    counts = tracker.counts.copy()
+    counts.update(kept=-writer.duplicates, duplicates=writer.duplicates)
+    return counts
+
+
 def progress_line(counts, total: int, wall: float, cores: float, short: bool = False) -> str:
-    """Sources done / total, clips kept / rejected / failed, video-hours per wall-hour and an ETA
-    (the remaining sources at the mean time per source so far)."""
+    """Sources done / total, clips kept / rejected / duplicates / failed (`fates`), video-hours per
+    wall-hour and an ETA (the remaining sources at the mean time per source so far)."""
     from curation.write import throughput
 
     done = counts["sources"]
     rate = throughput(counts["video_seconds"], counts["clips"], wall, cores)["video_hours_per_wall_hour"]
     eta = wall / done * (total - done) if done else None
     eta_text = "?" if eta is None else (f"{eta / 60:.0f} min" if eta >= 120 else f"{eta:.0f} s")
-    clips = f"kept {counts['kept']}, rejected {counts['rejected']}, failed {counts['failed']}"
+    clips = (f"kept {counts['kept']}, rejected {counts['rejected']}, duplicates {counts['duplicates']}, "
+             f"failed {counts['failed']}")
     if short:
         return f"{clips}; {rate:.2f} video-h/h; ETA {eta_text}"
     failed = f" ({counts['failed_sources']} failed)" if counts["failed_sources"] else ""
@@ -523,7 +540,8 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
                 raise RuntimeError(f"{len(missing)} sources did not complete (first: {missing[0]}); rerun to resume")
             writer.wait()
     lease.check()  # another run took the output over: publish nothing
-    summary = finalize(run, units, wall_start, _versions(), cores, dict(tracker.counts), current.version)
+    counts = fates(tracker, writer) if pending else tracker.counts
+    summary = finalize(run, units, wall_start, _versions(), cores, dict(counts), current.version)
     versions.publish(current)
     _report_and_stop_ray(out, stop_ray_after=started)
     log.info("published version %d: %d new sources", current.version, len(current.sources))

@@ -318,6 +318,10 @@ def index_row(clip: dict, shard: str) -> dict:
                 has_caption=bool(clip.get("caption")))
 
 
+def _count_kept(records: list[dict]) -> int:
+    return sum(c["status"] == "kept" for r in records for c in r["clips"])
+
+
 class UnitWriter:
     """Driver side of the units: submits each unit's write task, in unit order, once its sources and
     every earlier unit's are complete; keeps the digest -> first URI map of the submitted units.
@@ -333,7 +337,10 @@ class UnitWriter:
         self.run, self.units, self.submit, self.near = run, units, submit, near
         self.next = 0  # the first unit not yet submitted
         self.first: dict[str, str] = {}  # grows with the distinct sources: what dedup must remember
-        self.complete = set(done)
+        self.complete, self.before = set(done), set(done)
+        # Clips that passed the filters (the tracker counted them kept) but are duplicates: of a source
+        # with the same content, or near-duplicates of a clip kept earlier. This invocation's sources only.
+        self.duplicates = 0
         self.in_flight: dict = {}  # ObjectRef -> unit
 
     def source_done(self, uri: str) -> None:
@@ -346,9 +353,12 @@ class UnitWriter:
             uris = self.units[self.next]
             first = dict(self.first)  # the task re-marks its unit's duplicates from the earlier units' digests
             records = [self.run.record(u) for u in uris]
+            fresh = [r for r in records if r["source"]["uri"] not in self.before]
+            passed = _count_kept(fresh)
             for r in records:
                 mark_duplicate(r, self.first)
             near = self.near.decide(records)  # every unit, committed or not: the index needs them all
+            self.duplicates += passed - _count_kept(fresh) + sum(c["clip_id"] in near for r in fresh for c in r["clips"])
             if not self.run.is_unit_done(self.next):
                 self.in_flight[self.submit(self.next, uris, first, near)] = self.next
             self.complete.difference_update(uris)

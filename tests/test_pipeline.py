@@ -175,10 +175,12 @@ def test_the_progress_line_counts_clips_by_fate_and_estimates_the_rest():
 
     from curation.pipeline import progress_line
 
-    counts = Counter(sources=3, clips=7, kept=4, rejected=2, failed=1, failed_sources=1, video_seconds=360)
+    counts = Counter(sources=3, clips=7, kept=3, rejected=2, duplicates=1, failed=1, failed_sources=1,
+                     video_seconds=360)
     line = progress_line(counts, total=10, wall=30.0, cores=2.0)
     # 6 min of video in 30 s of wall time = 12 video-h per wall-h; 7 sources left at 10 s each
-    assert line == "3/10 sources (1 failed); clips kept 4, rejected 2, failed 1; 12.00 video-h per wall-h; ETA 70 s"
+    assert line == ("3/10 sources (1 failed); clips kept 3, rejected 2, duplicates 1, failed 1; "
+                    "12.00 video-h per wall-h; ETA 70 s")
     assert progress_line(counts, 10, 30.0, 2.0, short=True).endswith("12.00 video-h/h; ETA 70 s")
     assert progress_line(counts, 100, 30.0, 2.0).endswith("ETA 16 min")  # 97 x 10 s
     assert progress_line(Counter(), 10, 5.0, 2.0).endswith("ETA ?")
