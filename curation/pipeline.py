@@ -363,19 +363,24 @@ def preflight(cfg: CurateConfig) -> None:
 
 
 def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str]):
-    """The driver's scheduler of unit writes; each write is a Ray task sized by write.resources."""
+    """The driver's scheduler of unit writes, and the ShardWriter actors that do them (write.resources).
+    The actors end with the run: when the returned UnitWriter, which holds their only handles, is gone."""
     import ray
 
-    from curation.write import NearDuplicates, UnitWriter, warm_up, write_unit
+    from curation.write import NearDuplicates, ShardWriter, UnitWriter
 
-    # max_retries counts lost workers/nodes only (a raised error is not retried): a cluster may lose several
-    task = ray.remote(write_unit).options(num_cpus=cfg.write.resources.num_cpus, max_retries=5)
-    # A worker started now, while the stages start, is idle and warm (imports done) when the first
-    # unit is ready: Ray reuses it for the unit tasks of the same shape (measured: see the note of #12).
-    ray.remote(warm_up).options(num_cpus=cfg.write.resources.num_cpus).remote()
+    res = cfg.write.resources
+    # max_restarts / max_task_retries: a lost actor (its node gone) restarts and its calls are retried,
+    # which a unit's idempotent write allows; a raised error is not retried. A cluster may lose several.
+    actors = [ray.remote(ShardWriter).options(num_cpus=res.num_cpus, max_concurrency=res.calls_per_actor,
+                                              max_restarts=-1, max_task_retries=5).remote()
+              for _ in range(res.actors)]
     target, versions, store = int(cfg.write.shard_size_mb * 1024**2), _versions(), run.store
-    return UnitWriter(run, units, lambda n, uris, first, near: task.remote(store, n, uris, first, near, target, versions),
-                      done, NearDuplicates(cfg.dedup))
+
+    def submit(n: int, uris: list[str], first: dict, near: dict):
+        return actors[n % len(actors)].write.remote(store, n, uris, first, near, target, versions)
+
+    return UnitWriter(run, units, submit, done, NearDuplicates(cfg.dedup))
 
 
 def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | None, tracker, writer,

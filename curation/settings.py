@@ -125,14 +125,22 @@ class ProgressConfig(StrictModel):
     log_every_s: float = 30.0  # a progress line (sources, clips, video-hours per wall/core-hour) this often; 0: never
 
 
+class WriterResources(StrictModel):
+    """The processes that write units (curation.write.ShardWriter actors, started with the run). A unit
+    goes to them in turn; each copies staged clips into tars (I/O), so by default it holds no core."""
+
+    num_cpus: float = 0.0
+    actors: int = Field(1, ge=1)  # more where one cannot keep up with the cluster's units
+    calls_per_actor: int = Field(2, ge=1)  # units each actor writes at once (threads)
+
+
 class WriteConfig(StrictModel):
     shard_size_mb: float = 256.0  # target tar size per shard (a unit's clips of one bucket may make fewer)
     # Sources per work unit: the sorted inputs are cut into units whose shards depend on their own
     # sources only and are written as soon as the unit (and every earlier one) completes. Smaller
     # units: earlier first shard, smaller tars; it changes the shard layout, so it is part of a run's identity.
     unit_sources: int = Field(16, ge=1)
-    # each unit's write task: it copies staged clips into tars (I/O), so it holds no core by default
-    resources: TaskResources = Field(default_factory=lambda: TaskResources(num_cpus=0.0))
+    resources: WriterResources = Field(default_factory=WriterResources)
 
 
 # ------------------------------------------------------------------------------------- filters

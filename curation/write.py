@@ -8,8 +8,8 @@ no node needs a folder shared with the others. Exactly once, streaming:
   skips that source.
 - Work units are the sorted inputs cut into runs of `write.unit_sources`: a pure function of the
   input list, so a rerun finds the same units. As soon as a unit's sources (and every earlier
-  unit's) are complete, a Ray task writes the unit's shards from its records and staged clips, in a
-  fixed order (bucket, source order, start frame) with fixed tar metadata, then commits the unit
+  unit's) are complete, a ShardWriter actor writes the unit's shards from its records and staged
+  clips, in a fixed order (bucket, source order, start frame) with fixed tar metadata, commits the unit
   with OUT/.work/units/<unit>.json (its index rows) and drops its staged clips. A shard depends
   only on its unit's sources, so a killed-and-rerun job writes the same bytes as an uninterrupted one.
 - Units are committed in order because of duplicates: a source whose content digest equals a source
@@ -268,20 +268,29 @@ def plan_units(uris: list[str], size: int) -> list[list[str]]:
     return [uris[i:i + size] for i in range(0, len(uris), size)]
 
 
-def warm_up() -> None:
-    """Import what write_unit needs (a no-op task that leaves a warm worker behind)."""
-    import webdataset  # noqa: F401
+class ShardWriter:
+    """A Ray actor that writes units (`write_unit`) for the whole run. It is started with the run, so its
+    imports (webdataset pulls in torch: ~1.5 s) are done before the first unit is ready, and no task of
+    the pipeline can take its process: a write task waited up to 2.8 s for a free worker process while
+    the stages kept every worker busy (measured, #12). Idempotent writes make a lost actor's units safe
+    to retry on its restart (max_restarts / max_task_retries, set by the driver)."""
+
+    def __init__(self):
+        import webdataset  # noqa: F401
+
+    def write(self, *args) -> dict:
+        return write_unit(*args)
 
 
 def write_unit(store: Store, unit: int, uris: list[str], first: dict[str, str], near: dict[str, str],
                target_bytes: int, versions: dict) -> dict:
-    """Write the shards of one unit and commit it (a Ray task, on any node: it reads and writes the
-    output store only).
+    """Write the shards of one unit and commit it (in a ShardWriter, on any node: it reads and writes
+    the output store only).
 
     `first`: digest -> first URI for every digest seen in EARLIER units (duplicates are decided with
     it); `near`: the unit's near-duplicate clips (NearDuplicates.decide), kept in the commit. Writes
     each shard atomically, then OUT/.work/units/<unit>.json with the unit's index rows, then removes
-    the unit's staged clips. Idempotent (a retried task finds the commit). Returns
+    the unit's staged clips. Idempotent (a retried call finds the commit). Returns
     {"unit", "shards", "samples"}."""
     run = RunDir(store)
     if run.is_unit_done(unit):  # a retried task whose first attempt committed: nothing left to do
@@ -323,12 +332,12 @@ def _count_kept(records: list[dict]) -> int:
 
 
 class UnitWriter:
-    """Driver side of the units: submits each unit's write task, in unit order, once its sources and
+    """Driver side of the units: submits each unit's write, in unit order, once its sources and
     every earlier unit's are complete; keeps the digest -> first URI map of the submitted units.
 
         writer = UnitWriter(run, units, submit, done, near)  # submit(unit, uris, first, near) -> ObjectRef
         writer.source_done(uri)                  # as the tracker completes sources
-        writer.poll()                            # submits what became ready, reaps finished tasks
+        writer.poll()                            # submits what became ready, reaps finished writes
         writer.wait()                            # at the end: every unit committed
     """
 
