@@ -293,7 +293,7 @@ def write_unit(store: Store, unit: int, uris: list[str], first: dict[str, str], 
     the unit's staged clips. Idempotent (a retried call finds the commit). Returns
     {"unit", "shards", "samples"}."""
     run = RunDir(store)
-    if run.is_unit_done(unit):  # a retried task whose first attempt committed: nothing left to do
+    if run.is_unit_done(unit):  # a retried call whose first attempt committed: nothing left to do
         done = run.unit(unit)
         return {"unit": unit, "shards": len(done["shards"]), "samples": len(done["index"])}
     first = dict(first)
@@ -360,7 +360,7 @@ class UnitWriter:
 
         while self.next < len(self.units) and all(u in self.complete for u in self.units[self.next]):
             uris = self.units[self.next]
-            first = dict(self.first)  # the task re-marks its unit's duplicates from the earlier units' digests
+            first = dict(self.first)  # the writer re-marks its unit's duplicates from the earlier units' digests
             records = [self.run.record(u) for u in uris]
             fresh = [r for r in records if r["source"]["uri"] not in self.before]
             passed = _count_kept(fresh)

@@ -23,4 +23,3 @@ def start_local_ray():
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
     return ray
-

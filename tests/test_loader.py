@@ -37,9 +37,8 @@ WIDE_SIZE = (352, 240)  # 4x3 class, 240p: covered at scale 1, then 32 columns c
 def curated(tmp_path_factory):
     """A curation output of 5 sources: a multishot video (4x3 clips of 16 and 32 frames), a wide
     4x3 clip, a rotated portrait clip (9x16) and two images (4x3_240p_1f)."""
-    from curation.pipeline import run_curation
+    from curation.pipeline import run_curation, stop_ray
     from curation.settings import CurateConfig
-    from curation.pipeline import stop_ray
     from tests.helpers import start_local_ray
 
     root = tmp_path_factory.mktemp("loader")
