@@ -12,6 +12,10 @@ and `extract.copy_only=true`, and with `caption=null` and `analyze.detector=cont
 shot detector alone, no TransNetV2), and prints:
 - the same stages run one after another in this process, without Ray (the caption-off run's
   orchestration yardstick is its CPU time divided by the cores; goal: wall within 1.3x of it);
+- what TransNetV2 alone costs here (FLOPs per window, its speed against a float32 matmul's, every
+  frame of the set through it), the bound it sets under the shot detector of tiny.yaml;
+- the fixed cost of a run (the set's shortest file alone), and the caption-off run's ratio to the
+  yardstick without it;
 - each run's wall time, its ratio to the floor (the goal: within 3x) and video-hours per wall-hour;
 - each stage's summed seconds (summary.json `stage_seconds`, added up over workers) and its share of
   the run's machine time (wall x cores);
@@ -82,9 +86,9 @@ def remux_copies(files: list[Path], copies: int) -> list[Path]:
     return sorted(out)
 
 
-def decode_floor(files: list[Path]) -> tuple[float, float]:
-    """(seconds to decode every frame of every file, seconds of video)."""
-    seconds, video = 0.0, 0.0
+def decode_floor(files: list[Path]) -> tuple[float, float, int]:
+    """(seconds to decode every frame of every file, seconds of video, frames)."""
+    seconds, video, total = 0.0, 0.0, 0
     for path in files:
         t0 = time.perf_counter()
         with av.open(str(path)) as c:
@@ -93,7 +97,47 @@ def decode_floor(files: list[Path]) -> tuple[float, float]:
             frames = sum(1 for _ in c.decode(stream))
         seconds += time.perf_counter() - t0
         video += frames / float(stream.average_rate)
-    return seconds, video
+        total += frames
+    return seconds, video, total
+
+
+def seconds_of(path: Path) -> float:
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        return float(stream.duration * stream.time_base) if stream.duration else c.duration / av.time_base
+
+
+def transnet_bound(frames: int, cores: int) -> str:
+    """What TransNetV2 alone costs on this CPU: its model FLOPs per reference window (FlopCounterMode),
+    its speed in one thread against a float32 matmul's, and the seconds every frame of the set would
+    take through it (each frame is in two windows: 100 frames, step 50) spread over the cores."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from curation.transnet import SIZE, STEP, WINDOW, load_model
+
+    torch.set_num_threads(1)
+    model = load_model()
+    window = torch.randint(0, 255, (1, WINDOW, SIZE[1], SIZE[0], 3), dtype=torch.uint8)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            model.predict_raw(window)
+        model.predict_raw(window)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            model.predict_raw(window)
+        per_window = (time.perf_counter() - t0) / 3
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        matmul = 10 * 2 * 1024 ** 3 / (time.perf_counter() - t0)
+    flops = counter.get_total_flops()
+    every = frames / STEP * per_window / cores
+    return (f"{flops / 1e9:.0f} GFLOP per {WINDOW}-frame window, {per_window:.2f} s in one thread "
+            f"({flops / per_window / 1e9:.0f} GFLOP/s; a float32 matmul here: {matmul / 1e9:.0f} GFLOP/s); "
+            f"every frame of the set through it: {every:.1f} s on {cores} cores")
 
 
 def in_process(files: list[Path], scratch: Path) -> tuple[float, float]:
@@ -202,22 +246,34 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="curation_vs_decode-"))
     files = remux_copies(make_set(work / "media", args.hd_seconds), args.copies)
-    floor, video = decode_floor(files)
+    floor, video, frames = decode_floor(files)
     cores = os.cpu_count() or 1
-    print(f"{len(files)} files, {video / 60:.2f} min of video, {cores} cores")
+    print(f"{len(files)} files, {video / 60:.2f} min of video, {frames} frames, {cores} cores")
     print(f"{'run':<22} {'wall s':>8} {'x floor':>8} {'video-h/wall-h':>15}")
     print(f"{'bare decode (floor)':<22} {floor:>8.1f} {1:>8.2f} {video / floor:>15.1f}")
     alone, cpu = in_process(files, work / "in_process")
     ideal = cpu / cores
     print(f"{'stages in one process':<22} {alone:>8.1f} {alone / floor:>8.2f} {video / alone:>15.1f}"
           f"   ({cpu:.1f} CPU-s / {cores} cores = {ideal:.1f} s: the orchestration yardstick)")
+    bound = transnet_bound(frames, cores)
+    print(f"TransNetV2 alone: {bound}")
+    # The fixed cost of a run (Ray's start, cold workers and models, the report, the shutdown): the
+    # set's shortest file alone (well under a second of work of its own). The caption-off run's wall
+    # less this, over the yardstick, is the orchestration overhead on the work itself.
+    shortest = min(files, key=seconds_of)
+    (work / "one").mkdir(exist_ok=True)
+    shutil.copyfile(shortest, work / "one" / shortest.name)
+    fixed, _ = curate(work / "one", work / "out_one", False, work / "log_one.txt", [])
+    print(f"{'curate, 1 short source':<22} {fixed:>8.1f}   (the fixed cost of a run: {shortest.name} alone, "
+          f"{seconds_of(shortest):.1f} s of video)")
     runs = [(False, [])] + ([] if args.no_caption else [(True, [])]) + [(False, ["extract.copy_only=true"]),
                                                                          (False, ["analyze.detector=content"])]
     for n, (caption, extra) in enumerate(runs):
         name = f"curate, caption {'on' if caption else 'off'}" + (f", {extra[0]}" if extra else "")
         wall, summary = curate(work / "media", work / f"out_{n}", caption, work / f"log_{n}.txt", extra)
         print(f"{name:<22} {wall:>8.1f} {wall / floor:>8.2f} {video / wall:>15.1f}" +
-              ("" if caption or extra else f"   (x {wall / ideal:.2f} the in-process CPU / cores)"))
+              ("" if caption or extra else f"   (x {wall / ideal:.2f} the in-process CPU / cores; "
+                                           f"less the fixed cost: x {(wall - fixed) / ideal:.2f})"))
         stages = summary["stage_seconds"]
         print("    stage seconds (share of wall x cores): " + ", ".join(
             f"{k} {v:.1f} ({v / (wall * cores):.0%})" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])))
