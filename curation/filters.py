@@ -253,9 +253,8 @@ class Aesthetic(BatchStage):
     only_candidates = False
 
     def __init__(self, cfg: AestheticConfig):
+        """Only built when `cfg.enabled` (curation.pipeline.stages leaves the stage out otherwise)."""
         super().__init__(cfg)
-        if not self.cfg.enabled:
-            return
         from curation.clip_models import load_aesthetic_head, load_clip
         from spacetime.models import resolve
 
@@ -266,8 +265,6 @@ class Aesthetic(BatchStage):
     def process(self, items):
         from curation.clip_models import embed_frames
 
-        if not self.cfg.enabled:
-            return
         picked, owners = [], []
         for k, (meta, sampled) in enumerate(items):
             try:

@@ -238,7 +238,8 @@ def stages(cfg: CurateConfig, out: Store, known: str | None = None) -> list[Stag
         StageSpec(Sharpness, "map", dict(cfg=f.sharpness)),
         StageSpec(Motion, "map", dict(cfg=f.motion)),
         StageSpec(Fingerprint, "map", dict(cfg=cfg.dedup)),  # near-duplicates are decided at write time
-        StageSpec(Aesthetic, "map_batches", dict(cfg=f.aesthetic)),
+        # a model stage that is off starts no actors (its model would load for nothing)
+        *([StageSpec(Aesthetic, "map_batches", dict(cfg=f.aesthetic))] if f.aesthetic.enabled else []),
         *([StageSpec(Caption, "map_batches", dict(cfg=cfg.caption))] if cfg.caption else []),  # survivors only
         StageSpec(Extract, "map", dict(cfg=cfg.extract, s3=s3, out=out)),
     ]

@@ -5,13 +5,15 @@ frames. The analysis pass makes them from its own small frame (`curation.analyze
 decoded once for everything. The reference predictor (`TransNetV2.predict_frames`) runs windows of
 100 frames with a step of 50 and keeps the middle 50 predictions (25 frames of context each side,
 the first/last frame repeated at the ends); `TransNetV2Shots` does exactly that online, one window
-per 50 frames (not frame by frame), and its predictions are bit-identical to `predict_frames`.
-(Measured on 2 cores, one thread: ~75 window frames/s in float32 whatever the window; batching 4
-windows was slower. The convolutions run at ~80% of the core's float32 matmul peak, so per frame only
-bfloat16 (`infer`, ~2x) makes the model cheaper. Longer windows with the same context would put fewer
-frames through it twice: 200-frame windows cut the time 17-19% on benchmarks/split_vs_pyscenedetect.py
-with the same transitions, but left `spacetime curate` under combine: agree within noise, and they
-are not the reference predictor, so they are not offered.)
+per 50 frames (not frame by frame), and its predictions are bit-identical to the same model's
+`predict_frames`. (Measured on 2 cores, one thread: 83 GFLOP a window, ~74 window frames/s in
+float32 with every convolution on oneDNN (`_convolve_with_onednn`; ~62 with PyTorch's own choice),
+whatever the window; batching 4 windows was slower. The convolutions then run near the core's float32
+matmul speed, so per frame only bfloat16 (`infer`, ~2x where the CPU has it) makes the model
+cheaper. Longer windows with the same context would put fewer frames through it twice: 200-frame
+windows cut the time 17-19% on benchmarks/split_vs_pyscenedetect.py with the same transitions, but
+left `spacetime curate` under combine: agree within noise, and they are not the reference
+predictor, so they are not offered.)
 `TransNetV2Near` runs only the windows around given frames, for `combine: agree` (see there).
 
 From predictions to the `cuts` format of the analysis pass ([first, end) frames in no shot):
@@ -79,8 +81,36 @@ def load_model(device: str = "cpu"):
                     """Not run: process-wide seeds and switches (see the module's docstring)."""
 
             with _process_state_kept():
-                _models[device] = Pretrained(device=device).eval()
+                model = Pretrained(device=device).eval()
+            if model.device.type == "cpu":
+                _convolve_with_onednn(model)
+            _models[device] = model
         return _models[device]
+
+
+def _convolve_with_onednn(model) -> None:
+    """Every Conv3d of `model` through oneDNN (`torch.mkldnn_convolution`). On one thread with a batch
+    of one, PyTorch sends a convolution whose kernel is 1x1 in space (the temporal (3,1,1) convs of
+    dilation 1) and the 3-channel first layer to its reference im2col path, `slow_conv3d`: ~4x slower
+    per FLOP than oneDNN, which runs the others near the core's matmul speed. Measured on 2 cores, one
+    thread, a 100-frame window, A/B twice: 1.61 -> 1.36 s (16% less); the probabilities move by at
+    most 2e-7. Where oneDNN is missing from the build, the convs stay as they are."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return
+    for conv in model.modules():
+        if isinstance(conv, torch.nn.Conv3d) and conv.padding_mode == "zeros":
+            conv.forward = functools.partial(_onednn_conv3d, conv)
+
+
+def _onednn_conv3d(conv, x):
+    import torch
+
+    if torch.is_autocast_enabled(x.device.type):  # bfloat16 (`infer`): autocast's own conv path
+        return conv._conv_forward(x, conv.weight, conv.bias)
+    return torch.mkldnn_convolution(x.contiguous(), conv.weight, conv.bias, conv.padding, conv.stride,
+                                    conv.dilation, conv.groups)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,8 +8,9 @@ as soon as the model stage's actor is up (analysis tasks have run on both nodes;
 are in flight), the worker node holding it is removed, with whatever tasks run there. The run then either finishes by itself
 (Ray Data restarts the lost actor elsewhere and retries the lost tasks and calls; lost blocks are
 rebuilt from lineage: what happens with Ray 2.60) or fails; then a fresh worker node joins and a rerun on the same output must
-finish. Either way the output must equal that of an uninterrupted run on a plain local Ray: the same
-shards byte for byte, the same index, manifests and counts, no key twice, every source once.
+finish. Either way the output must equal that of an uninterrupted run on a plain local Ray into a
+local folder (made once for both output locations): the same shards byte for byte, the same index,
+manifests and counts, no key twice, every source once.
 
 The output location is one parameter (`output` fixture): a local folder, or an s3:// prefix on
 conftest's S3 server (workers write straight to the bucket).
@@ -208,31 +209,42 @@ def make_media(folder: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ the test
-def test_curation_survives_a_worker_node_dying(tmp_path, output):
+def curate_config(*overrides: str) -> CurateConfig:
+    """No caption stage (caption text is not batch-invariant: see test_curate_resume); a unit every 2
+    sources, so units are written while sources are in flight. The model actor holds half a CPU, so it
+    runs on a worker node (tiny.yaml's 0 would let it land on the CPU-less head). A fresh one per run."""
+    return load_config(CurateConfig, CONFIGS / "curate/tiny.yaml",
+                       ["caption=null", "write.unit_sources=2", "filters.aesthetic.resources.num_cpus=0.5",
+                        *overrides])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(inputs, snapshot) of one uninterrupted run on a plain local Ray into a local folder: what every
+    faulted run must equal, whatever its output location (an s3:// output holds the same bytes as a
+    local one: tests/test_curate_s3.py)."""
+    folder = tmp_path_factory.mktemp("multinode")
+    inputs = make_media(folder / "media")
+    start_local_ray()  # the one the session has, if any
+    clean = LocalOutput(folder / "clean")
+    run_curation(inputs, clean.uri, curate_config())
+    snap = snapshot(clean)
+    assert_exactly_once(clean, snap, inputs)
+    return inputs, snap
+
+
+def test_curation_survives_a_worker_node_dying(reference, output):
     import ray
     import ray.data
 
     make_output, overrides = output
-    inputs = make_media(tmp_path / "media")
-    # No caption stage (caption text is not batch-invariant: see test_curate_resume); a unit every
-    # 2 sources, so units are written while sources are in flight. The model actor holds half a CPU,
-    # so it runs on a worker node (tiny.yaml's 0 would let it land on the CPU-less head).
-    def cfg():  # a fresh config per run
-        return load_config(CurateConfig, CONFIGS / "curate/tiny.yaml",
-                           ["caption=null", "write.unit_sources=2", "filters.aesthetic.resources.num_cpus=0.5",
-                            *overrides])
+    inputs, reference = reference
+
+    def cfg():
+        return curate_config(*overrides)
 
     timings = {}
-
-    # The reference: one uninterrupted run on a plain local Ray (the one the session has, if any).
     had_local_ray = ray.is_initialized()
-    t0 = time.time()
-    start_local_ray()
-    clean = make_output("clean")
-    run_curation(inputs, clean.uri, cfg())
-    timings["reference_run_s"] = time.time() - t0
-    reference = snapshot(clean)
-    assert_exactly_once(clean, reference, inputs)
     ray.shutdown()
 
     t0 = time.time()

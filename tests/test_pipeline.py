@@ -119,6 +119,7 @@ def test_a_segment_that_cannot_be_split_fails_its_source_and_the_rows_go_on(tmp_
     second = unpack(segments[1])[0]["segment"]["start_frame"]
     assert record["clips"] and all(c["start_frame"] >= second for c in record["clips"])
 
+
 def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_pools(tmp_path):
     """The Ray Data plan `_apply` builds (no execution): tasks with the section's CPUs for stages
     without a model, an actor pool from `actors` to `max_actors` for the model stages."""
@@ -142,6 +143,9 @@ def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_poo
     assert kinds["aesthetic"] == ("ActorPoolStrategy", 0, 1, 3)
     assert kinds["extract"] == ("TaskPoolStrategy", 0.5, None, None)
     assert all(k[0] == "TaskPoolStrategy" and k[1] == 1.0 for name, k in kinds.items() if name not in ("aesthetic", "extract"))
+    # a model stage that is switched off is not in the plan: no actor loads a model for nothing
+    off = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", ["caption=null", "filters.aesthetic.enabled=false"])
+    assert [s.stage.name for s in stages(off, Store(str(tmp_path)))] == [n for n in kinds if n != "aesthetic"]
 
 
 def test_the_local_ray_has_cpus_per_core_slots_per_core():

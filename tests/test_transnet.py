@@ -188,6 +188,37 @@ def test_near_returns_what_the_whole_video_scan_finds_for_any_query(monkeypatch)
     assert answered > 0  # some answered while streaming
 
 
+def test_every_convolution_runs_on_onednn_with_the_same_probabilities(multishot, torch_one_thread):
+    """On one thread PyTorch would send the temporal (3,1,1) convs of dilation 1 and the first layer to
+    its slow im2col path (slow_conv3d); the loaded model runs them all on oneDNN, and its probabilities
+    on real frames stay within 1e-6 of PyTorch's own choice of kernels."""
+    import av
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from curation.transnet import WINDOW, _convolve_with_onednn, infer, load_model
+
+    with av.open(str(multishot.path)) as c:
+        frames = [f.reformat(width=48, height=27, format="rgb24").to_ndarray() for f in c.decode(video=0)]
+    window = np.stack(frames[:WINDOW])
+    model = load_model()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours = infer(model, window)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops, sorted(ops)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    for conv in convs:
+        del conv.forward  # back to nn.Conv3d's own forward
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            theirs = infer(model, window)
+        assert "aten::slow_conv3d_forward" in {e.key for e in prof.key_averages()}  # what the patch avoids
+    finally:
+        _convolve_with_onednn(model)  # the cached model as load_model left it
+    for a, b in zip(ours, theirs):
+        assert np.abs(a - b).max() < 1e-6 and a.max() > 0.5  # the window holds a cut: a real signal
+
+
 def test_loading_the_model_leaves_the_process_as_it_was():
     """TransNetV2's constructor seeds every RNG with 42 and turns on deterministic algorithms for the
     whole process; load_model leaves both as they were (fresh process: the model is cached per
