@@ -30,10 +30,14 @@ COPYABLE_CODECS = {"h264", "hevc", "av1", "vp9", "mpeg4"}
 
 def _count_frames_strict(path: Path) -> int:
     """Frames of a clip under a strict decode; -1 if any packet fails (a copy of damaged packets
-    must not reach a shard: it is re-encoded from what decodes instead)."""
+    must not reach a shard: it is re-encoded from what decodes instead). The pictures are not looked
+    at, so the decoder skips its deblocking filter: the same frames and errors, 24% less time on the
+    clips of benchmarks/curation_vs_decode.py (2.75 -> 2.08 s for 36 clips, 1628 frames)."""
     try:
         with av.open(str(path)) as c:
-            return sum(1 for _ in c.decode(video=0))
+            stream = c.streams.video[0]
+            stream.codec_context.options = {"skip_loop_filter": "all"}
+            return sum(1 for _ in c.decode(stream))
     except av.error.FFmpegError:
         return -1
 

@@ -155,3 +155,18 @@ def test_the_yuv_path_keeps_the_source_pixels_and_declines_an_odd_crop(media):
     assert _yuv420_frame(frame, 0, (1, 0, 64, 64)) is None and _yuv420_frame(frame, 0, (2, 4, 64, 64)).height == 64
     odd = av.VideoFrame(321, 240, "yuv420p")  # its chroma is 161 wide: rotated, it would shift by a pixel
     assert _yuv420_frame(odd, 90, None) is None and _yuv420_frame(odd, 0, None).width == 320
+
+
+@pytest.mark.parametrize("codec", ["h264", "hevc"])
+def test_the_strict_check_counts_every_frame_and_fails_damaged_packets(media, tmp_path, codec):
+    """The decode that vets a copied clip skips the deblocking filter (it never looks at pixels): it
+    must still count every frame, and still fail on damaged packets, wherever they are."""
+    from curation.extract import _count_frames_strict
+
+    fields, _, (pts, *_), _ = _extract(media[codec], 0, GOP, tmp_path, "whole.mp4")
+    assert fields["extract_mode"] == "copy" and _count_frames_strict(tmp_path / "whole.mp4") == len(pts) == GOP
+    data = (tmp_path / "whole.mp4").read_bytes()
+    for at in (0.3, 0.5, 0.8):
+        start = int(len(data) * at)
+        (tmp_path / "damaged.mp4").write_bytes(data[:start] + bytes(2000) + data[start + 2000:])
+        assert _count_frames_strict(tmp_path / "damaged.mp4") == -1, at
