@@ -86,9 +86,9 @@ def remux_copies(files: list[Path], copies: int) -> list[Path]:
     return sorted(out)
 
 
-def decode_floor(files: list[Path]) -> tuple[float, float, int]:
-    """(seconds to decode every frame of every file, seconds of video, frames)."""
-    seconds, video, total = 0.0, 0.0, 0
+def decode_floor(files: list[Path]) -> tuple[float, dict[Path, float], int]:
+    """(seconds to decode every frame of every file, seconds of video per file, frames)."""
+    seconds, video, total = 0.0, {}, 0
     for path in files:
         t0 = time.perf_counter()
         with av.open(str(path)) as c:
@@ -96,15 +96,9 @@ def decode_floor(files: list[Path]) -> tuple[float, float, int]:
             stream.thread_type = "AUTO"
             frames = sum(1 for _ in c.decode(stream))
         seconds += time.perf_counter() - t0
-        video += frames / float(stream.average_rate)
+        video[path] = frames / float(stream.average_rate)
         total += frames
     return seconds, video, total
-
-
-def seconds_of(path: Path) -> float:
-    with av.open(str(path)) as c:
-        stream = c.streams.video[0]
-        return float(stream.duration * stream.time_base) if stream.duration else c.duration / av.time_base
 
 
 def transnet_bound(frames: int, cores: int) -> str:
@@ -114,20 +108,15 @@ def transnet_bound(frames: int, cores: int) -> str:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from curation.transnet import SIZE, STEP, WINDOW, _convolve_with_onednn, load_model
+    from curation.transnet import SIZE, STEP, WINDOW, load_model, pytorch_convolutions
 
     torch.set_num_threads(1)
     model = load_model()
     window = torch.randint(0, 255, (1, WINDOW, SIZE[1], SIZE[0], 3), dtype=torch.uint8)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     with torch.inference_mode():
-        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d) and "forward" in vars(m)]
-        for conv in convs:  # counted as aten.convolution (FlopCounterMode does not know oneDNN's op)
-            del conv.forward
-        with FlopCounterMode(display=False) as counter:
+        with pytorch_convolutions(model), FlopCounterMode(display=False) as counter:
             model.predict_raw(window)
-        if convs:
-            _convolve_with_onednn(model)  # as load_model leaves it
         model.predict_raw(window)
         t0 = time.perf_counter()
         for _ in range(3):
@@ -251,7 +240,8 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="curation_vs_decode-"))
     files = remux_copies(make_set(work / "media", args.hd_seconds), args.copies)
-    floor, video, frames = decode_floor(files)
+    floor, seconds, frames = decode_floor(files)
+    video = sum(seconds.values())
     cores = os.cpu_count() or 1
     print(f"{len(files)} files, {video / 60:.2f} min of video, {frames} frames, {cores} cores")
     print(f"{'run':<22} {'wall s':>8} {'x floor':>8} {'video-h/wall-h':>15}")
@@ -265,12 +255,12 @@ def main() -> None:
     # The fixed cost of a run (Ray's start, cold workers and models, the report, the shutdown): the
     # set's shortest file alone (well under a second of work of its own). The caption-off run's wall
     # less this, over the yardstick, is the orchestration overhead on the work itself.
-    shortest = min(files, key=seconds_of)
+    shortest = min(files, key=seconds.get)
     (work / "one").mkdir(exist_ok=True)
     shutil.copyfile(shortest, work / "one" / shortest.name)
     fixed, _ = curate(work / "one", work / "out_one", False, work / "log_one.txt", [])
     print(f"{'curate, 1 short source':<22} {fixed:>8.1f}   (the fixed cost of a run: {shortest.name} alone, "
-          f"{seconds_of(shortest):.1f} s of video)")
+          f"{seconds[shortest]:.1f} s of video)")
     runs = [(False, [])] + ([] if args.no_caption else [(True, [])]) + [(False, ["extract.copy_only=true"]),
                                                                          (False, ["analyze.detector=content"])]
     for n, (caption, extra) in enumerate(runs):

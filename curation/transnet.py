@@ -104,6 +104,22 @@ def _convolve_with_onednn(model) -> None:
             conv.forward = functools.partial(_onednn_conv3d, conv)
 
 
+@contextmanager
+def pytorch_convolutions(model):
+    """Within the block, `model`'s convs run as PyTorch chooses (nn.Conv3d's own forward), as the
+    package ships them: for comparisons and FLOP counts (FlopCounterMode does not know oneDNN's op)."""
+    import torch
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d) and "forward" in vars(m)]
+    for conv in convs:
+        del conv.forward
+    try:
+        yield model
+    finally:
+        if convs:
+            _convolve_with_onednn(model)
+
+
 def _onednn_conv3d(conv, x):
     import torch
 

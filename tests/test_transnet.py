@@ -193,10 +193,9 @@ def test_every_convolution_runs_on_onednn_with_the_same_probabilities(multishot,
     its slow im2col path (slow_conv3d); the loaded model runs them all on oneDNN, and its probabilities
     on real frames stay within 1e-6 of PyTorch's own choice of kernels."""
     import av
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from curation.transnet import WINDOW, _convolve_with_onednn, infer, load_model
+    from curation.transnet import WINDOW, infer, load_model, pytorch_convolutions
 
     with av.open(str(multishot.path)) as c:
         frames = [f.reformat(width=48, height=27, format="rgb24").to_ndarray() for f in c.decode(video=0)]
@@ -206,15 +205,9 @@ def test_every_convolution_runs_on_onednn_with_the_same_probabilities(multishot,
         ours = infer(model, window)
     ops = {e.key for e in prof.key_averages()}
     assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops, sorted(ops)
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
-    for conv in convs:
-        del conv.forward  # back to nn.Conv3d's own forward
-    try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            theirs = infer(model, window)
-        assert "aten::slow_conv3d_forward" in {e.key for e in prof.key_averages()}  # what the patch avoids
-    finally:
-        _convolve_with_onednn(model)  # the cached model as load_model left it
+    with pytorch_convolutions(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        theirs = infer(model, window)
+    assert "aten::slow_conv3d_forward" in {e.key for e in prof.key_averages()}  # what the patch avoids
     for a, b in zip(ours, theirs):
         assert np.abs(a - b).max() < 1e-6 and a.max() > 0.5  # the window holds a cut: a real signal
 
