@@ -7,6 +7,8 @@ runs offline on a CPU; see ../../shared/ENVIRONMENT.md for why each variable is 
 from __future__ import annotations
 
 import os
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,34 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------
+# Curation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CleanCuration:
+    inputs: list[str]  # the sources, each passed as an --input
+    out: Path  # the output folder
+    result: subprocess.CompletedProcess  # the command's exit code, stdout and stderr
+
+
+@pytest.fixture(scope="session")
+def clean_curation(tmp_path_factory) -> CleanCuration:
+    """One uninterrupted `spacetime curate` (helpers.curate_cmd) of 7 small sources (helpers.make_media)
+    into a local folder, on its own embedded Ray, with a progress line every 3 s. Every interrupted,
+    resumed, faulted or s3:// run of the same inputs must equal it byte for byte
+    (test_curate_resume, test_curate_s3, test_multinode); it is made once for all of them."""
+    from tests.helpers import curate_cmd, make_media, run
+
+    folder = tmp_path_factory.mktemp("clean_curation")
+    inputs = make_media(folder / "media")
+    out = folder / "clean"
+    result = run(curate_cmd(inputs, out, "--set", "progress.log_every_s=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return CleanCuration(inputs, out, result)
 
 
 # --------------------------------------------------------------------------------------------------

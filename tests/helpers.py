@@ -1,6 +1,9 @@
-"""Shared test helpers (paths, free ports, process handling)."""
+"""Shared test helpers (paths, free ports, process handling, the curation runs several tests compare)."""
 
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,3 +26,52 @@ def start_local_ray():
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
     return ray
+
+
+# --------------------------------------------------------------------------------------------------
+# Curation runs that must give the same bytes (conftest's clean_curation, and every run compared to it)
+# --------------------------------------------------------------------------------------------------
+
+# No caption stage: a VLM's sampled tokens may change with how requests are batched (engines are not
+# batch-invariant), so caption text is not part of the byte-identity claim. A unit every 2 sources, so
+# units are written while sources are in flight. The model actor holds half a CPU, so on a cluster it
+# runs on a worker node (tiny.yaml's 0 would let it land on a CPU-less head).
+CURATE_OVERRIDES = ("caption=null", "write.unit_sources=2", "filters.aesthetic.resources.num_cpus=0.5")
+
+
+def curate_cmd(inputs, out, *extra) -> list[str]:
+    """`spacetime curate` with tiny.yaml and CURATE_OVERRIDES; `extra` are more CLI arguments."""
+    cmd = [sys.executable, "-m", "spacetime", "curate", "--config", str(CONFIGS / "curate/tiny.yaml"),
+           "--output", str(out), *(a for o in CURATE_OVERRIDES for a in ("--set", o)), *extra]
+    for i in inputs:
+        cmd += ["--input", str(i)]
+    return cmd
+
+
+def run(cmd) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def make_good_media(folder: Path) -> dict:
+    """Synthetic sources with known shots (returned: name -> truth), a still image and real footage."""
+    from spacetime.standins import testmedia as tm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = {
+        "multishot.mp4": tm.make_multishot(folder / "multishot.mp4"),
+        "portrait.mp4": tm.make_portrait_rotated(folder / "portrait.mp4", num_frames=40),
+        "square.mp4": tm.make_square(folder / "square.mp4", num_frames=40),
+        "still.png": tm.make_image(folder / "still.png"),
+    }
+    shutil.copyfile(tm.real_footage("bikes.mp4"), folder / "bikes.mp4")
+    return truth
+
+
+def make_media(folder: Path) -> list[str]:
+    """7 small sources (4 work units of 2): synthetic and real footage, one still image."""
+    from spacetime.standins import testmedia as tm
+
+    make_good_media(folder)
+    shutil.copyfile(tm.real_footage("carphone_pristine.mp4"), folder / "carphone_pristine.mp4")
+    tm.make_multishot(folder / "multishot2.mp4", fps=30)
+    return sorted(str(p) for p in folder.iterdir())

@@ -19,6 +19,7 @@ from spacetime.standins import testmedia as tm
 from spacetime.config import load_config
 from curation.pipeline import run_curation
 from curation.settings import CurateConfig
+from tests.helpers import make_good_media
 
 HARD_CUT_TOLERANCE = 1  # frames
 DISSOLVE_TOLERANCE = 2  # frames, on each end of the transition
@@ -28,18 +29,6 @@ def tiny_config(**overrides):
     from tests.helpers import CONFIGS
 
     return load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", [f"{k}={v}" for k, v in overrides.items()])
-
-
-def make_good_media(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    truth = {
-        "multishot.mp4": tm.make_multishot(folder / "multishot.mp4"),
-        "portrait.mp4": tm.make_portrait_rotated(folder / "portrait.mp4", num_frames=40),
-        "square.mp4": tm.make_square(folder / "square.mp4", num_frames=40),
-        "still.png": tm.make_image(folder / "still.png"),
-    }
-    shutil.copyfile(tm.real_footage("bikes.mp4"), folder / "bikes.mp4")
-    return truth
 
 
 @pytest.fixture(scope="module")

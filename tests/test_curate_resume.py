@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pyarrow.parquet as pq
@@ -17,46 +16,23 @@ import webdataset as wds
 from curation.sources import source_key
 from spacetime import contract
 from spacetime.standins import testmedia as tm
-from tests.helpers import CONFIGS, ROOT
-from tests.test_curate import make_good_media
-
-
-def curate_cmd(inputs, out, *extra):
-    # Without the caption stage: a VLM's sampled tokens may change with how requests are batched
-    # (engines are not batch-invariant), so caption text is not part of the byte-identity claim.
-    cmd = [sys.executable, "-m", "spacetime", "curate", "--config", str(CONFIGS / "curate/tiny.yaml"),
-           "--output", str(out), "--set", "caption=null", "--set", "write.unit_sources=2", *extra]
-    for i in inputs:
-        cmd += ["--input", str(i)]
-    return cmd
-
-
-def run(cmd):
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+from tests.helpers import ROOT, curate_cmd, run
 
 
 def files_under(out):
     return sorted(p.relative_to(out) for p in (out / contract.SHARDS_DIR).rglob("*.tar"))
 
 
-def test_kill_and_resume_gives_identical_shards(tmp_path):
-    media = tmp_path / "media"
-    make_good_media(media)
-    for name in ("bigbuckbunny.mp4", "carphone_pristine.mp4"):
-        (media / name).write_bytes(tm.real_footage(name).read_bytes())
-    tm.make_multishot(media / "multishot2.mp4", fps=30)
-
-    clean = tmp_path / "clean"
-    done = run(curate_cmd([media], clean, "--set", "progress.log_every_s=3"))
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_kill_and_resume_gives_identical_shards(clean_curation, tmp_path):
+    media, clean, done = clean_curation.inputs, clean_curation.out, clean_curation.result
     # off a terminal, a progress line every 3 s from the start (a timer: sources finish in bursts here)
-    beats = [line for line in done.stderr.splitlines() if "/8 sources; clips kept" in line]
+    beats = [line for line in done.stderr.splitlines() if f"/{len(media)} sources; clips kept" in line]
     assert len(beats) >= 3 and "ETA" in beats[-1], done.stderr[-3000:]
     # the console holds our lines only; Ray's own (its loggers, warnings, the C++ core worker) are in the log
     ray_log = (clean / contract.LOGS_DIR / "ray.log").read_text()
     assert "Started a local Ray instance" in ray_log
     assert not [line for line in done.stderr.splitlines() if " -- " in line or ".cc:" in line], done.stderr[-3000:]
-    assert "published version 1" in done.stderr and done.stdout.startswith("curated 8/8 sources")
+    assert "published version 1" in done.stderr and done.stdout.startswith(f"curated {len(media)}/{len(media)} sources")
     # the report, drawn while the command shuts its Ray down, is whole (Ray aborted the process if
     # the drawing thread's garbage collection freed Ray objects during the shutdown)
     assert (clean / contract.REPORT_DIR / "plots" / "stages.svg").exists()
@@ -70,14 +46,14 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     assert max(units.values()) <= (clean / contract.INDEX_PATH).stat().st_mtime
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(curate_cmd([media], killed), cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(curate_cmd(media, killed), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     records = killed / contract.WORK_DIR / "done"
     deadline = time.time() + 300
     # one writer per output: a second run while the first lives is refused, naming the holder
     while time.time() < deadline and not (killed / contract.WORK_DIR / "lease.json").exists():
         time.sleep(0.02)
-    second = run(curate_cmd([media], killed))
+    second = run(curate_cmd(media, killed))
     assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr, second.stderr[-3000:]
     assert "Traceback" not in second.stderr and proc.poll() is None
     while time.time() < deadline and not (records.exists() and any(records.glob("*.json"))):
@@ -90,9 +66,9 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     # (not a hidden temp record: a kill can land mid-write, and the rerun ignores it as it should)
     finished_before_kill = len([p for p in records.glob("*.json") if not p.name.startswith(".")])
     assert not (killed / contract.SUMMARY_PATH).exists(), "the run finished before it could be killed"
-    assert 1 <= finished_before_kill <= len(list(media.iterdir()))
+    assert 1 <= finished_before_kill <= len(media)
 
-    resumed = run(curate_cmd([media], killed))
+    resumed = run(curate_cmd(media, killed))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{finished_before_kill} already done" in resumed.stderr
 
@@ -105,9 +81,9 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     assert len(ids) == len(set(ids))  # nothing duplicated
 
     # rerunning a finished output is a no-op; another config on it is refused with a clear message
-    again = run(curate_cmd([media], killed))
-    assert again.returncode == 0 and f"{len(list(media.iterdir()))} already done" in again.stderr
-    other = run(curate_cmd([media], killed, "--set", "split.max_duration=4"))
+    again = run(curate_cmd(media, killed))
+    assert again.returncode == 0 and f"{len(media)} already done" in again.stderr
+    other = run(curate_cmd(media, killed, "--set", "split.max_duration=4"))
     assert other.returncode == 2 and "different config" in other.stderr
 
 

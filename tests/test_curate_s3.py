@@ -53,11 +53,11 @@ def s3_objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_curate_to_s3_output_matches_a_local_one_and_grows(s3_server, tmp_path):
+def test_curate_to_s3_output_matches_a_local_one_and_grows(s3_server, clean_curation, tmp_path):
     """--output s3://: the workers write shards, staged clips and metadata straight to the bucket (no
     shared folder). A run SIGKILLed mid-way and rerun gives objects byte-identical to a local output
-    of the same inputs, no temporary object is left, the reader reads it back, and a grown input list
-    publishes version 2 there."""
+    of the same inputs (conftest's clean_curation), no temporary object is left, the reader reads it
+    back, and a grown input list publishes version 2 there."""
     import io
     import json
     import os
@@ -71,23 +71,18 @@ def test_curate_to_s3_output_matches_a_local_one_and_grows(s3_server, tmp_path):
     import boto3
 
     from spacetime.config import S3Config
-    from tests.test_curate_resume import curate_cmd, run
+    from tests.helpers import curate_cmd, run
 
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket="curated")
-    first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir()
+    first, local = clean_curation.inputs, clean_curation.out
+    second = tmp_path / "second"
     second.mkdir()
-    for name in ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"):
-        shutil.copyfile(tm.real_footage(name), first / name)
-    tm.make_square(first / "square.mp4", num_frames=40)
-    tm.make_multishot(second / "multishot.mp4")
-    shutil.copyfile(first / "bikes.mp4", second / "bikes_again.mp4")
+    tm.make_moving(second / "moving.mp4", seed=11)  # new content
+    shutil.copyfile(tm.real_footage("bikes.mp4"), second / "bikes_again.mp4")  # a copy of a first source
     endpoint = ["--set", f"sources.s3.endpoint={s3_server}"]
 
-    local = tmp_path / "local"
-    assert run(curate_cmd([first], local)).returncode == 0
-    killed = subprocess.Popen(curate_cmd([first], "s3://curated/runs/ds", *endpoint), cwd=ROOT,
+    killed = subprocess.Popen(curate_cmd(first, "s3://curated/runs/ds", *endpoint), cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not client.list_objects_v2(Bucket="curated", Prefix="runs/ds/.work/done/").get("KeyCount"):
@@ -95,9 +90,9 @@ def test_curate_to_s3_output_matches_a_local_one_and_grows(s3_server, tmp_path):
     os.killpg(killed.pid, signal.SIGKILL)  # the driver and its Ray processes, after the first completed source
     killed.wait()
     assert "summary.json" not in s3_objects(client, "curated", "runs/ds"), "the run finished before the kill"
-    done = run(curate_cmd([first], "s3://curated/runs/ds", *endpoint))
+    done = run(curate_cmd(first, "s3://curated/runs/ds", *endpoint))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert re.search(r"sources, [1-4] already done", done.stderr), done.stderr[-3000:]  # resumed, not redone
+    assert re.search(rf"sources, [1-{len(first) - 1}] already done", done.stderr), done.stderr[-3000:]  # resumed, not redone
     assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir()) and not (ROOT / "s3:").exists()
 
     objects = s3_objects(client, "curated", "runs/ds")
@@ -123,9 +118,9 @@ def test_curate_to_s3_output_matches_a_local_one_and_grows(s3_server, tmp_path):
     assert sorted(read) == sorted(r["key"] for r in index)
 
     # incremental: the grown bucket adds version 2; version 1's shard objects are untouched
-    grown = run(curate_cmd([first, second], "s3://curated/runs/ds", *endpoint))
+    grown = run(curate_cmd([*first, second], "s3://curated/runs/ds", *endpoint))
     assert grown.returncode == 0, grown.stderr[-3000:]
-    assert "4 already done, 2 to process" in grown.stderr and "published version 2" in grown.stderr
+    assert f"{len(first)} already done, 2 to process" in grown.stderr and "published version 2" in grown.stderr
     after = s3_objects(client, "curated", "runs/ds")
     assert all(after[k] == objects[k] for k in shards)
     assert json.loads(after[contract.LATEST_PATH])["version"] == 2

@@ -9,8 +9,8 @@ are in flight), the worker node holding it is removed, with whatever tasks run t
 (Ray Data restarts the lost actor elsewhere and retries the lost tasks and calls; lost blocks are
 rebuilt from lineage: what happens with Ray 2.60) or fails; then a fresh worker node joins and a rerun on the same output must
 finish. Either way the output must equal that of an uninterrupted run on a plain local Ray into a
-local folder (made once for both output locations): the same shards byte for byte, the same index,
-manifests and counts, no key twice, every source once.
+local folder (conftest's clean_curation, made once for this and other tests): the same shards byte
+for byte, the same index, manifests and counts, no key twice, every source once.
 
 The output location is one parameter (`output` fixture): a local folder, or an s3:// prefix on
 conftest's S3 server (workers write straight to the bucket).
@@ -38,9 +38,7 @@ from curation.pipeline import run_curation
 from curation.settings import CurateConfig
 from spacetime import contract
 from spacetime.config import load_config
-from spacetime.standins import testmedia as tm
-from tests.helpers import CONFIGS, start_local_ray
-from tests.test_curate import make_good_media
+from tests.helpers import CONFIGS, CURATE_OVERRIDES, start_local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -200,37 +198,20 @@ def assert_exactly_once(out, snap: dict, inputs: list[str]) -> None:
     assert set(members) == set(keys) and set(members.values()) == {1}
 
 
-def make_media(folder: Path) -> list[str]:
-    """7 small sources (4 work units of 2): synthetic and real footage, one still image."""
-    make_good_media(folder)
-    shutil.copyfile(tm.real_footage("carphone_pristine.mp4"), folder / "carphone_pristine.mp4")
-    tm.make_multishot(folder / "multishot2.mp4", fps=30)
-    return sorted(str(p) for p in folder.iterdir())
-
-
-# ------------------------------------------------------------------------------------ the test
 def curate_config(*overrides: str) -> CurateConfig:
-    """No caption stage (caption text is not batch-invariant: see test_curate_resume); a unit every 2
-    sources, so units are written while sources are in flight. The model actor holds half a CPU, so it
-    runs on a worker node (tiny.yaml's 0 would let it land on the CPU-less head). A fresh one per run."""
-    return load_config(CurateConfig, CONFIGS / "curate/tiny.yaml",
-                       ["caption=null", "write.unit_sources=2", "filters.aesthetic.resources.num_cpus=0.5",
-                        *overrides])
+    """The config of conftest's clean_curation (tiny.yaml + helpers.CURATE_OVERRIDES), a fresh one per run."""
+    return load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", [*CURATE_OVERRIDES, *overrides])
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """(inputs, snapshot) of one uninterrupted run on a plain local Ray into a local folder: what every
-    faulted run must equal, whatever its output location (an s3:// output holds the same bytes as a
-    local one: tests/test_curate_s3.py)."""
-    folder = tmp_path_factory.mktemp("multinode")
-    inputs = make_media(folder / "media")
-    start_local_ray()  # the one the session has, if any
-    clean = LocalOutput(folder / "clean")
-    run_curation(inputs, clean.uri, curate_config())
+def reference(clean_curation):
+    """(inputs, snapshot) of one uninterrupted run on a plain local Ray into a local folder (conftest's
+    clean_curation: the CLI): what every faulted run must equal, whatever its output location (an
+    s3:// output holds the same bytes as a local one: tests/test_curate_s3.py)."""
+    clean = LocalOutput(clean_curation.out)
     snap = snapshot(clean)
-    assert_exactly_once(clean, snap, inputs)
-    return inputs, snap
+    assert_exactly_once(clean, snap, clean_curation.inputs)
+    return clean_curation.inputs, snap
 
 
 def test_curation_survives_a_worker_node_dying(reference, output):
