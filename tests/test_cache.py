@@ -233,3 +233,64 @@ def test_training_from_the_cache_resumes_exactly(straight, env, tmp_path):
     assert latest_checkpoint(parts).name == "step-00000004"
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------ no host syncs
+# Ops whose result the host must wait for on a GPU: a Python scalar (`.item()`, `float(t)`, `bool(t)`,
+# `if t:`) or an output whose size depends on the values (boolean indexing, nonzero, unique, ...).
+HOST_SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "masked_scatter",
+                 "unique", "_unique", "_unique2", "unique_consecutive", "repeat_interleave"}
+
+
+class HostSyncProbe:
+    """A dispatch mode recording every op in HOST_SYNC_OPS (and indexing by a boolean mask), with where it
+    was called from. On a CPU nothing waits, but these are the calls that would make a GPU step wait."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        found = self.found = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.__name__.split(".")[0]
+                masked = name.startswith("index") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                    for a in args if isinstance(a, (list, tuple)) for i in a)
+                if name in HOST_SYNC_OPS or masked:
+                    import traceback
+
+                    found.append(f"{func.__name__}:\n{''.join(traceback.format_stack(limit=8)[:-1])}")
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+def test_a_step_from_the_cache_waits_for_nothing_on_the_device(straight, tiny_models, tmp_path, monkeypatch,
+                                                               torch_one_thread):
+    """A DiT step from the cache (loss, backward, clipping, fused AdamW, EMA, the metrics window) has
+    no host sync: nothing in it needs a value from the device before the next log step. (From raw
+    shards the text encoder runs in the step, and transformers' T5 checks its padding mask on the host.)"""
+    monkeypatch.setenv("SPACETIME_TINY_MODELS", tiny_models["root"])
+    import training.train as train
+    from training.metrics import Window
+
+    probe = HostSyncProbe()
+    with probe.mode:  # the probe sees a planted sync: it is not blind
+        torch.ones(3).sum().item()
+        torch.arange(4)[torch.arange(4) > 1]
+    assert len(probe.found) == 2 and probe.found[0].startswith("_local_scalar_dense"), probe.found
+    probe.found.clear()
+
+    def probed(method):
+        def wrapper(*args, **kwargs):
+            with probe.mode:
+                return method(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(train._Trainer, "step", probed(train._Trainer.step))
+    monkeypatch.setattr(Window, "add", probed(Window.add))
+    cfg = load_config(TrainConfig, TINY, ["optim.fused=true", "vae.sample_posterior=true", "loader.caption_dropout=0.3",
+                                          "log.progress=false", "log.every=100", "checkpoint.every=100"])
+    assert train.run_train("dit", cfg, straight, tmp_path / "run", 3)["step"] == 3
+    assert not probe.found, "\n".join(probe.found[:3])
