@@ -135,8 +135,8 @@ def make_dataset(root: Path, n: int, per_shard: int = 3) -> list[str]:
 
 # ------------------------------------------------------------------------------- vLLM server
 class VllmServer:
-    """`python -m vllm.entrypoints.openai.api_server` serving the tiny VLM as "tiny-vlm", in its
-    own process group (killed as a whole)."""
+    """`python -m vllm.entrypoints.openai.api_server` serving the tiny VLM as "tiny-vlm" (one image or
+    one video per prompt), in its own process group (killed as a whole)."""
 
     def __init__(self, model: str, log_path: Path):
         self.model, self.log_path = model, log_path
@@ -150,7 +150,7 @@ class VllmServer:
             "--model", self.model, "--served-model-name", "tiny-vlm",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--enforce-eager", "--max-model-len", "4096", "--kv-cache-memory-bytes", str(64 << 20),
-            "--limit-mm-per-prompt", json.dumps({"image": 0, "video": 1}),
+            "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 1}),
             # what captioner.engines.VllmEngine sets for the offline engine
             "--structured-outputs-config", json.dumps({"backend": "guidance", "disable_any_whitespace": True}),
             "--trust-request-mm-kwargs",  # per-request video metadata (media_io_kwargs)

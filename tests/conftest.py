@@ -134,6 +134,29 @@ def clean_curation(tmp_path_factory) -> CleanCuration:
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def vllm_server(tiny_models, tmp_path_factory):
+    """vLLM's OpenAI-compatible server with the tiny VLM on 127.0.0.1 (tests.caption_support.VllmServer),
+    one for the session: the engine smoke test and the `openai` caption engine's tests use it (the
+    outage test kills it and starts it again). At the end its process group is killed, and none of
+    its processes (the engine core included) may outlive it."""
+    import signal
+
+    import psutil
+
+    from tests.caption_support import VllmServer
+    from tests.helpers import pids_alive
+
+    server = VllmServer(tiny_models["vlm"]["path"], tmp_path_factory.mktemp("vllm") / "server.log").start()
+    yield server
+    children = [p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)] if server.proc else []
+    server.kill()
+    survivors = pids_alive(children)
+    for pid in survivors:  # our own engine processes, if any escaped the group kill
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"vLLM server processes {survivors} outlived the server"
+
+
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     """A real S3-compatible server process (moto's server mode) on 127.0.0.1; yields its endpoint."""

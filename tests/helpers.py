@@ -16,6 +16,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pids_alive(pids: list[int], wait_s: float = 15.0) -> list[int]:
+    """Those of `pids` still running after up to `wait_s` (a SIGKILLed process can take a moment
+    to be torn down on a loaded machine; zombies count as gone)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
 def start_local_ray():
     """An embedded Ray sized for a 2-core CI machine (small object store, no dashboard)."""
     import ray

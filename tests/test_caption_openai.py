@@ -1,5 +1,5 @@
 """The `openai` engine against real HTTP servers on 127.0.0.1: vLLM's OpenAI-compatible server with
-the tiny random VLM (one per module; killed and restarted by the outage test), and a tiny HTTP server
+the tiny random VLM (the session's, conftest's vllm_server; the outage test kills and restarts it), and a tiny HTTP server
 in this process that answers chosen garbage (invalid JSON, another clip's id, truncation, loops, 503).
 """
 
@@ -18,7 +18,7 @@ from spacetime.contract import read_shard
 from curation.caption import Caption
 from spacetime import contract
 from curation.pipeline import unpack
-from tests.caption_support import VllmServer, caption_config, clips, make_dataset, stage_rows
+from tests.caption_support import caption_config, clips, make_dataset, stage_rows
 from tests.helpers import free_port
 
 
@@ -29,17 +29,10 @@ def openai_config(model: str, base_url: str, **openai):
 
 
 # ------------------------------------------------------------------------------- vLLM server
-@pytest.fixture(scope="module")
-def server(tiny_models, tmp_path_factory):
-    server = VllmServer(tiny_models["vlm"]["path"], tmp_path_factory.mktemp("vllm") / "server.log").start()
-    yield server
-    server.kill()
-
-
 @pytest.mark.slow
-def test_openai_engine_captions_clips_through_the_stage(server, tiny_models, tmp_path):
+def test_openai_engine_captions_clips_through_the_stage(vllm_server, tiny_models, tmp_path):
     model = tiny_models["vlm"]["path"]
-    cfg = openai_config(model, server.base_url)
+    cfg = openai_config(model, vllm_server.base_url)
     rows = [unpack(r) for r in stage_rows(clips(4))]
     with Captioner(cfg) as captioner:
         Caption(cfg, captioner=captioner).process(rows)
@@ -56,8 +49,8 @@ def test_openai_engine_captions_clips_through_the_stage(server, tiny_models, tmp
 
 
 @pytest.mark.slow
-def test_server_killed_mid_run_then_a_rerun_fills_exactly_the_missing_captions(server, tiny_models, tmp_path):
-    model = tiny_models["vlm"]["path"]
+def test_server_killed_mid_run_then_a_rerun_fills_exactly_the_missing_captions(vllm_server, tiny_models, tmp_path):
+    server, model = vllm_server, tiny_models["vlm"]["path"]
     cfg = openai_config(model, server.base_url)
     dataset, out = tmp_path / "dataset", tmp_path / "out"
     clip_ids = make_dataset(dataset, 8, per_shard=4)

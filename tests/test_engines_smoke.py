@@ -1,6 +1,7 @@
 """vLLM (CPU build) serves the tiny random Qwen2.5-VL: the offline engine on a video and the
-OpenAI-compatible server on an image. Each engine runs in its own process group, which is torn down
-(and checked to be gone) after the test."""
+OpenAI-compatible server on an image (conftest's vllm_server, the session's). Each engine runs in its
+own process group, which is torn down (and checked to be gone) after the test, or for the server at
+the session's end."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers import pids_alive
 
 pytestmark = pytest.mark.slow
 
@@ -82,25 +84,6 @@ def main():
 if __name__ == "__main__":
     main()
 '''
-
-
-def _pids_alive(pids: list[int], wait_s: float = 15.0) -> list[int]:
-    """Those of `pids` still running after up to `wait_s` (a SIGKILLed process can take a moment
-    to be torn down on a loaded machine; zombies count as gone)."""
-    import psutil
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.2)
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
@@ -167,20 +150,14 @@ def test_vllm_offline_generates_from_video(tiny_models, synthetic_video, tmp_pat
 
     # no process the engine started outlives the run
     deadline = time.monotonic() + 15
-    while _pids_alive(result["engine_pids"]) and time.monotonic() < deadline:
+    while pids_alive(result["engine_pids"]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _pids_alive(result["engine_pids"])
+    assert not pids_alive(result["engine_pids"])
 
 
 # --------------------------------------------------------------------------------------------------
 # OpenAI-compatible server
 # --------------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 5.0) -> bytes:
@@ -196,53 +173,6 @@ def _post_json(url: str, body: dict, timeout: float = 60.0) -> dict:
         return json.loads(response.read())
 
 
-@pytest.fixture
-def vllm_server(tiny_models, tmp_path):
-    """`python -m vllm.entrypoints.openai.api_server` on a free local port, serving the tiny VLM as
-    "tiny-vlm". Yields (base_url, log_path); the whole process group is killed afterwards."""
-    import psutil
-
-    port = _free_port()
-    log_path = tmp_path / "vllm_server.log"
-    log = open(log_path, "w")
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", tiny_models["vlm"]["path"],
-        "--served-model-name", "tiny-vlm",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--enforce-eager",
-        "--max-model-len", "1024",
-        "--kv-cache-memory-bytes", str(64 << 20),
-        "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    children: list[int] = []
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM server exited with {proc.returncode}:\n{log_path.read_text()[-6000:]}")
-            try:
-                _get(f"{base}/health", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM server not healthy after {START_TIMEOUT_S} s:\n{log_path.read_text()[-6000:]}")
-            time.sleep(0.5)
-        children = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-        yield base, log_path, children
-    finally:
-        _kill_group(proc)
-        log.close()
-    survivors = _pids_alive(children)
-    for pid in survivors:  # our own engine processes, if any escaped the group kill
-        os.kill(pid, signal.SIGKILL)
-    assert not survivors, f"vLLM server processes {survivors} outlived the server"
-
-
 def _png_data_url(image: np.ndarray) -> str:
     from PIL import Image
 
@@ -252,9 +182,12 @@ def _png_data_url(image: np.ndarray) -> str:
 
 
 def test_openai_server_chat_completion_with_image(vllm_server, tiny_models):
+    """conftest's vllm_server (the session's; at its end no process of it may outlive it)."""
+    import psutil
     from transformers import AutoProcessor
 
-    base, _, engine_pids = vllm_server
+    base = f"http://127.0.0.1:{vllm_server.port}"
+    engine_pids = [p.pid for p in psutil.Process(vllm_server.proc.pid).children(recursive=True)]
     models = json.loads(_get(f"{base}/v1/models"))
     assert [m["id"] for m in models["data"]] == ["tiny-vlm"]
 
