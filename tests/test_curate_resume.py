@@ -87,29 +87,29 @@ def test_kill_and_resume_gives_identical_shards(clean_curation, tmp_path):
     assert other.returncode == 2 and "different config" in other.stderr
 
 
-def test_a_grown_input_list_publishes_a_new_version_and_leaves_old_shards_alone(tmp_path):
+def test_a_grown_input_list_publishes_a_new_version_and_leaves_old_shards_alone(clean_curation, tmp_path):
     """Incremental ingest: rerunning with more inputs processes only the new sources, publishes
     version 2 (pointer written after its files, stable paths replaced), never rewrites version 1's
     shards, a new copy of a version-1 source is a duplicate of it, and the clips of a smaller
-    re-encode of it are near-duplicates of version 1's clips (the index spans versions)."""
-    first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir()
+    re-encode of it are near-duplicates of version 1's clips (the index spans versions).
+    Version 1 is a copy of conftest's clean_curation (an output holds no path of its own)."""
+    first = clean_curation.inputs
+    bikes = next(i for i in first if i.endswith("/bikes.mp4"))
+    second = tmp_path / "second"
     second.mkdir()
-    shutil.copyfile(tm.real_footage("bikes.mp4"), first / "bikes.mp4")
-    tm.make_square(first / "square.mp4", num_frames=40)
-    tm.make_multishot(second / "multishot.mp4")
-    shutil.copyfile(first / "bikes.mp4", second / "bikes_again.mp4")
-    tm.transcode(first / "bikes.mp4", second / "bikes_small.mp4", codec="libx264", pix_fmt="yuv420p",
+    tm.make_moving(second / "moving.mp4", seed=11)  # new content
+    shutil.copyfile(bikes, second / "bikes_again.mp4")
+    tm.transcode(bikes, second / "bikes_small.mp4", codec="libx264", pix_fmt="yuv420p",
                  size=(320, 136), options={"crf": "30"})
     out = tmp_path / "out"
-    assert run(curate_cmd([first], out)).returncode == 0
+    shutil.copytree(clean_curation.out, out)
     v1_shards = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / contract.SHARDS_DIR).rglob("*.tar")}
     v1_index = pq.read_table(out / contract.INDEX_PATH)
     assert v1_shards and json.loads((out / contract.LATEST_PATH).read_text())["version"] == 1
 
-    grown = run(curate_cmd([first, second], out))
+    grown = run(curate_cmd([*first, second], out))
     assert grown.returncode == 0, grown.stderr[-3000:]
-    assert "2 already done, 3 to process" in grown.stderr and "published version 2" in grown.stderr
+    assert f"{len(first)} already done, 3 to process" in grown.stderr and "published version 2" in grown.stderr
     for path, (data, mtime) in v1_shards.items():
         assert path.read_bytes() == data and path.stat().st_mtime_ns == mtime, path
     index = pq.read_table(out / contract.INDEX_PATH)
@@ -122,7 +122,7 @@ def test_a_grown_input_list_publishes_a_new_version_and_leaves_old_shards_alone(
     record = json.loads((out / contract.WORK_DIR / "done" / f"{source_key(sources['bikes_again.mp4']['uri'])}.json").read_text())
     assert "probe" in record["timings"] and "analyze" not in record["timings"] and record["clips"] == []
     clips = pq.read_table(out / contract.CLIPS_MANIFEST).to_pylist()
-    v1_kept = {c["clip_id"]: c for c in clips if c["source_uri"].endswith("/first/bikes.mp4") and c["status"] == "kept"}
+    v1_kept = {c["clip_id"]: c for c in clips if c["source_uri"] == bikes and c["status"] == "kept"}
     small = [c for c in clips if c["source_uri"].endswith("/bikes_small.mp4") and not c["reason"].startswith("too_short")]
     assert len(small) == len(v1_kept) == 5
     for c in small:  # each shot's copy names the version-1 clip of the same shot
@@ -137,6 +137,6 @@ def test_a_grown_input_list_publishes_a_new_version_and_leaves_old_shards_alone(
     assert sorted(s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)) == sorted(keys)
 
     # the first inputs alone: nothing new, the dataset keeps every source so far
-    again = run(curate_cmd([first], out))
+    again = run(curate_cmd(first, out))
     assert again.returncode == 0 and "stays at version 2" in again.stderr, again.stderr[-3000:]
     assert pq.read_table(out / contract.INDEX_PATH).equals(index)
