@@ -68,10 +68,22 @@ def test_long_shots_are_flushed_in_windows_without_losing_a_cut(tmp_path, torch_
     assert [a for a, _ in windows] == [0] + [b for _, b in windows[:-1]]  # contiguous: no frame lost
 
 
+@pytest.fixture(scope="module")
+def learned(multishot):
+    """TransNetV2's cuts of `multishot` on its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _cuts(multishot.path, detector="transnetv2")[0]
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("combine", ["union", "agree", "learned_plus_dissolves"])
-def test_combined_mode_merges_both_detectors(multishot, combine, torch_one_thread):
+def test_combined_mode_merges_both_detectors(multishot, learned, combine, torch_one_thread):
     cuts, _ = _cuts(multishot.path, detector="combined", combine=combine)
-    learned, _ = _cuts(multishot.path, detector="transnetv2")
     assert cuts == learned  # on this file both find everything: the learned extents win
     assert [c for c, e in cuts if e - c == 1] == multishot.hard_cuts
 
