@@ -91,14 +91,11 @@ def synthetic_video(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def torch_one_thread():
-    """Tiny models on a loaded 2-core machine: one intra-op thread is ~50x faster than two
-    contending (measured: a tiny DiT step 1.1 s vs 15 ms)."""
-    import torch
+    """One intra-op torch thread for the test (tests.helpers.one_torch_thread)."""
+    from tests.helpers import one_torch_thread
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 # --------------------------------------------------------------------------------------------------

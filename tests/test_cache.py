@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from spacetime import contract
 from spacetime.config import ConfigError, load_config
@@ -242,28 +244,23 @@ HOST_SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "maske
                  "unique", "_unique", "_unique2", "unique_consecutive", "repeat_interleave"}
 
 
-class HostSyncProbe:
-    """A dispatch mode recording every op in HOST_SYNC_OPS (and indexing by a boolean mask), with where it
-    was called from. On a CPU nothing waits, but these are the calls that would make a GPU step wait."""
+class HostSyncProbe(TorchDispatchMode):
+    """Within it, every op in HOST_SYNC_OPS (and indexing by a boolean mask) is recorded in `found`, with
+    where it was called from. On a CPU nothing waits, but these are the calls that would make a GPU
+    step wait."""
 
     def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
+        super().__init__()
+        self.found: list[str] = []
 
-        found = self.found = []
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                name = func.__name__.split(".")[0]
-                masked = name.startswith("index") and any(
-                    isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                    for a in args if isinstance(a, (list, tuple)) for i in a)
-                if name in HOST_SYNC_OPS or masked:
-                    import traceback
-
-                    found.append(f"{func.__name__}:\n{''.join(traceback.format_stack(limit=8)[:-1])}")
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        masked = name.startswith("index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for a in args if isinstance(a, (list, tuple)) for i in a)
+        if name in HOST_SYNC_OPS or masked:
+            self.found.append(f"{func.__name__}:\n{''.join(traceback.format_stack(limit=8)[:-1])}")
+        return func(*args, **(kwargs or {}))
 
 
 def test_a_step_from_the_cache_waits_for_nothing_on_the_device(straight, tiny_models, tmp_path, monkeypatch,
@@ -276,7 +273,7 @@ def test_a_step_from_the_cache_waits_for_nothing_on_the_device(straight, tiny_mo
     from training.metrics import Window
 
     probe = HostSyncProbe()
-    with probe.mode:  # the probe sees a planted sync: it is not blind
+    with probe:  # the probe sees a planted sync: it is not blind
         torch.ones(3).sum().item()
         torch.arange(4)[torch.arange(4) > 1]
     assert len(probe.found) == 2 and probe.found[0].startswith("_local_scalar_dense"), probe.found
@@ -284,7 +281,7 @@ def test_a_step_from_the_cache_waits_for_nothing_on_the_device(straight, tiny_mo
 
     def probed(method):
         def wrapper(*args, **kwargs):
-            with probe.mode:
+            with probe:
                 return method(*args, **kwargs)
         return wrapper
 

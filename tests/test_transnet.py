@@ -71,14 +71,10 @@ def test_long_shots_are_flushed_in_windows_without_losing_a_cut(tmp_path, torch_
 @pytest.fixture(scope="module")
 def learned(multishot):
     """TransNetV2's cuts of `multishot` on its own."""
-    import torch
+    from tests.helpers import one_torch_thread
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         return _cuts(multishot.path, detector="transnetv2")[0]
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("combine", ["union", "agree", "learned_plus_dissolves"])
