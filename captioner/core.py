@@ -47,6 +47,7 @@ class CaptionResult:
     fields: dict | None = None  # every answer field but clip_id (-> clip["caption_fields"])
     provenance: dict | None = None  # -> clip["caption_provenance"]
     reason: str | None = None  # why it failed (without the "caption: " prefix)
+    infra: bool = False  # it failed for the infrastructure (Reply.infra): leave it for the rerun, not a fate
     attempts: int = 0
     output_tokens: int = 0  # over every attempt
     history: list[str] = field(default_factory=list)  # the verdict of each attempt
@@ -93,7 +94,7 @@ class Captioner:
             reply = await self._send(request)
             result.attempts, result.output_tokens = attempt + 1, result.output_tokens + reply.output_tokens
             if reply.error is not None:  # the engine (after its own transport retries) gave up
-                result.reason = reply.error
+                result.reason, result.infra = reply.error, reply.infra
                 result.history.append(reply.error)
                 self.stats["engine_errors"] += 1
                 break

@@ -6,8 +6,9 @@
     engine.info()                            # what the engine runs (for provenance)
     await engine.aclose()
 
-`generate` never raises for a failure of one request: it returns a Reply with `error` set, and the
-caller records it (HTTP engines retry transport failures first). It raises only when the engine
+`generate` never raises for a failure of one request: it returns a Reply with `error` set (and
+`infra` when the failure is the infrastructure's, spacetime.faults), and the caller records it (HTTP
+engines retry transport failures first). It raises only when the engine
 itself is gone (vLLM's EngineDeadError): that fails the batch, which Ray retries on a new actor.
 Each engine serves requests concurrently, so a caller that keeps requests in flight keeps the
 engine's batch full:
@@ -44,7 +45,9 @@ from typing import Any, Coroutine, TypeVar
 
 from captioner.config import CaptionConfig
 from captioner.frames import ClipVideo
+from spacetime import lifeline
 from spacetime.errors import describe
+from spacetime.faults import is_infrastructure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,6 +74,9 @@ class Reply:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None  # the request did not complete (transport / engine); not a QA verdict
+    # The error is the infrastructure's (spacetime.faults): endpoint unreachable, timeouts or 5xx after
+    # the retries, a dead engine, out of memory. The clip is then left for the rerun, never failed.
+    infra: bool = False
 
 
 class Engine:
@@ -158,7 +164,8 @@ def vllm_inputs(processor, request: Request):
 
 
 class VllmEngine(Engine):
-    """vllm.AsyncLLM in this process (its engine core runs in a child process it owns)."""
+    """vllm.AsyncLLM in this process (its engine core runs in a child process it owns, which dies
+    with this process)."""
 
     name = "vllm"
 
@@ -174,7 +181,11 @@ class VllmEngine(Engine):
 
             self.lora = LoRARequest("caption-adapter", 1, str(cfg.adapter))
         self.processor = AutoProcessor.from_pretrained(cfg.model)
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**vllm_engine_kwargs(cfg)))
+        # The engine core (and its workers) die with this process even when it is SIGKILLed (a Ray
+        # actor, `spacetime caption`): see spacetime/lifeline.py. They are bound to the thread that
+        # starts them, here EngineLoop's, which lives as long as the engine.
+        with lifeline.bound():
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**vllm_engine_kwargs(cfg)))
 
     async def generate(self, request: Request) -> Reply:
         final = None
@@ -186,9 +197,9 @@ class VllmEngine(Engine):
         except Exception as err:  # one bad request (e.g. a video the processor rejects) stays one failure
             from vllm.v1.engine.exceptions import EngineDeadError
 
-            if isinstance(err, EngineDeadError):  # not this request's fault: fail the batch, let Ray retry
+            if isinstance(err, EngineDeadError):  # not this request's fault: the caller restarts the engine
                 raise
-            return Reply(request.request_id, error=describe(err))
+            return Reply(request.request_id, error=describe(err), infra=is_infrastructure(err))
         if final is None or not final.outputs:
             return Reply(request.request_id, error="engine returned no output")
         if final.request_id != request.request_id:  # outputs are bound by id, never by position
@@ -220,6 +231,8 @@ class OpenAIEngine(Engine):
 
     name = "openai"
     RETRYABLE = ("APIConnectionError", "APITimeoutError", "RateLimitError", "InternalServerError")
+    # The endpoint answered but cannot serve us (wrong key, wrong model name): a set-up fault, not the clip's.
+    SETUP_STATUS = (401, 403, 404)
 
     def __init__(self, cfg: CaptionConfig):
         from openai import AsyncOpenAI
@@ -270,8 +283,9 @@ class OpenAIEngine(Engine):
                     break
                 except Exception as err:
                     if type(err).__name__ not in self.RETRYABLE or attempt == self.o.retries:
+                        infra = is_infrastructure(err) or getattr(err, "status_code", None) in self.SETUP_STATUS
                         return Reply(request.request_id, error=f"endpoint error after {attempt + 1} "
-                                                               f"attempt(s): {describe(err)}")
+                                                               f"attempt(s): {describe(err)}", infra=infra)
                     delay = self.o.backoff * 2**attempt * (1 + 0.25 * self.rng.random())
                     log.debug("%s: %s; retrying in %.1fs", request.request_id, describe(err), delay)
                     await asyncio.sleep(delay)
@@ -404,7 +418,7 @@ class TransformersEngine(Engine):
         try:
             return await asyncio.to_thread(run)
         except Exception as err:
-            return Reply(request.request_id, error=describe(err))
+            return Reply(request.request_id, error=describe(err), infra=is_infrastructure(err))
 
 
 # --------------------------------------------------------------------------------- construction

@@ -12,18 +12,29 @@ Per candidate clip:
             sampling, seed, request: {id, seed, temperature, attempt, qa_notes}, ...}
     failed  clip["status"] = "failed", clip["reason"] = "caption: <why>" (after one retry): the clip
             stays out of the shards and is listed in manifest/clips.parquet.
+    left    the engine could not answer (endpoint unreachable after its retries, engine dead twice,
+            out of memory: spacetime.faults): clip["status"] = "deferred"; its source gets no
+            completion record, and the rerun captions it. Never a fate.
+
+A dead engine (vLLM's EngineDeadError) is restarted once per batch before the batch is left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 
 from captioner.config import CaptionConfig
 from captioner.core import CaptionResult, Captioner, ClipTask
 from captioner.frames import from_sampled
-from curation.stage import BatchStage, add_batch_time
+from curation.stage import BatchStage, add_batch_time, defer
+from spacetime.errors import describe
+from spacetime.faults import InfrastructureError, is_infrastructure
 from spacetime.frames import decode_frames
+
+log = logging.getLogger(__name__)
 
 
 class Caption(BatchStage):
@@ -35,6 +46,7 @@ class Caption(BatchStage):
         super().__init__(cfg)
         self.owns_captioner = captioner is None
         self.captioner = captioner or Captioner(cfg)
+        self.restart_lock = asyncio.Lock()
 
     # Ray Data runs an async __call__ concurrently (max_concurrent_calls_per_actor), which is what
     # keeps requests from the next batch flowing into the engine while this one finishes.
@@ -45,9 +57,41 @@ class Caption(BatchStage):
         todo = [i for i, m in enumerate(metas) if self.wanted(m)]
         tasks = self._tasks([(metas[i], sampled[i]) for i in todo])
         if tasks:
-            self._apply([metas[i] for i in todo], await self.captioner.acaption(tasks))
+            try:
+                self._apply([metas[i] for i in todo], await self._acaption(tasks))
+            except Exception as err:
+                if not is_infrastructure(err):
+                    raise
+                for i in todo:  # the engine died again (or cannot start): the rerun captions them
+                    if metas[i]["clip"]["status"] == "candidate":
+                        defer(metas[i]["clip"], f"caption: {describe(err)}")
         add_batch_time(metas, self.name, t0)  # batches overlap in time: this is wall time per row
         return {"meta": [json.dumps(m) for m in metas], "sampled": sampled}
+
+    async def _acaption(self, tasks: list[ClipTask]) -> dict[str, CaptionResult]:
+        """The batch's results; if the engine dies under it, a new engine (one per actor, however many
+        batches saw it die) and the batch once more."""
+        captioner = self.captioner
+        try:
+            if captioner is None:
+                raise InfrastructureError("the caption engine failed to restart")
+            return await captioner.acaption(tasks)
+        except Exception as err:
+            if not is_infrastructure(err) or not self.owns_captioner:
+                raise
+            async with self.restart_lock:
+                if self.captioner is captioner:  # the first batch to see it dead restarts it
+                    log.warning("caption engine failed (%s): starting a new one", describe(err))
+                    self.captioner = None
+                    if captioner is not None:
+                        await asyncio.to_thread(captioner.close)
+                    try:
+                        self.captioner = await asyncio.to_thread(Captioner, self.cfg)
+                    except Exception as start:  # a model that cannot load is the infrastructure's fault
+                        raise InfrastructureError(f"the caption engine failed to restart: {describe(start)}") from start
+            if self.captioner is None:
+                raise InfrastructureError("the caption engine failed to restart") from err
+            return await self.captioner.acaption(tasks)
 
     def process(self, items: list[tuple[dict, bytes]]) -> None:
         """The synchronous BatchStage entry point (direct calls; Ray uses the async __call__)."""
@@ -80,10 +124,12 @@ class Caption(BatchStage):
             if result.ok:
                 clip.update(caption=result.caption, caption_fields=result.fields,
                             caption_provenance=result.provenance)
+            elif result.infra:
+                defer(clip, f"caption: {result.reason}")
             else:
                 tries = f" ({result.attempts} attempts)" if result.attempts > 1 else ""
                 clip.update(status="failed", reason=f"caption: {result.reason}{tries}")
 
     def __del__(self):
-        if getattr(self, "owns_captioner", False):
+        if getattr(self, "owns_captioner", False) and self.captioner is not None:
             self.captioner.close()

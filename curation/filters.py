@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from spacetime.frames import decode_frames, encode_frames
-from curation.stage import BatchStage, Stage, fail, pack, unpack
+from curation.stage import DEFERRED, BatchStage, Stage, fail, pack, unpack
+from spacetime.faults import is_infrastructure
 from curation.settings import (AestheticConfig, BordersConfig, DedupConfig, ExposureConfig, MotionConfig,
                                SharpnessConfig, TextConfig)
 
@@ -124,7 +125,7 @@ class FilterStage(Stage):
         t0 = time.perf_counter()
         meta, sampled = unpack(row)
         clip = meta.get("clip")
-        if clip and sampled and self.cfg.enabled and clip["status"] != "failed":
+        if clip and sampled and self.cfg.enabled and clip["status"] not in ("failed", DEFERRED):
             try:
                 frames = decode_frames(sampled)
                 new = self.score(clip, frames, self.cfg) if len(frames) else None
@@ -280,8 +281,13 @@ class Aesthetic(BatchStage):
             return
         try:
             scores = self.head.score(embed_frames(self.model, self.preprocess, picked))
-        except Exception as err:  # the model failed on this batch: its clips fail, the run goes on
-            for k in set(owners):
+        except Exception as err:
+            mine = sorted(set(owners))
+            if len(mine) > 1 and not is_infrastructure(err):  # find the clip at fault: each one alone
+                for k in mine:
+                    self.process([items[k]])
+                return
+            for k in mine:  # that clip fails; or, out of memory / a dead device, the batch waits for the rerun
                 fail(items[k][0]["clip"], self.name, err)
             return
         owners = np.array(owners)

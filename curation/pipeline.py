@@ -33,10 +33,11 @@ from typing import Any
 from curation.caption import Caption
 from curation.filters import Aesthetic, Borders, Exposure, Fingerprint, Motion, Sharpness, Text
 from curation.settings import AnalyzeConfig, CurateConfig, ExtractConfig, ProbeConfig, SplitConfig
-from curation.stage import Stage, fail, pack, unpack
+from curation.stage import Stage, defer, fail, pack, unpack
 from spacetime import contract
-from spacetime.config import S3Config
+from spacetime.config import S3Config, result_fingerprint
 from spacetime.errors import UserError, describe
+from spacetime.faults import RunIncomplete, is_infrastructure, retry
 from spacetime.store import Store
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,16 @@ class Probe(Stage):
 
         t0 = time.perf_counter()
         meta, _ = unpack(row)
-        try:
-            meta["source"] = probe(meta["source"]["uri"], self.cfg, self.s3)
+        uri = meta["source"]["uri"]
+        try:  # a storage hiccup is retried; what persists leaves the source for the rerun
+            meta["source"] = retry(lambda: probe(uri, self.cfg, self.s3), f"{uri}: probe")
             if meta["source"]["digest"] in self.known:
                 meta["source"]["status"] = "duplicate"  # of an earlier version's source (named at write time)
-        except Exception as err:  # every failure is a manifest row, never a crash
-            meta["source"].update(status="failed", error=str(err) if isinstance(err, ProbeError) else describe(err))
+        except Exception as err:  # every failure is a manifest row (or left for the rerun), never a crash
+            if is_infrastructure(err):
+                defer(meta["source"], f"probe: {describe(err)}")
+            else:
+                meta["source"].update(status="failed", error=str(err) if isinstance(err, ProbeError) else describe(err))
         return pack(self.timed(meta, t0))
 
 
@@ -90,7 +95,7 @@ class Analyze(Stage):
 
         meta, _ = unpack(row)
         source = meta["source"]
-        if source["status"] != "ok":
+        if source["status"] != "ok":  # failed, duplicate or deferred: nothing to decode
             yield pack(dict(meta, seg_index=0, final=True, segment=None))
             return
         window = window_frames(self.max_duration, source["fps"])
@@ -109,7 +114,10 @@ class Analyze(Stage):
                 yield pack(self.timed(out, t0), sampled)
                 t0 = time.perf_counter()
         except Exception as err:
-            source.update(status="failed", error=f"analysis failed: {describe(err)}")
+            if is_infrastructure(err):  # e.g. the object store went away mid-read: not the video's fault
+                defer(source, f"analyze: {describe(err)}")
+            else:
+                source.update(status="failed", error=f"analysis failed: {describe(err)}")
             log.debug(traceback.format_exc())
             yield pack(dict(meta, seg_index=seg_index, final=True, segment=None, source=source))
 
@@ -205,9 +213,9 @@ class Extract(Stage):
             except Exception as err:
                 log.warning("%s: no thumbnail for clip %s: %s", meta["source"]["uri"], clip["clip_id"], describe(err))
         if clip and clip["status"] == "candidate":
-            try:
-                clip.update(extract_clip(clip, meta["source"], self.cfg, self.s3, self.out,
-                                         staged_clip(clip["clip_id"])))
+            try:  # idempotent (the staged clip is published whole): a storage hiccup is retried
+                clip.update(retry(lambda: extract_clip(clip, meta["source"], self.cfg, self.s3, self.out,
+                                                       staged_clip(clip["clip_id"])), f"{clip['clip_id']}: extract"))
                 clip["bucket"] = contract.bucket_for(clip["width"], clip["height"], clip["num_frames"]).name
                 clip["status"] = "kept"
             except Exception as err:
@@ -273,6 +281,13 @@ def _apply(ds, spec: StageSpec, key: tuple[str, int]):
 
     res = spec.args["cfg"].resources
     kwargs = dict(num_cpus=res.num_cpus, **({"num_gpus": res.num_gpus} if res.num_gpus else {}))
+    # A lost worker or node is survived within the run by Ray Data 2.60's own defaults, which is why no
+    # retry option is passed (only deprecated **ray_remote_args could, removed in Ray 2.64; measured:
+    # tests/test_multinode.py): tasks get max_retries=-1 (reruns after a lost worker/node, and rebuilds of
+    # lost outputs from lineage; remote_fn.cached_remote_fn), pool actors max_restarts=-1 and
+    # max_task_retries=-1 (a lost actor restarts elsewhere, its calls are resent; ActorPoolMapOperator.
+    # _apply_default_remote_args). Only system failures are retried (retry_exceptions=[RaySystemError]);
+    # a stage's own exception is not: DataContext retried_map_errors / actor_task_retry_on_errors stay off.
     if spec.op != "map_batches":
         fn = _map_task if spec.op == "map" else _flat_map_task
         return getattr(ds, spec.op)(fn, fn_kwargs=dict(key=key, stage=spec.stage, args=spec.args), **kwargs)
@@ -288,7 +303,7 @@ def init_ray(cfg: CurateConfig, address: str | None) -> bool:
     the caller, e.g. a test, had started or joined one, and keeps it)."""
     import ray
 
-    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = address_of(cfg, address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = not ray.is_initialized()
     if started:
@@ -347,10 +362,15 @@ def _versions() -> dict:
 
 
 def preflight(cfg: CurateConfig) -> None:
-    """Resolve every model reference before any worker starts (builds tiny models if missing;
-    fails early, naming the model, where real weights cannot be had)."""
+    """Resolve every model reference and every `auto` setting before any worker starts (builds tiny
+    models if missing; fails early, naming the model, where real weights cannot be had)."""
+    from curation.transnet import resolve_dtype
     from spacetime.models import preflight_hf_model, preflight_open_clip, resolve
 
+    # Every `auto` is resolved here, once, so the run's fingerprint holds what the workers will use
+    # (a resume that resolves differently is refused, naming the setting) and every node does the same.
+    if cfg.analyze.transnet_dtype == "auto":
+        cfg.analyze.transnet_dtype = resolve_dtype("auto", cfg.analyze.transnet_device)
     a = cfg.filters.aesthetic
     if a.enabled:
         resolve(a.config_dir)
@@ -363,8 +383,9 @@ def preflight(cfg: CurateConfig) -> None:
             preflight_hf_model(cfg.caption.model)
 
 
-def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str]):
-    """The driver's scheduler of unit writes, and the ShardWriter actors that do them (write.resources).
+def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str], check=None):
+    """The driver's scheduler of unit writes, and the ShardWriter actors that do them (write.resources);
+    `check` runs before each unit (the lease's check: a run that lost its output writes nothing more).
     The actors end with the run: when the returned UnitWriter, which holds their only handles, is gone."""
     import ray
 
@@ -381,7 +402,7 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str])
     def submit(n: int, uris: list[str], first: dict, near: dict):
         return actors[n % len(actors)].write.remote(store, n, uris, first, near, target, versions)
 
-    return UnitWriter(run, units, submit, done, NearDuplicates(cfg.dedup))
+    return UnitWriter(run, units, submit, done, NearDuplicates(cfg.dedup), check)
 
 
 def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | None, tracker, writer,
@@ -417,7 +438,7 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | 
             if completed:
                 writer.source_done(meta["source"]["uri"])
             writer.poll()  # a completed unit's duplicates are decided here: the bar shows them at once
-            if completed:
+            if completed or meta["source"]["uri"] in tracker.left:
                 bar.set_postfix_str(progress_line(fates(tracker, writer), len(pending), time.time() - wall_start,
                                                   cores, short=True), refresh=False)
                 bar.update(1)
@@ -426,12 +447,47 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | 
         bar.close()
 
 
+def address_of(cfg: CurateConfig, ray_address: str | None) -> str | None:
+    """The cluster a run joins (None: an embedded Ray of its own)."""
+    return ray_address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+
+
+def _cores(cfg: CurateConfig, slots: float, embedded: bool) -> float:
+    """The cores behind Ray's CPU slots, for the per-core-hour rates: Ray counts slots, and both the
+    embedded Ray and the README's cluster nodes declare `ray.cpus_per_core` of them per core."""
+    if embedded:
+        return float(min(os.cpu_count() or 1, slots))
+    return slots / cfg.ray.cpus_per_core
+
+
+def _write_ready_units(writer, stopped: BaseException | None) -> None:
+    """Every unit whose sources are complete is written, also when the run ends early (`stopped`): the
+    rerun then only processes the sources left."""
+    try:
+        writer.wait()
+    except Exception as err:
+        if stopped is None or not is_infrastructure(err):
+            raise
+        log.warning("units not written (the rerun writes them): %s", describe(err))
+
+
+def incomplete(missing: list[str], total: int, left: dict[str, str], stopped: BaseException | None) -> RunIncomplete:
+    """The error of a run that left `missing` sources undone: how many, and why (grouped)."""
+    why = {u: left.get(u) or (f"the run stopped: {describe(stopped)}" if stopped else "did not complete")
+           for u in missing}
+    groups = Counter(why.values()).most_common()
+    reasons = "; ".join(f"{n} x {text}" for n, text in groups[:3]) + (f"; {len(groups) - 3} other reasons"
+                                                                      if len(groups) > 3 else "")
+    return RunIncomplete(f"{len(missing)} of {total} sources left for the rerun ({reasons}). Nothing was published; "
+                         "finished sources are kept: rerun the same command to complete the rest.", why)
+
+
 def fates(tracker, writer) -> Counter:
     """This invocation's counts so far (curation.write.CompletionTracker), with the clips the unit writer
     found to be duplicates moved from `kept` to `duplicates` (they are decided a unit at a time, after
     the filters: until its unit is ready, a clip that passed them counts as kept)."""
     counts = tracker.counts.copy()
-    counts.update(kept=-writer.duplicates, duplicates=writer.duplicates)
+    counts.update(kept=-writer.duplicates, duplicates=writer.duplicates, left=len(tracker.left))
     return counts
 
 
@@ -440,7 +496,7 @@ def progress_line(counts, total: int, wall: float, cores: float, short: bool = F
     wall-hour and an ETA (the remaining sources at the mean time per source so far)."""
     from curation.write import throughput
 
-    done = counts["sources"]
+    done = counts["sources"] + counts["left"]
     rate = throughput(counts["video_seconds"], counts["clips"], wall, cores)["video_hours_per_wall_hour"]
     eta = wall / done * (total - done) if done else None
     eta_text = "?" if eta is None else (f"{eta / 60:.0f} min" if eta >= 120 else f"{eta:.0f} s")
@@ -449,7 +505,8 @@ def progress_line(counts, total: int, wall: float, cores: float, short: bool = F
     if short:
         return f"{clips}; {rate:.2f} video-h/h; ETA {eta_text}"
     failed = f" ({counts['failed_sources']} failed)" if counts["failed_sources"] else ""
-    return (f"{done}/{total} sources{failed}; clips {clips}; {rate:.2f} video-h per wall-h; "
+    left = f" ({counts['left']} left for the rerun)" if counts["left"] else ""
+    return (f"{done}/{total} sources{failed}{left}; clips {clips}; {rate:.2f} video-h per wall-h; "
             f"ETA {eta_text}")
 
 
@@ -509,12 +566,8 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
     from spacetime.config import dump_config
 
     run = RunDir(out)
-    # Resources do not change results, so a rerun may use other ones; everything else must match.
-    result_cfg = cfg.model_dump(mode="json", exclude={"ray": True, "progress": True})
-    for section in result_cfg.values():
-        if isinstance(section, dict):
-            section.pop("resources", None)
-    run.claim({"config": result_cfg, "spacetime": metadata.version("spacetime")})
+    # Resources and transport do not change results, so a rerun may use other ones; the rest must match.
+    run.claim({"config": result_fingerprint(cfg), "spacetime": metadata.version("spacetime")})
     versions = VersionLog(run)
     current, earlier = versions.plan(uris)
     every = earlier + ([current] if current else [])
@@ -532,19 +585,32 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
     tracker, cores, started = CompletionTracker(run), 0.0, False
     if pending or unwritten:
         with _ray_messages(out, ray_log) as console:
-            started = init_ray(cfg, ray_address)
-            cores = float(ray.cluster_resources().get("CPU", 0))
-            writer = _unit_writer(run, units, cfg, set(sources) - set(pending))
+            try:
+                started = init_ray(cfg, ray_address)
+            except Exception as err:  # e.g. a node too loaded to start Ray in time, an unreachable cluster
+                raise RunIncomplete(f"Ray did not start ({describe(err).splitlines()[0]}); {len(pending)} sources "
+                                    "left: rerun the same command", {u: "Ray did not start" for u in pending}) from err
+            slots = float(ray.cluster_resources().get("CPU", 0))
+            cores = _cores(cfg, slots, embedded=not address_of(cfg, ray_address))
+            writer = _unit_writer(run, units, cfg, set(sources) - set(pending), lease.check)
             writer.poll()  # units a killed run completed but did not commit
+            stopped = None  # the infrastructure failure that ended the stages early, if one did
             if pending:
                 known = contract.version_file(contract.version_dir(earlier[-1].version), contract.SOURCES_MANIFEST) \
                     if earlier else None
-                _run_stages(pending, cfg, out, known, tracker, writer, wall_start, cores, console)
+                try:
+                    _run_stages(pending, cfg, out, known, tracker, writer, wall_start, cores, console)
+                except Exception as err:
+                    if not is_infrastructure(err):
+                        raise  # a bug: its traceback (the sources not done are still left for a rerun)
+                    stopped = err
+            _write_ready_units(writer, stopped)
             done = run.done_keys()
             missing = [u for u in pending if source_key(u) not in done]
-            if missing:
-                raise RuntimeError(f"{len(missing)} sources did not complete (first: {missing[0]}); rerun to resume")
-            writer.wait()
+            if missing:  # nothing is published: the same command completes them
+                if started:
+                    stop_ray()
+                raise incomplete(missing, len(sources), tracker.left, stopped)
     lease.check()  # another run took the output over: publish nothing
     counts = fates(tracker, writer) if pending else tracker.counts
     summary = finalize(run, units, wall_start, _versions(), cores, dict(counts), current.version)

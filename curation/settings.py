@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -11,6 +11,7 @@ from spacetime.config import ActorResources, S3Config, StrictModel, TaskResource
 
 
 class RayConfig(StrictModel):
+    affects_results: ClassVar[bool] = False  # where and how wide it runs, not what it makes
     address: str | None = None  # None: $RAY_ADDRESS, else a local embedded Ray
     num_cpus: int | None = None  # local Ray only; None: cores x cpus_per_core
     object_store_memory: int | None = 512 * 1024**2  # local Ray only (bytes)
@@ -122,12 +123,15 @@ class ExtractConfig(StrictModel):
 
 
 class ProgressConfig(StrictModel):
+    affects_results: ClassVar[bool] = False
     log_every_s: float = 30.0  # a progress line (sources, clips, video-hours per wall/core-hour) this often; 0: never
 
 
 class WriterResources(StrictModel):
     """The processes that write units (curation.write.ShardWriter actors, started with the run). A unit
     goes to them in turn; each copies staged clips into tars (I/O), so by default it holds no core."""
+
+    affects_results: ClassVar[bool] = False
 
     num_cpus: float = 0.0
     actors: int = Field(1, ge=1)  # more where one cannot keep up with the cluster's units

@@ -13,11 +13,36 @@ import json
 import time
 
 
-def fail(clip: dict, name: str, err: BaseException) -> None:
-    """Mark a clip failed by stage `name` with the error as its reason; the run goes on."""
-    from spacetime.errors import describe
+# A clip or source whose work an infrastructure failure stopped (spacetime.faults): never a fate. The
+# completion tracker leaves its source undone, for the rerun (curation.write.CompletionTracker).
+DEFERRED = "deferred"
 
-    clip.update(status="failed", reason=f"{name} failed: {describe(err)}")
+
+def fail(clip: dict, name: str, err: BaseException) -> None:
+    """Stage `name` could not do its work on `clip`: the clip fails with the error as its reason if the
+    error is the content's (the run goes on), or is deferred to the rerun if it is the infrastructure's
+    (spacetime.faults.is_infrastructure)."""
+    from spacetime.errors import describe
+    from spacetime.faults import is_infrastructure
+
+    if is_infrastructure(err):
+        defer(clip, f"{name}: {describe(err)}")
+    else:
+        clip.update(status="failed", reason=f"{name} failed: {describe(err)}")
+
+
+def defer(item: dict, why: str) -> None:
+    """Leave a clip (or a source: `item` is its dict) undone: status `deferred`, `why` as the reason.
+    Its source gets no completion record in this run; the rerun does it again."""
+    item.update(status=DEFERRED, reason=why)
+
+
+def left_for_rerun(meta: dict) -> str | None:
+    """Why this row's source must be left for the rerun (a deferred source or clip), else None."""
+    for item in (meta.get("source") or {}, meta.get("clip") or {}):
+        if item.get("status") == DEFERRED:
+            return item.get("reason") or "deferred"
+    return None
 
 
 def pack(meta: dict, sampled: bytes = b"") -> dict:

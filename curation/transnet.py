@@ -133,9 +133,9 @@ def _onednn_conv3d(conv, x):
 def fast_bfloat16(device: str) -> bool:
     """Whether `device` runs bfloat16 convolutions natively: a CUDA GPU that supports it, or a CPU with
     AVX-512 BF16 or AMX (Linux: /proc/cpuinfo flags). Elsewhere bfloat16 is emulated, no faster."""
-    import torch
-
     if device.startswith("cuda"):
+        import torch  # only here: the driver resolves `auto` for a CPU without loading torch
+
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
         with open("/proc/cpuinfo") as f:

@@ -32,7 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.sources import source_key
+from curation.stage import left_for_rerun
 from spacetime import contract
+from spacetime.config import differences
 from spacetime.errors import UserError
 from spacetime.record import Caption, ClipRecord, SourceRef, Span
 from spacetime.store import Store
@@ -95,10 +97,12 @@ class RunDir:
         if self.store.exists(RUN_PATH):
             old = json.loads(self.store.read_bytes(RUN_PATH))
             if old != fingerprint:
-                changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                changed = differences(old, fingerprint)
+                more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
                 raise RunDirError(
-                    f"{self.out} holds a dataset made with a different {', '.join(changed)}; a rerun may add "
-                    "inputs but not change results. Use a new --output, or delete this one to start over.")
+                    f"{self.out} holds a dataset made with other settings: {'; '.join(changed[:5])}{more}. A rerun "
+                    "may add inputs, or change resources and transport, but not results. Use a new --output, or "
+                    "delete this one to start over.")
         elif self.store.exists(contract.SUMMARY_PATH):
             raise RunDirError(f"{self.out}: finished output without run state; use a new --output")
         self.store.write(RUN_PATH, json.dumps(fingerprint, sort_keys=True, indent=1))
@@ -106,7 +110,9 @@ class RunDir:
 
 class CompletionTracker:
     """Collects result rows in any order; a source is complete when the rows of each of its
-    segments, up to its final segment, have all arrived."""
+    segments, up to its final segment, have all arrived. A source with a deferred row (an
+    infrastructure failure: curation.stage.defer) gets no completion record: it is left in `left`
+    (URI -> why) for the rerun, which processes it again from the start."""
 
     def __init__(self, run: RunDir):
         self.run = run
@@ -116,6 +122,7 @@ class CompletionTracker:
         self.need: dict[str, dict[int, int]] = defaultdict(dict)
         self.final: dict[str, int] = {}
         self.counts: Counter = Counter()  # sources, clips, kept, video_seconds of completed sources
+        self.left: dict[str, str] = {}  # sources left for the rerun, and why
 
     def add(self, meta: dict) -> bool:
         """Record one row; returns True (and writes the completion record) if its source is done."""
@@ -129,13 +136,17 @@ class CompletionTracker:
         last = self.final.get(uri)
         if last is None or any(self.seen[uri][i] != self.need[uri].get(i, -1) for i in range(last + 1)):
             return False
-        self._complete(uri)
-        return True
+        return self._complete(uri)
 
-    def _complete(self, uri: str) -> None:
+    def _complete(self, uri: str) -> bool:
         rows = self.rows.pop(uri)
         for state in (self.seen, self.need, self.final):
             state.pop(uri, None)
+        why = next(filter(None, map(left_for_rerun, rows)), None)
+        if why is not None:  # not the source's fate: no record, so the rerun does it again
+            self.left[uri] = why
+            log.warning("%s: left for the rerun: %s", uri, why)
+            return False
         source = next((r["source"] for r in rows if r.get("final")), rows[0]["source"])
         failed = next((r["source"] for r in rows if r["source"]["status"] == "failed"), None)
         if failed is not None:  # a stage may fail a source on any of its segments, not only the final one
@@ -158,6 +169,7 @@ class CompletionTracker:
                            failed=sum(c["status"] == "failed" for c in clips),
                            failed_sources=int(source["status"] == "failed"),
                            video_seconds=(source.get("duration") or 0) if source["status"] == "ok" else 0)
+        return True
 
 
 def _pack_shards(kept: list[dict], target_bytes: int, unit: int) -> dict[str, list[dict]]:
@@ -341,9 +353,11 @@ class UnitWriter:
         writer.wait()                            # at the end: every unit committed
     """
 
-    def __init__(self, run: RunDir, units: list[list[str]], submit, done: set[str], near: NearDuplicates):
-        """`done`: the sources completed before this invocation; `near`: near-duplicate decisions."""
-        self.run, self.units, self.submit, self.near = run, units, submit, near
+    def __init__(self, run: RunDir, units: list[list[str]], submit, done: set[str], near: NearDuplicates,
+                 check=None):
+        """`done`: the sources completed before this invocation; `near`: near-duplicate decisions;
+        `check`: called before each unit, raises to stop the run (the output's Lease.check)."""
+        self.run, self.units, self.submit, self.near, self.check = run, units, submit, near, check
         self.next = 0  # the first unit not yet submitted
         self.first: dict[str, str] = {}  # grows with the distinct sources: what dedup must remember
         self.complete, self.before = set(done), set(done)
@@ -359,6 +373,8 @@ class UnitWriter:
         import ray
 
         while self.next < len(self.units) and all(u in self.complete for u in self.units[self.next]):
+            if self.check is not None:
+                self.check()  # a run that lost its output's lease writes no more units
             uris = self.units[self.next]
             first = dict(self.first)  # the writer re-marks its unit's duplicates from the earlier units' digests
             records = [self.run.record(u) for u in uris]

@@ -4,7 +4,9 @@ Each subcommand takes --config FILE, repeated --set key=value and --print-config
 (curation, captioner, training) and the stand-ins are imported inside the handlers, so
 `spacetime --help` stays instant. `tiny:` model references build the tiny random stand-ins on first
 use: this layer registers that builder with the resolver (spacetime.models), which never imports them.
-Errors a user can fix (spacetime.errors.UserError) print as one line with exit status 2.
+Errors a user can fix (spacetime.errors.UserError) print as one line with exit status 2; a run that an
+infrastructure fault left incomplete (spacetime.faults.RunIncomplete) says how many sources are left and
+why, with exit status 3: the same command completes them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from spacetime.config import ConfigError, dump_config, load_config
 from spacetime.errors import UserError
+from spacetime.faults import EXIT_INCOMPLETE, RunIncomplete
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -287,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"spacetime: config error: {err}", file=sys.stderr)
         return 2
+    except RunIncomplete as err:  # an infrastructure fault left work undone: the same command resumes
+        print(f"spacetime: {err}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     except UserError as err:  # raised on purpose: the message names the input and the fix
         print(f"spacetime: {err}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ A misspelt key fails with the key's dotted path and the file it came from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,9 +26,40 @@ class ConfigError(UserError, ValueError):
 
 
 class StrictModel(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated.
+    `affects_results = False` on a section (resources, transport, logging) leaves it out of
+    `result_fingerprint`; a single field is left out with `Field(..., json_schema_extra=NOT_A_RESULT)`."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    affects_results: ClassVar[bool] = True
+
+
+# A setting that changes no output byte (where to connect, how long to wait, how often to retry, how
+# much memory to reserve): a rerun may change it. See result_fingerprint.
+NOT_A_RESULT = {"affects_results": False}
+
+
+def result_fingerprint(cfg: BaseModel) -> dict:
+    """The settings of `cfg` that decide an output's bytes, as JSON: every field but those of sections
+    with `affects_results = False` and fields marked NOT_A_RESULT. A resumed or grown output must be
+    made with the same fingerprint (curation.write.RunDir.claim)."""
+    dumped = cfg.model_dump(mode="json")
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if (field.json_schema_extra or {}).get("affects_results") is False or (
+                isinstance(value, StrictModel) and not value.affects_results):
+            dumped.pop(name)
+        elif isinstance(value, BaseModel):
+            dumped[name] = result_fingerprint(value)
+    return dumped
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`dotted.key: old -> new` for every leaf that differs between two JSON trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in sorted(set(old) | set(new), key=str)
+                for line in differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 class TaskResources(StrictModel):
@@ -37,6 +68,7 @@ class TaskResources(StrictModel):
     the cluster has room for, so the same config fills 2 cores or 64. Consecutive stages with equal
     requests run fused: one task does them all, in one process (Ray Data's operator fusion)."""
 
+    affects_results: ClassVar[bool] = False
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
@@ -46,6 +78,7 @@ class ActorResources(StrictModel):
     num_cpus / num_gpus while it lives. The pool starts with `actors` and Ray Data grows it up to
     `max_actors` while work queues up (None: a fixed pool of `actors`)."""
 
+    affects_results: ClassVar[bool] = False
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     actors: int = Field(default=1, ge=1)
@@ -57,8 +90,9 @@ class ActorResources(StrictModel):
 class S3Config(StrictModel):
     """s3:// URIs through pyarrow's S3FileSystem (spacetime.io). Credentials come from the usual AWS
     environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and are never written to config
-    or logs."""
+    or logs. Where the bytes are is not what they are: no setting here is part of a result."""
 
+    affects_results: ClassVar[bool] = False
     endpoint: str | None = None  # e.g. http://127.0.0.1:9000; default: $AWS_ENDPOINT_URL or AWS
     region: str = "us-east-1"
     anonymous: bool = False

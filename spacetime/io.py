@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -83,6 +84,28 @@ def s3_filesystem(cfg: S3Config):
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
     return fs.S3FileSystem(**kwargs)
+
+
+def s3_put(s3, path: str, data: bytes | Path) -> None:
+    """Store `data` (bytes, or the complete local file at a Path) as the object `path` ("bucket/key")
+    of the pyarrow S3FileSystem `s3`: the object appears whole or not at all.
+
+    pyarrow's S3 output stream has no abort() in Python, and closing it (as `with` does on an error, or
+    the garbage collector does) completes the object with the bytes written so far. So no Python code
+    runs while a stream is open: copy_files opens, fills and closes it in one C++ call without the GIL.
+    An exception (an error, Ctrl-C, SIGTERM, ray.cancel()) comes before it (no object) or after it (the
+    object whole); a failed part upload makes the call raise without completing the object (an
+    unfinished multipart upload is no object). The one way left to a truncated object is the local file
+    failing to read in the middle of the copy (a disk error)."""
+    from pyarrow import fs
+
+    if not isinstance(data, Path):
+        with tempfile.TemporaryDirectory(prefix="spacetime-upload-") as folder:
+            local = Path(folder) / "data"
+            local.write_bytes(data)
+            return s3_put(s3, path, local)
+    fs.copy_files(str(data), path, source_filesystem=fs.LocalFileSystem(), destination_filesystem=s3,
+                  chunk_size=8 * 1024 * 1024)
 
 
 def open_uri(uri: str, cfg: S3Config) -> str | BinaryIO:

@@ -6,13 +6,17 @@
     # released: the file is deleted if it is still ours
 
 The lease is one small JSON file, `<output>/.work/lease.json`:
-    {"holder": uuid4 hex, "host": ..., "pid": ..., "started": t, "renewed": t, "ttl": seconds}
+    {"holder": uuid4 hex, "host": ..., "boot_id": ..., "pid_ns": ..., "pid": ..., "proc_start": ...,
+     "started": t, "renewed": t, "ttl": seconds}
 with wall-clock times (time.time()). A lease is live while `now < renewed + ttl`; a holder that dies
-stops renewing, so its lease expires by itself and the next run takes over; on the holder's own
-host a lease whose process is gone (checked by pid and process start time) is dead at once. Expiry is judged by the
-reader's clock against the writer's, so hosts sharing an output need clocks within a small fraction
-of `ttl` of each other (NTP gives milliseconds; the default ttl is 60 s). A file that is not a lease
-(truncated, hand-edited) counts as expired, and the takeover says so in the log.
+stops renewing, so its lease expires by itself and the next run takes over. A lease whose process is
+gone (checked by pid and process start time) is dead at once, but only where that pid names a process
+we can see: same host, same boot (/proc/sys/kernel/random/boot_id) and same pid namespace
+(/proc/self/ns/pid). Containers may share a hostname in separate pid namespaces, where a pid missing
+here says nothing of the holder; a record lacking these fields (an older version's) likewise waits out
+its ttl. Expiry is judged by the reader's clock against the writer's, so hosts sharing an output need
+clocks within a small fraction of `ttl` of each other (NTP gives milliseconds; the default ttl is 60 s).
+A file that is not a lease (truncated, hand-edited) counts as expired, and the takeover says so in the log.
 
 Local outputs get real mutual exclusion from the filesystem:
   - a fresh lease is created only if none exists: written whole under a unique temporary name, then
@@ -39,7 +43,8 @@ read, check it is ours, write.
 
 Lost: if a renewal finds the lease is not ours any more (another run took over, or the file was
 removed) or cannot write it before it would expire, the lease is lost: `lease.lost` turns true, an
-error is logged once, and `check()` raises LeaseLost, so the owner stops before publishing anything.
+error is logged once, and `check()` raises LeaseLost, so the owner stops before publishing anything
+(curation checks it before each unit's write and before publishing a version).
 """
 
 from __future__ import annotations
@@ -128,11 +133,29 @@ def process_start(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]  # fields from the 3rd (state); the 22nd is starttime
 
 
+def _read_id(read) -> str | None:
+    try:
+        return read()
+    except OSError:  # no procfs (not Linux), or a sandbox that hides it
+        return None
+
+
+def machine() -> dict:
+    """Where this process's pid means something: host, boot id and pid namespace (None where /proc
+    cannot tell; then no holder counts as ours and only the ttl frees a lease)."""
+    return {"host": socket.gethostname(),
+            "boot_id": _read_id(lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip()),
+            "pid_ns": _read_id(lambda: os.readlink("/proc/self/ns/pid"))}
+
+
 def holder_gone(record: dict) -> bool:
-    """The holder ran on THIS host and its process is gone (killed, crashed): its lease is dead at once,
-    so a rerun after a SIGKILL need not wait out the ttl. The recorded process start time tells a
-    reused pid from the holder. A holder on another host can only expire."""
-    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+    """The holder ran on THIS host, in this boot and in this pid namespace, and its process is gone
+    (killed, crashed): its lease is dead at once, so a rerun after a SIGKILL need not wait out the ttl.
+    The recorded process start time tells a reused pid from the holder. Any other holder (another
+    host, a container with our hostname but its own pid namespace, an old record without these
+    fields) can only expire."""
+    here = machine()
+    if any(here[k] is None or record.get(k) != here[k] for k in here) or not isinstance(record.get("pid"), int):
         return False
     start = process_start(record["pid"])
     return start is None or (record.get("proc_start") not in (None, "unknown", start) and start != "unknown")
@@ -213,8 +236,9 @@ class _S3Store:
             return None
 
     def write(self, data: bytes) -> None:
-        with self.fs.open_output_stream(self.key) as f:
-            f.write(data)
+        from spacetime.io import s3_put
+
+        s3_put(self.fs, self.key, data)  # whole or not at all: a half-written lease reads as expired
 
     def delete(self) -> None:
         try:  # pyarrow leaves an empty `.work/` marker behind to keep the "folder": harmless
@@ -304,7 +328,7 @@ class Lease:
 
     # ---- acquisition
     def _record(self, renewed: float) -> bytes:
-        return json.dumps({"holder": self.id, "host": socket.gethostname(), "pid": os.getpid(),
+        return json.dumps({"holder": self.id, **machine(), "pid": os.getpid(),
                            "proc_start": process_start(os.getpid()), "started": self.started,
                            "renewed": renewed, "ttl": self.ttl}).encode()
 

