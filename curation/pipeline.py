@@ -47,7 +47,7 @@ LOGS_DIR = contract.LOGS_DIR
 class Probe(Stage):
     """Also spots a source whose content an earlier dataset version already holds (its digest is in
     that version's sources manifest, `known`): status `duplicate`, and no later stage decodes it.
-    Duplicates within one run are only known at write time (curation.write.mark_duplicate)."""
+    Duplicates within one run are only known at write time (curation.duplicates.mark_duplicate)."""
 
     name = "probe"
 
@@ -197,7 +197,7 @@ class Extract(Stage):
 
     def __call__(self, row: dict) -> dict:
         from curation.extract import extract_clip
-        from curation.write import staged_clip
+        from curation.rundir import staged_clip
 
         t0 = time.perf_counter()
         meta, sampled = unpack(row)
@@ -389,7 +389,8 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str],
     The actors end with the run: when the returned UnitWriter, which holds their only handles, is gone."""
     import ray
 
-    from curation.write import NearDuplicates, ShardWriter, UnitWriter
+    from curation.duplicates import NearDuplicates
+    from curation.units import ShardWriter, UnitWriter
 
     res = cfg.write.resources
     # max_restarts / max_task_retries: a lost actor (its node gone) restarts and its calls are retried,
@@ -483,7 +484,7 @@ def incomplete(missing: list[str], total: int, left: dict[str, str], stopped: Ba
 
 
 def fates(tracker, writer) -> Counter:
-    """This invocation's counts so far (curation.write.CompletionTracker), with the clips the unit writer
+    """This invocation's counts so far (curation.completion.CompletionTracker), with the clips the unit writer
     found to be duplicates moved from `kept` to `duplicates` (they are decided a unit at a time, after
     the filters: until its unit is ready, a clip that passed them counts as kept)."""
     counts = tracker.counts.copy()
@@ -494,7 +495,7 @@ def fates(tracker, writer) -> Counter:
 def progress_line(counts, total: int, wall: float, cores: float, short: bool = False) -> str:
     """Sources done / total, clips kept / rejected / duplicates / failed (`fates`), video-hours per
     wall-hour and an ETA (the remaining sources at the mean time per source so far)."""
-    from curation.write import throughput
+    from curation.publish import throughput
 
     done = counts["sources"] + counts["left"]
     rate = throughput(counts["video_seconds"], counts["clips"], wall, cores)["video_hours_per_wall_hour"]
@@ -560,9 +561,12 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
             ray_log: bool = False) -> dict:
     import ray
 
+    from curation.completion import CompletionTracker
+    from curation.publish import finalize
+    from curation.rundir import RunDir
     from curation.sources import source_key
+    from curation.units import plan_units
     from curation.versions import VersionLog
-    from curation.write import CompletionTracker, RunDir, finalize, plan_units
     from spacetime.config import dump_config
 
     run = RunDir(out)

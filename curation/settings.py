@@ -128,7 +128,7 @@ class ProgressConfig(StrictModel):
 
 
 class WriterResources(StrictModel):
-    """The processes that write units (curation.write.ShardWriter actors, started with the run). A unit
+    """The processes that write units (curation.units.ShardWriter actors, started with the run). A unit
     goes to them in turn; each copies staged clips into tars (I/O), so by default it holds no core."""
 
     affects_results: ClassVar[bool] = False

@@ -14,7 +14,7 @@ import time
 
 
 # A clip or source whose work an infrastructure failure stopped (spacetime.faults): never a fate. The
-# completion tracker leaves its source undone, for the rerun (curation.write.CompletionTracker).
+# completion tracker leaves its source undone, for the rerun (curation.completion.CompletionTracker).
 DEFERRED = "deferred"
 
 

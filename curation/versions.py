@@ -7,7 +7,7 @@ OUT/versions/vNNNNNN/, then the pointer OUT/latest.json (readers that know versi
 never see a half-written version), then replaces the stable paths (shards/index.parquet,
 manifest/*.parquet, summary.json) one by one, each atomically, for readers that know nothing of
 versions. Every version's metadata covers all sources so far: an input missing from a later run
-stays in the dataset. Units follow from the versions' source lists (curation.write.plan_units), so
+stays in the dataset. Units follow from the versions' source lists (curation.units.plan_units), so
 they are not stored.
 
     OUT/.work/versions/000001.json   {"version", "sources", "published"}
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from curation.write import RunDir, RunDirError
+from curation.rundir import RunDir, RunDirError
 from spacetime import contract
 
 

@@ -42,7 +42,7 @@ NOT_A_RESULT = {"affects_results": False}
 def result_fingerprint(cfg: BaseModel) -> dict:
     """The settings of `cfg` that decide an output's bytes, as JSON: every field but those of sections
     with `affects_results = False` and fields marked NOT_A_RESULT. A resumed or grown output must be
-    made with the same fingerprint (curation.write.RunDir.claim)."""
+    made with the same fingerprint (curation.rundir.RunDir.claim)."""
     dumped = cfg.model_dump(mode="json")
     for name, field in type(cfg).model_fields.items():
         value = getattr(cfg, name)

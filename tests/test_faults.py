@@ -15,8 +15,9 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
+from curation.completion import CompletionTracker
+from curation.rundir import RunDir, RunDirError
 from curation.stage import pack
-from curation.write import CompletionTracker, RunDir, RunDirError
 from spacetime import contract
 from spacetime.faults import EXIT_INCOMPLETE, InfrastructureError, is_infrastructure, retry
 from spacetime.store import Store

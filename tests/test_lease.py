@@ -287,7 +287,8 @@ def test_a_lost_lease_is_detected_and_left_alone(tmp_path, caplog):
 
 def test_a_lost_lease_stops_the_unit_writer_before_it_submits(tmp_path):
     """curation's UnitWriter checks the lease before each unit: a run that lost it writes nothing more."""
-    from curation.write import RunDir, UnitWriter
+    from curation.rundir import RunDir
+    from curation.units import UnitWriter
     from spacetime.store import Store
 
     out = tmp_path / "out"

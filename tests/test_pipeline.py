@@ -117,7 +117,8 @@ def test_a_segment_that_cannot_be_split_fails_its_source_and_the_rows_go_on(tmp_
     Split and end the whole run. Now its source's completion record says `failed`, naming the split
     and the segment, even though that segment is not the source's final one; the other segments'
     clips are still there."""
-    from curation.write import CompletionTracker, RunDir
+    from curation.completion import CompletionTracker
+    from curation.rundir import RunDir
 
     cfg = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml")
     s3 = cfg.sources.s3

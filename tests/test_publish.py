@@ -1,11 +1,11 @@
-"""curation.write pieces on their own (the whole writer runs in tests/test_curate*.py)."""
+"""curation.publish pieces on their own (the whole writer runs in tests/test_curate*.py)."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.write import RowGroups
+from curation.publish import RowGroups
 
 
 def test_row_groups_have_a_fixed_size_whatever_the_units_hold(tmp_path):

@@ -1,0 +1,83 @@
+"""Completion records: result rows, arriving in any order, become one record per finished source.
+
+The pipeline's write stage goes stages -> completion records -> units (curation.units) -> publish
+(curation.publish). Workers stage each extracted clip as OUT/.work/clips/<clip_id>.mp4
+(curation.rundir.staged_clip). When every row of a source has come back, the driver writes
+OUT/.work/done/<source>.json: from then on a rerun skips that source. A source that an
+infrastructure failure deferred gets no record: it is left for the rerun, which does it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+
+from curation.rundir import RunDir
+from curation.stage import left_for_rerun
+
+log = logging.getLogger(__name__)
+
+
+class CompletionTracker:
+    """Collects result rows in any order; a source is complete when the rows of each of its
+    segments, up to its final segment, have all arrived. A source with a deferred row (an
+    infrastructure failure: curation.stage.defer) gets no completion record: it is left in `left`
+    (URI -> why) for the rerun, which processes it again from the start."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        # Rows of sources still in flight only: a completed source leaves nothing behind here.
+        self.rows: dict[str, list[dict]] = defaultdict(list)
+        self.seen: dict[str, Counter] = defaultdict(Counter)
+        self.need: dict[str, dict[int, int]] = defaultdict(dict)
+        self.final: dict[str, int] = {}
+        self.counts: Counter = Counter()  # sources, clips, kept, video_seconds of completed sources
+        self.left: dict[str, str] = {}  # sources left for the rerun, and why
+
+    def add(self, meta: dict) -> bool:
+        """Record one row; returns True (and writes the completion record) if its source is done."""
+        uri = meta["source"]["uri"]
+        seg = meta["seg_index"]
+        self.rows[uri].append(meta)
+        self.seen[uri][seg] += 1
+        self.need[uri][seg] = meta["rows_in_segment"]
+        if meta.get("final"):
+            self.final[uri] = seg
+        last = self.final.get(uri)
+        if last is None or any(self.seen[uri][i] != self.need[uri].get(i, -1) for i in range(last + 1)):
+            return False
+        return self._complete(uri)
+
+    def _complete(self, uri: str) -> bool:
+        rows = self.rows.pop(uri)
+        for state in (self.seen, self.need, self.final):
+            state.pop(uri, None)
+        why = next(filter(None, map(left_for_rerun, rows)), None)
+        if why is not None:  # not the source's fate: no record, so the rerun does it again
+            self.left[uri] = why
+            log.warning("%s: left for the rerun: %s", uri, why)
+            return False
+        source = next((r["source"] for r in rows if r.get("final")), rows[0]["source"])
+        failed = next((r["source"] for r in rows if r["source"]["status"] == "failed"), None)
+        if failed is not None:  # a stage may fail a source on any of its segments, not only the final one
+            source = dict(source, status="failed", error=failed.get("error"))
+        clips = sorted((r["clip"] for r in rows if r.get("clip")), key=lambda c: c["start_frame"])
+        timings: Counter = Counter()
+        for r in rows:
+            timings.update(r.get("timings", {}))
+        source = dict(source, num_clips=len(clips), num_kept=sum(c["status"] == "kept" for c in clips))
+        record = {"source": source, "clips": clips, "timings": dict(timings)}
+        self.run.store.write(self.run.done_path(uri), json.dumps(record, sort_keys=True))
+        if source["status"] == "failed":  # genuine errors reach the console, naming the source
+            log.error("%s: failed: %s", uri, source.get("error"))
+        failed = [c for c in clips if c["status"] == "failed"]
+        if failed:
+            log.error("%s: %d clip(s) failed, first [%s:%s): %s", uri, len(failed), failed[0]["start_frame"],
+                      failed[0]["end_frame"], failed[0].get("reason"))
+        self.counts.update(sources=1, clips=len(clips), kept=source["num_kept"],
+                           rejected=sum(c["status"] == "rejected" for c in clips),
+                           failed=sum(c["status"] == "failed" for c in clips),
+                           failed_sources=int(source["status"] == "failed"),
+                           video_seconds=(source.get("duration") or 0) if source["status"] == "ok" else 0)
+        return True
