@@ -89,8 +89,9 @@ ENV = {  # offline, CPU (as tests/conftest.py; ../shared/ENVIRONMENT.md says why
 }
 TOKEN_VAR = "SPACETIME_FAULTS_TRIAL"
 PATTERNS = ("VLLM", "ray::", "raylet", "gcs_server", "spacetime curate")
-# Ray's and Ray Data's own actors and idle workers are not pipeline stages
-NOT_A_STAGE = re.compile(r"^ray::(IDLE|_|DashboardAgent|RuntimeEnvAgent|.*(Coordinator|Autoscal|StatsActor|ProgressBar))")
+# a pipeline stage's worker: Ray Data's fused map tasks and map actors, the unit writer actor (not
+# an idle worker, a node's agents, nor Ray Data's own actors: _StatsActor, ActorLocationTracker, ...)
+STAGE = re.compile(r"^ray::(MapWorker\(|ShardWriter\b|\w*(Map|Read|Write)\w*\()")
 # a cluster node's own processes (the harness's, while the node lives): idle pool workers and agents
 NODE_SERVICE = re.compile(r"^ray::(IDLE|DashboardAgent|RuntimeEnvAgent)\b")
 INFRA = re.compile(r"(?i:endpoint|connection|timeout|timed out|memory|\baws\b|\bray\b)"
@@ -104,7 +105,7 @@ COUNTS = ("lost", "duplicated", "failed_by_fault", "leftover", "uncaptioned")
 # ------------------------------------------------------------------------------------ processes
 def cmdline(proc) -> str:
     try:
-        return " ".join(proc.cmdline())
+        return " ".join(proc.cmdline()).strip()  # a title set by setproctitle is padded with spaces
     except Exception:  # noqa: BLE001  (gone, or a zombie)
         return ""
 
@@ -396,7 +397,7 @@ class WorkerKill(Fault):
         except psutil.Error:
             return False
         stages = sorted((c.pid, title) for c in children
-                        if (title := cmdline(c)).startswith("ray::") and not NOT_A_STAGE.match(title))
+                        if STAGE.match(title := cmdline(c)))
         if not stages:
             return False
         pid, title = self.rng.choice(stages)
@@ -468,7 +469,7 @@ class NodeLoss(Fault):
         for node in cluster.workers:
             tracked: dict = {}
             sample([node.all_processes["raylet"][0].process.pid], tracked)
-            if any(c.startswith("ray::") and not NOT_A_STAGE.match(c) for _, c in tracked.values()):
+            if any(STAGE.match(c) for _, c in tracked.values()):
                 busy.append(node)
         victim = self.rng.choice(busy or cluster.workers)
         cluster.remove_worker(victim)
