@@ -24,6 +24,8 @@ import random
 import time
 from typing import Callable, TypeVar
 
+from spacetime.errors import describe
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -102,18 +104,14 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 3, backoff: float = 1.
           sleep: Callable[[float], None] = time.sleep) -> T:
     """`fn()`, retried on infrastructure failures (up to `attempts` calls, exponential backoff with
     jitter); a content failure raises at once. The last infrastructure failure is raised as it is."""
-    for attempt in range(attempts):
+    for attempt in range(attempts - 1):
         try:
             return fn()
         except Exception as err:
-            if not is_infrastructure(err) or attempt == attempts - 1:
+            if not is_infrastructure(err):
                 raise
             delay = backoff * 2**attempt * (1 + 0.25 * random.random())
-            log.warning("%s: %s; retrying in %.1f s (%d/%d)", what, _one_line(err), delay, attempt + 1, attempts - 1)
+            log.warning("%s: %s; retrying in %.1f s (%d/%d)", what, describe(err).splitlines()[0][:300], delay,
+                        attempt + 1, attempts - 1)
             sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def _one_line(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-    return text.splitlines()[0][:300] if text else type(err).__name__
+    return fn()
