@@ -4,7 +4,9 @@ The pipeline's write stage goes stages -> completion records -> units (curation.
 (curation.publish). Workers stage each extracted clip as OUT/.work/clips/<clip_id>.mp4
 (curation.rundir.staged_clip). When every row of a source has come back, the driver writes
 OUT/.work/done/<source>.json: from then on a rerun skips that source. A source that an
-infrastructure failure deferred gets no record: it is left for the rerun, which does it again.
+infrastructure failure deferred gets no record: it is left for the rerun, which does it again. A
+source run again by `--retry-failed` gets the record of its attempt, merged with its earlier one's
+settled clips (curation.retry).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 from collections import Counter, defaultdict
 
+from curation.retry import Retry, merge
 from curation.rundir import RunDir
 from curation.stage import left_for_rerun
 
@@ -25,8 +28,9 @@ class CompletionTracker:
     infrastructure failure: curation.stage.defer) gets no completion record: it is left in `left`
     (URI -> why) for the rerun, which processes it again from the start."""
 
-    def __init__(self, run: RunDir):
-        self.run = run
+    def __init__(self, run: RunDir, retries: dict[str, Retry] | None = None):
+        """`retries`: the sources this run processes again (curation.retry.plan_retries)."""
+        self.run, self.retries = run, retries or {}
         # Rows of sources still in flight only: a completed source leaves nothing behind here.
         self.rows: dict[str, list[dict]] = defaultdict(list)
         self.seen: dict[str, Counter] = defaultdict(Counter)
@@ -68,16 +72,25 @@ class CompletionTracker:
             timings.update(r.get("timings", {}))
         source = dict(source, num_clips=len(clips), num_kept=sum(c["status"] == "kept" for c in clips))
         record = {"source": source, "clips": clips, "timings": dict(timings)}
-        self.run.store.write(self.run.done_path(uri), json.dumps(record, sort_keys=True))
+        retry = self.retries.get(uri)
+        if retry is not None:  # the earlier attempt's settled clips join the new attempt's
+            record = merge(self.run.record(uri, retry.prior_attempt), self.run.unit(retry.prior_unit), record)
+            source, clips = record["source"], [c for c in record["clips"] if not c.get("retained")]
+        self.run.store.write(self.run.done_path(uri, self.attempt(uri)), json.dumps(record, sort_keys=True))
         if source["status"] == "failed":  # genuine errors reach the console, naming the source
             log.error("%s: failed: %s", uri, source.get("error"))
         failed = [c for c in clips if c["status"] == "failed"]
         if failed:
             log.error("%s: %d clip(s) failed, first [%s:%s): %s", uri, len(failed), failed[0]["start_frame"],
                       failed[0]["end_frame"], failed[0].get("reason"))
-        self.counts.update(sources=1, clips=len(clips), kept=source["num_kept"],
+        self.counts.update(sources=1, clips=len(clips), kept=sum(c["status"] == "kept" for c in clips),
                            rejected=sum(c["status"] == "rejected" for c in clips),
                            failed=sum(c["status"] == "failed" for c in clips),
-                           failed_sources=int(source["status"] == "failed"),
+                           failed_sources=int(source["status"] == "failed"), retried=int(retry is not None),
                            video_seconds=(source.get("duration") or 0) if source["status"] == "ok" else 0)
         return True
+
+    def attempt(self, uri: str) -> int:
+        """The attempt this run makes at `uri`: 0, or the version that retries it."""
+        retry = self.retries.get(uri)
+        return retry.attempt if retry else 0

@@ -55,7 +55,8 @@ class NearDuplicates:
 
     def decide(self, records: list[dict]) -> dict[str, str]:
         """clip_id -> the clip_id it duplicates, for the kept clips of one unit's records (after
-        `mark_duplicate`); the survivors join the index."""
+        `mark_duplicate`); the survivors join the index. A retried source's clips that an earlier
+        attempt kept (curation.retry) were decided, and indexed, in their own unit."""
         import numpy as np
 
         if self.indexes is None:
@@ -63,7 +64,8 @@ class NearDuplicates:
         near: dict[str, str] = {}
         for kind, index in self.indexes.items():
             clips = [(c["clip_id"], np.array(c["fingerprint"], np.uint64), self._score(c))
-                     for r in records for c in r["clips"] if c["status"] == "kept" and c.get("fingerprint")
+                     for r in records for c in r["clips"]
+                     if c["status"] == "kept" and c.get("fingerprint") and not c.get("retained")
                      and (c["num_frames"] == 1) == (kind == "image")]
             near.update(index.dedup(clips))
         return near

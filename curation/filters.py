@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from spacetime.frames import decode_frames, encode_frames
-from curation.stage import DEFERRED, BatchStage, Stage, fail, pack, unpack
+from curation.stage import DEFERRED, RETAINED, BatchStage, Stage, fail, pack, unpack
 from spacetime.faults import is_infrastructure
 from curation.settings import (AestheticConfig, BordersConfig, DedupConfig, ExposureConfig, MotionConfig,
                                SharpnessConfig, TextConfig)
@@ -125,7 +125,7 @@ class FilterStage(Stage):
         t0 = time.perf_counter()
         meta, sampled = unpack(row)
         clip = meta.get("clip")
-        if clip and sampled and self.cfg.enabled and clip["status"] not in ("failed", DEFERRED):
+        if clip and sampled and self.cfg.enabled and clip["status"] not in ("failed", DEFERRED, RETAINED):
             try:
                 frames = decode_frames(sampled)
                 new = self.score(clip, frames, self.cfg) if len(frames) else None

@@ -33,7 +33,7 @@ from typing import Any
 from curation.caption import Caption
 from curation.filters import Aesthetic, Borders, Exposure, Fingerprint, Motion, Sharpness, Text
 from curation.settings import AnalyzeConfig, CurateConfig, ExtractConfig, ProbeConfig, SplitConfig
-from curation.stage import Stage, defer, fail, pack, unpack
+from curation.stage import RETAINED, Stage, defer, fail, pack, unpack
 from spacetime import contract
 from spacetime.config import S3Config, result_fingerprint
 from spacetime.errors import UserError, describe
@@ -69,7 +69,7 @@ class Probe(Stage):
         uri = meta["source"]["uri"]
         try:  # a storage hiccup is retried; what persists leaves the source for the rerun
             meta["source"] = retry(lambda: probe(uri, self.cfg, self.s3), f"{uri}: probe")
-            if meta["source"]["digest"] in self.known:
+            if meta["source"]["digest"] in self.known and "retain" not in meta:  # (a retry may know itself)
                 meta["source"]["status"] = "duplicate"  # of an earlier version's source (named at write time)
         except Exception as err:  # every failure is a manifest row (or left for the rerun), never a crash
             if is_infrastructure(err):
@@ -135,6 +135,7 @@ class Split(Stage):
         self.max_sampled = max_sampled
 
     def __call__(self, row: dict):
+        from curation.retry import retain_settled
         from curation.split import split_segment
 
         t0 = time.perf_counter()
@@ -145,12 +146,15 @@ class Split(Stage):
             seg["sampled"] = sampled
             try:
                 clips = split_segment(meta["source"], seg, self.cfg, self.max_sampled)
+                if "retain" in meta:  # a retried source: the clips an earlier attempt settled stand
+                    retain_settled(clips, meta["retain"])
             except Exception as err:  # this segment's source fails (the writer reads it off any row)
                 meta["source"] = dict(meta["source"], status="failed",
                                       error=f"split failed on segment {meta['seg_index']}: {describe(err)}")
                 log.debug(traceback.format_exc())
         rows = [(dict(meta, clip=None), b"")] if not clips else [
-            (dict(meta, clip={k: v for k, v in c.items() if k != "sampled"}), c["sampled"]) for c in clips]
+            (dict(meta, clip={k: v for k, v in c.items() if k != "sampled"}),
+             c["sampled"] if c["status"] != RETAINED else b"") for c in clips]
         share = (time.perf_counter() - t0) / len(rows)
         for k, (m, s) in enumerate(rows):
             # The segment's seconds so far go on its first row only (the writer sums over rows).
@@ -407,13 +411,16 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str],
 
 
 def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | None, tracker, writer,
-                wall_start: float, cores: float, console=None) -> None:
+                wall_start: float, cores: float, console=None, retain: dict | None = None) -> None:
     """Stream the pending sources through the stages; completed sources are recorded (tracker) and
-    their units written as soon as they are ready (writer)."""
+    their units written as soon as they are ready (writer). `retain`: a retried source -> the frame
+    spans its earlier attempt settled (curation.retry)."""
     import ray.data
     from tqdm import tqdm
 
-    items = [pack({"source": {"uri": u, "status": "pending"}}) for u in pending]
+    retain = retain or {}
+    items = [pack({"source": {"uri": u, "status": "pending"}, **({"retain": retain[u]} if u in retain else {})})
+             for u in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     token = f"{os.getpid()}-{time.time_ns()}"
     for i, spec in enumerate(stages(cfg, out, known)):
@@ -437,7 +444,8 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | 
             meta = json.loads(text)
             completed = tracker.add(meta)
             if completed:
-                writer.source_done(meta["source"]["uri"])
+                uri = meta["source"]["uri"]
+                writer.source_done(uri, tracker.attempt(uri))
             writer.poll()  # a completed unit's duplicates are decided here: the bar shows them at once
             if completed or meta["source"]["uri"] in tracker.left:
                 bar.set_postfix_str(progress_line(fates(tracker, writer), len(pending), time.time() - wall_start,
@@ -512,9 +520,10 @@ def progress_line(counts, total: int, wall: float, cores: float, short: bool = F
 
 
 def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address: str | None = None,
-                 ray_log: bool = False) -> dict:
+                 ray_log: bool = False, retry_failed: bool = False) -> dict:
     """Curate `inputs` into `output` (resumable: rerunning the same command continues). One run per
     output at a time: a second one is refused (spacetime.lease.LeaseHeld names the holder).
+    `retry_failed`: the new version also runs the last version's failures again (curation.retry).
     `ray_log`: Ray's own messages go to OUT/logs/ray.log instead of the console (curation.console)."""
     from curation.sources import list_inputs
     from spacetime.lease import Lease
@@ -529,7 +538,7 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
         raise RuntimeError(f"no video found in inputs {inputs} (extensions: {cfg.sources.extensions})")
     preflight(cfg)
     with Lease(out.uri, cfg.sources.s3) as lease:
-        summary = _curate(uris, out, cfg, ray_address, lease, wall_start, ray_log)
+        summary = _curate(uris, out, cfg, ray_address, lease, wall_start, ray_log, retry_failed)
     log.info("kept %d of %d clips in %d shards", summary["clips"]["kept"], summary["clips"]["total"],
              summary["shards"])
     return summary
@@ -558,11 +567,12 @@ def _ray_messages(out: Store, enabled: bool):
 
 
 def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | None, lease, wall_start: float,
-            ray_log: bool = False) -> dict:
+            ray_log: bool = False, retry_failed: bool = False) -> dict:
     import ray
 
     from curation.completion import CompletionTracker
     from curation.publish import finalize
+    from curation.retry import plan_retries, settled_spans
     from curation.rundir import RunDir
     from curation.sources import source_key
     from curation.units import plan_units
@@ -573,52 +583,63 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
     # Resources and transport do not change results, so a rerun may use other ones; the rest must match.
     run.claim({"config": result_fingerprint(cfg), "spacetime": metadata.version("spacetime")})
     versions = VersionLog(run)
-    current, earlier = versions.plan(uris)
+    current, earlier = versions.plan(uris, retry_failed)
     every = earlier + ([current] if current else [])
-    sources = [u for v in every for u in v.sources]  # processing order: version, then URI
-    done, committed = run.done_keys(), run.committed_units()  # one listing each, not a request per source
-    pending = [u for u in sources if source_key(u) not in done]
-    units = [chunk for v in every for chunk in plan_units(v.sources, cfg.write.unit_sources)]
+    entries = [e for v in every for e in v.entries()]  # (uri, attempt), in processing order: version, then URI
+    attempts = {a for _, a in entries}
+    done = {(k, a) for a in attempts for k in run.done_keys(a)}  # a listing per attempt, not a request per source
+    pending = [(u, a) for u, a in entries if (source_key(u), a) not in done]
+    units = [chunk for v in every for chunk in plan_units(v.entries(), cfg.write.unit_sources)]
+    committed = run.committed_units()
     unwritten = [n for n in range(len(units)) if n not in committed]
-    log.info("%d sources, %d already done, %d to process; %d of %d work units to write -> %s", len(sources),
-             len(sources) - len(pending), len(pending), len(unwritten), len(units), out.uri)
+    again = f" ({len(current.retried)} of them retried)" if current and current.retried else ""
+    log.info("%d sources, %d already done, %d to process%s; %d of %d work units to write -> %s", len(entries),
+             len(entries) - len(pending), len(pending), again, len(unwritten), len(units), out.uri)
     if current is None:
-        log.info("no new input: %s stays at version %d", out.uri, earlier[-1].version)
+        log.info("no new input%s: %s stays at version %d", " and no failure to retry" if retry_failed else "",
+                 out.uri, earlier[-1].version)
         return json.loads(out.read_bytes(contract.SUMMARY_PATH))
     out.write("config.yaml", dump_config(cfg))
-    tracker, cores, started = CompletionTracker(run), 0.0, False
+    retries = plan_retries(units, current.version) if current.retried else {}
+    tracker, cores, started = CompletionTracker(run, retries), 0.0, False
     if pending or unwritten:
         with _ray_messages(out, ray_log) as console:
             try:
                 started = init_ray(cfg, ray_address)
             except Exception as err:  # e.g. a node too loaded to start Ray in time, an unreachable cluster
                 raise RunIncomplete(f"Ray did not start ({describe(err).splitlines()[0]}); {len(pending)} sources "
-                                    "left: rerun the same command", {u: "Ray did not start" for u in pending}) from err
+                                    "left: rerun the same command", {u: "Ray did not start" for u, _ in pending}) from err
             slots = float(ray.cluster_resources().get("CPU", 0))
             cores = _cores(cfg, slots, embedded=not address_of(cfg, ray_address))
-            writer = _unit_writer(run, units, cfg, set(sources) - set(pending), lease.check)
+            writer = _unit_writer(run, units, cfg, set(entries) - set(pending), lease.check)
             writer.poll()  # units a killed run completed but did not commit
             stopped = None  # the infrastructure failure that ended the stages early, if one did
             if pending:
                 known = contract.version_file(contract.version_dir(earlier[-1].version), contract.SOURCES_MANIFEST) \
                     if earlier else None
+                # a retried source's row carries the frames its earlier attempt settled (curation.retry)
+                retain = {u: settled_spans(run.record(u, r.prior_attempt)) for u, r in retries.items()
+                          if (u, r.attempt) in pending}
                 try:
-                    _run_stages(pending, cfg, out, known, tracker, writer, wall_start, cores, console)
+                    _run_stages([u for u, _ in pending], cfg, out, known, tracker, writer, wall_start, cores, console,
+                                retain)
                 except Exception as err:
                     if not is_infrastructure(err):
                         raise  # a bug: its traceback (the sources not done are still left for a rerun)
                     stopped = err
             _write_ready_units(writer, stopped)
-            done = run.done_keys()
-            missing = [u for u in pending if source_key(u) not in done]
+            done = {(k, a) for a in attempts for k in run.done_keys(a)}
+            missing = [u for u, a in pending if (source_key(u), a) not in done]
             if missing:  # nothing is published: the same command completes them
                 if started:
                     stop_ray()
-                raise incomplete(missing, len(sources), tracker.left, stopped)
+                raise incomplete(missing, len(entries), tracker.left, stopped)
     lease.check()  # another run took the output over: publish nothing
     counts = fates(tracker, writer) if pending else tracker.counts
-    summary = finalize(run, units, wall_start, _versions(), cores, dict(counts), current.version)
+    summary = finalize(run, units, wall_start, _versions(), cores, dict(counts), current.version, len(current.retried))
     versions.publish(current)
     _report_and_stop_ray(out, stop_ray_after=started)
-    log.info("published version %d: %d new sources", current.version, len(current.sources))
+    again = f", {len(current.retried)} retried" if current.retried else ""
+    log.info("published version %d: %d new sources%s", current.version,
+             len(current.sources) - len(current.retried), again)
     return summary

@@ -53,40 +53,50 @@ class RowGroups:
         self.writer.close()
 
 
-def finalize(run: RunDir, units: list[list[str]], wall_start: float, versions: dict, cores: float = 0.0,
-             processed: dict | None = None, version: int = 1) -> dict:
+def finalize(run: RunDir, units: list[list[tuple[str, int]]], wall_start: float, versions: dict,
+             cores: float = 0.0, processed: dict | None = None, version: int = 1, retried: int = 0) -> dict:
     """Publish dataset version `version`: index, manifests and summary from the commit records of
-    `units` (every unit so far, in processing order: version, then URI) and the completion records of
-    their sources. Metadata only (the shards are written), streamed a unit at a time so the driver's
-    memory does not grow with the dataset. Written under versions/vNNNNNN/, then the pointer
+    `units` (every unit so far, in processing order: version, then URI; entries (uri, attempt):
+    curation.units.plan_units) and the completion records of their sources. A source retried by a
+    later version (curation.retry; `retried` of them by this one) is listed as its latest attempt
+    has it: the earlier attempts' rows are left out, their units' index rows (their shards) stay.
+    Metadata only (the shards are written), streamed a unit at a time so the driver's memory does not
+    grow with the dataset. Written under versions/vNNNNNN/, then the pointer
     latest.json, then copied to the stable paths (see curation.versions). `processed`: the tracker's
     counts of what THIS invocation processed (its throughput); `cores`: the CPUs Ray had."""
     store, folder = run.store, contract.version_dir(version)
     files = {contract.INDEX_PATH: contract.INDEX_SCHEMA, contract.SOURCES_MANIFEST: contract.SOURCES_SCHEMA,
              contract.CLIPS_MANIFEST: contract.CLIPS_SCHEMA}
     totals, first = _Totals(), {}
+    latest: dict[str, int] = {}  # a retried source -> its latest attempt (0 for every other source)
+    for unit in units:
+        for uri, attempt in unit:
+            if attempt:
+                latest[uri] = max(attempt, latest.get(uri, 0))
     with contextlib.ExitStack() as stack:
         writers = {rel: RowGroups(pq.ParquetWriter(stack.enter_context(store.writing(contract.version_file(folder, rel))),
                                                    schema)) for rel, schema in files.items()}
         for writer in writers.values():
             stack.callback(writer.close)  # runs before each file's rename (ExitStack unwinds in reverse)
-        for n, uris in enumerate(units):
+        for n, entries in enumerate(units):
             committed = run.unit(n)
-            records = [run.record(u) for u in uris]
-            for r in records:
+            records = [run.record(u, a) for u, a in entries]
+            for r in records:  # every attempt, in order: the same decisions as the unit writer's
                 mark_duplicate(r, first)
             apply_near_duplicates(records, committed.get("near_duplicates", {}))
+            live = [r for (u, a), r in zip(entries, records) if latest.get(u, 0) == a]
             shard_of = {row["clip_id"]: row["shard"] for row in committed["index"]}
-            clips = [dict(c, shard=shard_of.get(c["clip_id"]), scores=contract.score_columns(c.get("scores")))
-                     for r in records for c in r["clips"]]
-            rows = {contract.INDEX_PATH: committed["index"], contract.SOURCES_MANIFEST: [r["source"] for r in records],
+            clips = [dict(c, shard=c.get("shard") or shard_of.get(c["clip_id"]),
+                          scores=contract.score_columns(c.get("scores"))) for r in live for c in r["clips"]]
+            rows = {contract.INDEX_PATH: committed["index"], contract.SOURCES_MANIFEST: [r["source"] for r in live],
                     contract.CLIPS_MANIFEST: clips}
             for rel, schema in files.items():
                 writers[rel].add(contract.table(rows[rel], schema))
-            totals.add(records, committed)
+            totals.add(live, committed, records)
     summary = totals.summary(time.time() - wall_start, versions)
     processed = processed or {}
-    summary.update(version=version, cores=cores, processed_this_invocation=dict(processed), throughput=throughput(
+    summary.update(version=version, retried_sources=retried, cores=cores,
+                   processed_this_invocation=dict(processed), throughput=throughput(
         processed.get("video_seconds", 0.0), processed.get("clips", 0), time.time() - wall_start, cores))
     summary_text = json.dumps(summary, indent=1, sort_keys=True)
     store.write(f"{folder}/{contract.SUMMARY_PATH}", summary_text)
@@ -107,13 +117,16 @@ class _Totals:
         self.hours_in = self.hours_out = 0.0
         self.shards = 0
 
-    def add(self, records: list[dict], committed: dict) -> None:
+    def add(self, live: list[dict], committed: dict, attempts: list[dict]) -> None:
+        """`live`: the unit's records that count (each source's latest attempt); `attempts`: all of
+        them (the seconds spent)."""
         self.shards += len(committed["shards"])
-        for r in records:
+        for r in attempts:
+            self.timings.update(r.get("timings", {}))
+        for r in live:
             source = r["source"]
             self.sources[source["status"]] += 1
             self.hours_in += (source.get("duration") or 0) / 3600 if source["status"] == "ok" else 0
-            self.timings.update(r.get("timings", {}))
             for c in r["clips"]:
                 self.clips[c["status"]] += 1
                 if c["status"] == "kept":

@@ -9,6 +9,7 @@ name + rename locally, one upload on S3).
     OUT/.work/run.json              the fingerprint of the config the output is made with (RunDir.claim)
     OUT/.work/clips/<clip_id>.mp4   a clip the extract stage staged (published whole), until its unit is written
     OUT/.work/done/<source>.json    a source's completion record: from then on a rerun skips that source
+    OUT/.work/retries/vNNNNNN/<source>.json   its record after a retry in version N (curation.retry)
     OUT/.work/units/<unit>.json     a unit's commit: its sources, shards and index rows
 """
 
@@ -25,6 +26,7 @@ from spacetime.store import Store
 # The run's state under OUT/.work (contract.WORK_DIR): staged clips, completion records, unit commits.
 STAGING_DIR = f"{contract.WORK_DIR}/clips"
 DONE_DIR = f"{contract.WORK_DIR}/done"
+RETRIES_DIR = f"{contract.WORK_DIR}/retries"
 UNITS_DIR = f"{contract.WORK_DIR}/units"
 RUN_PATH = f"{contract.WORK_DIR}/run.json"
 
@@ -45,18 +47,23 @@ class RunDir:
         self.store = store
         self.out = store.uri  # for messages
 
-    def done_path(self, uri: str) -> str:
-        return f"{DONE_DIR}/{source_key(uri)}.json"
+    # A source's attempt: 0 the first time it is processed; N when version N runs it again (`spacetime
+    # curate --retry-failed`, curation.retry). Each attempt has its own completion record.
+    def done_dir(self, attempt: int = 0) -> str:
+        return f"{RETRIES_DIR}/v{attempt:06d}" if attempt else DONE_DIR
 
-    def is_done(self, uri: str) -> bool:
-        return self.store.exists(self.done_path(uri))
+    def done_path(self, uri: str, attempt: int = 0) -> str:
+        return f"{self.done_dir(attempt)}/{source_key(uri)}.json"
 
-    def done_keys(self) -> set[str]:
-        """The source keys (curation.sources.source_key) with a completion record: one listing."""
-        return {name[:-len(".json")] for name in self.store.list(DONE_DIR, ".json")}
+    def is_done(self, uri: str, attempt: int = 0) -> bool:
+        return self.store.exists(self.done_path(uri, attempt))
 
-    def record(self, uri: str) -> dict:
-        return json.loads(self.store.read_bytes(self.done_path(uri)))
+    def done_keys(self, attempt: int = 0) -> set[str]:
+        """The source keys (curation.sources.source_key) with a completion record of `attempt`: one listing."""
+        return {name[:-len(".json")] for name in self.store.list(self.done_dir(attempt), ".json")}
+
+    def record(self, uri: str, attempt: int = 0) -> dict:
+        return json.loads(self.store.read_bytes(self.done_path(uri, attempt)))
 
     def unit_path(self, unit: int) -> str:
         return f"{UNITS_DIR}/{unit:06d}.json"

@@ -16,6 +16,9 @@ import time
 # A clip or source whose work an infrastructure failure stopped (spacetime.faults): never a fate. The
 # completion tracker leaves its source undone, for the rerun (curation.completion.CompletionTracker).
 DEFERRED = "deferred"
+# A clip of a retried source (`spacetime curate --retry-failed`) over frames an earlier attempt settled:
+# that fate stands, so no stage works on it, and the merged record leaves it out (curation.retry).
+RETAINED = "retained"
 
 
 def fail(clip: dict, name: str, err: BaseException) -> None:

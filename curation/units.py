@@ -28,9 +28,11 @@ from spacetime.store import Store
 log = logging.getLogger(__name__)
 
 
-def plan_units(uris: list[str], size: int) -> list[list[str]]:
-    """The sorted inputs cut into runs of `size` sources: the same list always gives the same units."""
-    return [uris[i:i + size] for i in range(0, len(uris), size)]
+def plan_units(entries: list, size: int) -> list[list]:
+    """The sorted inputs cut into runs of `size` sources: the same list always gives the same units.
+    An entry is a source's (uri, attempt): attempt 0 the first time, N when version N retries it
+    (curation.retry)."""
+    return [entries[i:i + size] for i in range(0, len(entries), size)]
 
 
 def _pack_shards(kept: list[dict], target_bytes: int, unit: int) -> dict[str, list[dict]]:
@@ -82,6 +84,11 @@ def _count_kept(records: list[dict]) -> int:
     return sum(c["status"] == "kept" for r in records for c in r["clips"])
 
 
+def new_kept(records: list[dict]) -> list[dict]:
+    """The kept clips the records' unit writes: all but those an earlier attempt kept (curation.retry)."""
+    return [c for r in records for c in r["clips"] if c["status"] == "kept" and not c.get("retained")]
+
+
 class ShardWriter:
     """A Ray actor that writes units (`write_unit`) for the whole run. It is started with the run, so its
     imports (webdataset pulls in torch: ~1.5 s) are done before the first unit is ready, and no task of
@@ -96,13 +103,13 @@ class ShardWriter:
         return write_unit(*args)
 
 
-def write_unit(store: Store, unit: int, uris: list[str], first: dict[str, str], near: dict[str, str],
-               target_bytes: int, versions: dict) -> dict:
+def write_unit(store: Store, unit: int, entries: list[tuple[str, int]], first: dict[str, str],
+               near: dict[str, str], target_bytes: int, versions: dict) -> dict:
     """Write the shards of one unit and commit it (in a ShardWriter, on any node: it reads and writes
     the output store only).
 
-    `first`: digest -> first URI for every digest seen in EARLIER units (duplicates are decided with
-    it); `near`: the unit's near-duplicate clips (NearDuplicates.decide), kept in the commit. Writes
+    `entries`: the unit's sources, (uri, attempt) each (plan_units). `first`: digest -> first URI for
+    every digest seen in EARLIER units (duplicates are decided with it); `near`: the unit's near-duplicate clips (NearDuplicates.decide), kept in the commit. Writes
     each shard atomically, then OUT/.work/units/<unit>.json with the unit's index rows, then removes
     the unit's staged clips. Idempotent (a retried call finds the commit). Returns
     {"unit", "shards", "samples"}."""
@@ -111,11 +118,11 @@ def write_unit(store: Store, unit: int, uris: list[str], first: dict[str, str], 
         done = run.unit(unit)
         return {"unit": unit, "shards": len(done["shards"]), "samples": len(done["index"])}
     first = dict(first)
-    records = [run.record(u) for u in uris]
+    records = [run.record(u, a) for u, a in entries]
     for r in records:
         mark_duplicate(r, first)
     apply_near_duplicates(records, near)
-    kept = [c for r in records for c in r["clips"] if c["status"] == "kept"]
+    kept = new_kept(records)  # a retried source's earlier kept clips are in their shards already
     by_source = {r["source"]["uri"]: r["source"] for r in records}
     index = []
     layout = _pack_shards(kept, target_bytes, unit)
@@ -124,12 +131,12 @@ def write_unit(store: Store, unit: int, uris: list[str], first: dict[str, str], 
             contract.write_shard(tmp, [(store.read_bytes(staged_clip(c["clip_id"])),
                                         clip_record(c, by_source[c["source_uri"]], versions)) for c in members])
         index += [index_row(c, rel) for c in members]
-    store.write(run.unit_path(unit), json.dumps({"unit": unit, "sources": uris, "shards": sorted(layout),
+    store.write(run.unit_path(unit), json.dumps({"unit": unit, "sources": [u for u, _ in entries], "shards": sorted(layout),
                                                  "index": index, "near_duplicates": near}, sort_keys=True))
     # Not a duplicate source's clips: they share ids, hence staged files, with the original's, which
     # another unit's task may still be reading. Near-duplicates' staged clips are left too:
     # finalize removes whatever staging is left, in one listing.
-    for c in (c for r in records for c in r["clips"] if c["status"] == "kept"):
+    for c in kept:
         store.delete(staged_clip(c["clip_id"]))
     return {"unit": unit, "shards": len(layout), "samples": len(index)}
 
@@ -138,15 +145,16 @@ class UnitWriter:
     """Driver side of the units: submits each unit's write, in unit order, once its sources and
     every earlier unit's are complete; keeps the digest -> first URI map of the submitted units.
 
-        writer = UnitWriter(run, units, submit, done, near)  # submit(unit, uris, first, near) -> ObjectRef
-        writer.source_done(uri)                  # as the tracker completes sources
+        writer = UnitWriter(run, units, submit, done, near)  # submit(unit, entries, first, near) -> ObjectRef
+        writer.source_done(uri, attempt)         # as the tracker completes sources
         writer.poll()                            # submits what became ready, reaps finished writes
         writer.wait()                            # at the end: every unit committed
     """
 
     def __init__(self, run: RunDir, units: list[list[str]], submit, done: set[str], near: NearDuplicates,
                  check=None):
-        """`done`: the sources completed before this invocation; `near`: near-duplicate decisions;
+        """`units`: plan_units' lists of (uri, attempt); `done`: the entries completed before this
+        invocation; `near`: near-duplicate decisions;
         `check`: called before each unit, raises to stop the run (the output's Lease.check)."""
         self.run, self.units, self.submit, self.near, self.check = run, units, submit, near, check
         self.next = 0  # the first unit not yet submitted
@@ -157,8 +165,8 @@ class UnitWriter:
         self.duplicates = 0
         self.in_flight: dict = {}  # ObjectRef -> unit
 
-    def source_done(self, uri: str) -> None:
-        self.complete.add(uri)
+    def source_done(self, uri: str, attempt: int = 0) -> None:
+        self.complete.add((uri, attempt))
 
     def poll(self) -> None:
         import ray
@@ -166,18 +174,18 @@ class UnitWriter:
         while self.next < len(self.units) and all(u in self.complete for u in self.units[self.next]):
             if self.check is not None:
                 self.check()  # a run that lost its output's lease writes no more units
-            uris = self.units[self.next]
+            entries = self.units[self.next]
             first = dict(self.first)  # the writer re-marks its unit's duplicates from the earlier units' digests
-            records = [self.run.record(u) for u in uris]
-            fresh = [r for r in records if r["source"]["uri"] not in self.before]
+            records = [self.run.record(u, a) for u, a in entries]
+            fresh = [r for e, r in zip(entries, records) if e not in self.before]
             passed = _count_kept(fresh)
             for r in records:
                 mark_duplicate(r, self.first)
             near = self.near.decide(records)  # every unit, committed or not: the index needs them all
             self.duplicates += passed - _count_kept(fresh) + sum(c["clip_id"] in near for r in fresh for c in r["clips"])
             if not self.run.is_unit_done(self.next):
-                self.in_flight[self.submit(self.next, uris, first, near)] = self.next
-            self.complete.difference_update(uris)
+                self.in_flight[self.submit(self.next, entries, first, near)] = self.next
+            self.complete.difference_update(entries)
             self.next += 1
         if self.in_flight:
             ready, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=0)

@@ -83,10 +83,13 @@ def cmd_curate(args: argparse.Namespace) -> int:
     if args.output is None:
         raise ConfigError("spacetime curate: give --output DIR")
     summary = run_curation(args.input, args.output, cfg, ray_address=args.ray_address,
-                           ray_log=not getattr(args, "verbose", False))
+                           ray_log=not getattr(args, "verbose", False), retry_failed=args.retry_failed)
+    failed = summary["clips"]["failed"] + summary["sources"]["failed"]
     print(f"curated {summary['sources']['ok']}/{summary['sources']['total']} sources: "
           f"{summary['clips']['kept']} clips kept of {summary['clips']['total']} "
-          f"in {summary['shards']} shards -> {args.output}")
+          f"in {summary['shards']} shards -> {args.output}"
+          + (f"; {summary['sources']['failed']} sources and {summary['clips']['failed']} clips failed "
+             "(after fixing the cause: --retry-failed)" if failed else ""))
     return 0
 
 
@@ -206,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="join this Ray cluster (default: $RAY_ADDRESS, else a local embedded Ray)")
     p.add_argument("--dashboard", action="store_true",
                    help="start Ray's dashboard with the local Ray (127.0.0.1) and print its URL")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also run again the sources and clips the last version recorded as failed (after a "
+                        "decoder or model upgrade), published as a new version; other shards are untouched")
     _config_args(p, CONFIG_DIR / "curate" / "default.yaml")
     p.set_defaults(func=cmd_curate)
 

@@ -296,8 +296,8 @@ def test_a_lost_lease_stops_the_unit_writer_before_it_submits(tmp_path):
     lease_file(out).write_text(json.dumps(fake_record()))  # another run took over
     assert wait_until(lambda: lease.lost, timeout=2)
     submitted = []
-    writer = UnitWriter(RunDir(Store(out)), [["a.mp4"], ["b.mp4"]], lambda *unit: submitted.append(unit),
-                        {"a.mp4", "b.mp4"}, None, check=lease.check)
+    writer = UnitWriter(RunDir(Store(out)), [[("a.mp4", 0)], [("b.mp4", 0)]], lambda *unit: submitted.append(unit),
+                        {("a.mp4", 0), ("b.mp4", 0)}, None, check=lease.check)
     with pytest.raises(LeaseLost, match="lost its lease"):
         writer.poll()
     assert submitted == [] and writer.next == 0
