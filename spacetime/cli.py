@@ -143,6 +143,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from training.validate import cmd_eval as run
+
+    return run(args)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from training.sample import cmd_sample as run
 
@@ -215,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, CONFIG_DIR / "curate" / "default.yaml")
     p.set_defaults(func=cmd_curate)
 
-    from training.cli_args import add_sample_args, add_train_args
+    from training.cli_args import add_eval_args, add_sample_args, add_train_args
 
     p = sub.add_parser("train", help="train the DiT or the video VAE (torchrun for several processes)",
                        description="Train on curation outputs; rerunning on an existing --output resumes "
@@ -223,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     _config_args(p, CONFIG_DIR / "train" / "tiny.yaml")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation figures of a training checkpoint on held-out data, as JSON",
+                       description="The validation record `spacetime train` logs (DiT: flow loss at fixed timesteps "
+                                   "per quantile and bucket; VAE: L1, PSNR, SSIM), for any checkpoint: the run's "
+                                   "config, held-out sources and EMA weights, bit for bit.")
+    add_eval_args(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate a video or image from a DiT checkpoint (any size; i2v, "
                                       "extend, loop, interpolate, video-to-video)")

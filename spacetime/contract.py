@@ -471,6 +471,7 @@ CACHE_INDEX_SCHEMA = pa.schema([
     ("stride", pa.int32()),  # source frames between two encoded frames
     ("entry", pa.string()),  # content address (training.cache.entry_address)
     ("source_shard", pa.string()),  # the curation shard the clip came from (full URI)
+    ("source_digest", pa.string()),  # its source's content digest (held-out splits: training.data.index)
 ])
 
 

@@ -100,18 +100,25 @@ def test_the_cache_holds_posteriors_and_embeddings_of_every_clip(data, straight)
 def test_steps_from_the_cache_match_steps_from_raw_shards(data, straight, env, tmp_path):
     """Same seed, posterior sampling, short captions and caption dropout: the same losses (within
     1e-5 relative: the cache encodes clips and captions in other batches than the raw step does)
-    and the same weights after 8 steps."""
+    and the same weights after 8 steps. The cache holds each clip's source digest, so the same
+    sources are held out, and the validation figures agree too."""
     sets = ["vae.sample_posterior=true", "loader.short_caption_prob=0.3", "loader.caption_dropout=0.2",
-            "log.every=1", "checkpoint.every=8"]
+            "log.every=1", "checkpoint.every=8", "eval.fraction=0.25", "eval.every=4"]
     flags = [x for s in sets for x in ("--set", s)]
     runs = {}
     for name, source in (("raw", data), ("cached", straight)):
         runs[name] = tmp_path / name
         run([*spacetime("dit", "--data", str(source), "--output", str(runs[name]), "--max-steps", "8"), *flags], env)
-    losses = {k: [json.loads(line)["loss"] for line in (p / "metrics.jsonl").read_text().splitlines()]
-              for k, p in runs.items()}
+    lines = {k: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()] for k, p in runs.items()}
+    losses = {k: [r["loss"] for r in rs if "loss" in r] for k, rs in lines.items()}
     assert len(losses["raw"]) == 8
     np.testing.assert_allclose(losses["cached"], losses["raw"], rtol=1e-5)
+    val = {k: [(r["step"], r["val_clips"], r["val_loss"]) for r in rs if "val_loss" in r] for k, rs in lines.items()}
+    assert [s for s, _, _ in val["cached"]] == [s for s, _, _ in val["raw"]] == [0, 4, 8]
+    assert [n for _, n, _ in val["cached"]] == [n for _, n, _ in val["raw"]] and val["raw"][0][1] > 0
+    np.testing.assert_allclose([v for *_, v in val["cached"]], [v for *_, v in val["raw"]], rtol=1e-5)
+    assert json.loads((runs["cached"] / "heldout.json").read_text())["held_out_clips"] == \
+        json.loads((runs["raw"] / "heldout.json").read_text())["held_out_clips"]
     assert len(set(round(x, 3) for x in losses["raw"])) > 4  # the steps differ: a real comparison
     raw, cached = (load_file(latest_checkpoint(p) / "model.safetensors") for p in runs.values())
     for k in raw:

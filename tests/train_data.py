@@ -24,7 +24,8 @@ CAPTIONS = ["a red texture drifting right", "green stripes sliding down", "a blu
 
 
 def make_dataset(out: Path, videos: int = 4, images: int = 2, frames: int = 17, fps: int = 8) -> Path:
-    """Write OUT/shards/<bucket>/*.tar and OUT/shards/index.parquet; returns OUT."""
+    """Write OUT/shards/<bucket>/*.tar, OUT/shards/index.parquet and OUT/manifest/sources.parquet (each
+    clip its own source, of digest test-<i>); returns OUT."""
     out = Path(out)
     media = out / "media"
     rows, by_bucket = [], {}
@@ -51,6 +52,10 @@ def make_dataset(out: Path, videos: int = 4, images: int = 2, frames: int = 17, 
     for r in rows:
         r["shard"] = shard_of[r["bucket"]]
     pq.write_table(contract.table(rows, contract.INDEX_SCHEMA), out / contract.INDEX_PATH)
+    sources = [{"uri": r["source_uri"], "digest": f"test-{i}", "digest_kind": "sha256", "status": "ok",
+                "num_clips": 1, "num_kept": 1} for i, r in enumerate(rows)]
+    (out / contract.SOURCES_MANIFEST).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(contract.table(sources, contract.SOURCES_SCHEMA), out / contract.SOURCES_MANIFEST)
     return out
 
 

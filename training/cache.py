@@ -321,7 +321,7 @@ class _Builder:
             rows.append({"shard": rel, "key": entry.clip_id, "clip_id": entry.clip_id, "bucket": entry.bucket,
                          "width": int(s.width[i]), "height": int(s.height[i]), "num_frames": int(s.num_frames[i]),
                          "fps": float(s.fps[i]), "stride": entry.stride, "entry": entry.entry,
-                         "source_shard": s.shard[i]})
+                         "source_shard": s.shard[i], "source_digest": s.source[i]})
         if members:
             with self.store.writing(rel) as tmp:
                 contract.write_tar(tmp, members)

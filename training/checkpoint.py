@@ -240,7 +240,8 @@ def load_model_weights(path: Path, model: torch.nn.Module, ema: bool = True) -> 
         state = {key: model.state_dict()}
         with warnings.catch_warnings():  # "... assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path / STATE_DIR))
+            # no_dist: this process alone, even inside a process group (samples drawn during training)
+            dcp.load(state, checkpoint_id=str(path / STATE_DIR), no_dist=True)
         model.load_state_dict(state[key])
         return
     from safetensors.torch import load_file

@@ -27,6 +27,19 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: steps)")
 
 
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `spacetime eval`."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run folder (its newest checkpoint) or a checkpoint folder, of `spacetime train dit|vae`")
+    parser.add_argument("--data", action="append", default=None, metavar="DIR",
+                        help="curation output or latent cache whose held-out sources (the run's eval.fraction) are "
+                             "evaluated (repeatable; default: the run's loader.data)")
+    parser.add_argument("--val-data", action="append", default=None, metavar="DIR",
+                        help="outputs evaluated whole (repeatable; default: the run's eval.data)")
+    parser.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA's")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+
+
 MODES = ("text", "i2v", "extend-forward", "extend-backward", "loop", "interpolate", "v2v")
 
 

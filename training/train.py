@@ -11,6 +11,10 @@ latents and text embeddings, or the VAE's own reconstruction + KL) / grad_accum 
 (training.optim) -> EMA update -> values into the metrics window (training.metrics). Every
 `log.every` steps the window becomes one record; every `checkpoint.every` steps a checkpoint is
 written (training.checkpoint) and the task's checkpoint hook runs (the VAE task exports RUN/vae).
+With held-out data (`eval.fraction` of the sources, or `eval.data`), the loader never reads it, and
+every `eval.every` steps (and at step 0 and the last step) the EMA weights are validated on it
+(training.validate): a record of its own in metrics.jsonl, and a log line. A DiT run draws sample
+videos from its checkpoints every `eval.sample_every` steps (training.eval_samples: RUN/samples/).
 
 Rerunning the same command on an existing RUN resumes from its newest checkpoint (model, EMA,
 optimizer, scheduler, loader position, RNG and the task's extra state): on the same world size on
@@ -19,7 +23,8 @@ SIGKILL to check).
 
 RUN/ holds config.yaml (resolved config), checkpoints/ (training.checkpoint), metrics.jsonl (one
 JSON record per log step: loss overall and per bucket, lr, grad norm, tokens/s, TFLOP/s, MFU,
-loader wait), tensorboard/ (the same scalars, when the tensorboard package is installed; it is
+loader wait; and one per evaluation: val_loss overall, per timestep quantile and per bucket),
+heldout.json (the held-out clips and sources, and those evaluated), tensorboard/ (the same scalars, when the tensorboard package is installed; it is
 not in this project's environment) and vae/ (the VAE the run trained or, for a DiT run on an
 UNTRAINED VAE, that VAE, so samples decode with the same weights).
 """
@@ -45,6 +50,8 @@ from training.optim import build_optimizer, clip_grad_norm
 from training.parallel import Dist, autocast_dtype, init_distributed, parallelize
 from training.tasks import Task, build_task, sync_loader
 from training.train_config import TrainConfig
+from training.eval_samples import write_samples
+from training.validate import ValSet, ema_weights, validate, write_heldout
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +179,13 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
     task = build_task(kind, cfg, run_dir, d)
     cfg = sync_loader(cfg, *task.compression, task.patch)
     _prepare_run_dir(cfg, run_dir, d)
-    loader = BucketLoader(cfg.loader, d.dp_rank, d.dp_size)  # a context-parallel group reads one stream
+    # a context-parallel group reads one stream; held-out sources are never read for training
+    loader = BucketLoader(cfg.loader, d.dp_rank, d.dp_size, holdout=cfg.eval.fraction)
+    valset = ValSet(cfg) if cfg.eval.every or cfg.eval.sample_every else None
+    if valset is not None:
+        write_heldout(run_dir, valset, d)
+        log.info("held out %d clips; validation every %d steps on %d of them (%d tokens); samples every %d steps",
+                 len(valset.samples), cfg.eval.every, len(valset.items), valset.tokens, cfg.eval.sample_every)
     trainer = _Trainer(task, cfg, d, _plan_memory(kind, cfg, task, loader, d))
     metrics = Metrics(run_dir, cfg.log.tensorboard, d.is_main)
     step, last_ckpt = trainer.resume(run_dir, loader, metrics)
@@ -183,9 +196,24 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
     last: dict = {}
     bar = tqdm(total=max_steps, initial=step, desc=f"train {kind}", unit="step", dynamic_ncols=True,
                disable=True if not (d.is_main and cfg.log.progress) else None)
+    def evaluate() -> None:
+        record = {}
+        if cfg.eval.raw:
+            record.update(validate(task, trainer.model, valset, cfg, d, trainer.amp, prefix="val_raw"))
+        with ema_weights(trainer.model, trainer.ema):
+            record.update(validate(task, trainer.model, valset, cfg, d, trainer.amp))
+        metrics.write(step, record)
+        main = next(k for k in record if "/" not in k and not k.endswith("_clips"))
+        bar.set_postfix(val=f"{record[main]:.4f}", refresh=False)
+        if d.is_main:
+            log.info("step %d/%d validation: %s", step, max_steps, " ".join(
+                f"{k} {v:.4g}" for k, v in record.items() if "/bucket/" not in k))
+
     batches = iter(loader)
     window = Window(d.device)
     try:
+        if cfg.eval.every and step == 0:
+            evaluate()  # the untrained model's figure: what learning is measured against
         while step < max_steps:
             micro = [next(batches) for _ in range(cfg.optim.grad_accum)]
             loss, parts, tokens, grad_norm, losses = trainer.step(micro)
@@ -199,8 +227,12 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
                 last = window.record(trainer.scheduler.get_last_lr()[0], loader.state.epoch, peak, d)
                 _report(metrics, bar, step, max_steps, last, d)
                 window.reset()
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == max_steps):
+                evaluate()
             if step % cfg.checkpoint.every == 0 or step == max_steps:
                 last_ckpt = trainer.checkpoint(run_dir, step, loader, meta)
+                if kind == "dit" and cfg.eval.sample_every and step % cfg.eval.sample_every == 0 and d.is_main:
+                    write_samples(last_ckpt, run_dir, step, cfg, valset)
     finally:
         batches.close()  # stops the loader's workers
         bar.close()

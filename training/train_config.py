@@ -18,6 +18,8 @@ One file describes a run; `configs/train/tiny.yaml` (DiT, CPU, seconds), `vae_ti
     checkpoint           every N steps, how many to keep
     cache                `spacetime train cache`: entries per shard, text-encoder batch
     log                  every N steps, progress bar, TensorBoard, peak FLOP/s for MFU
+    eval                 held-out validation (training.validate): the sources held out, how often,
+                         which timesteps, how many tokens
 """
 
 from __future__ import annotations
@@ -142,6 +144,38 @@ class LogConfig(StrictModel):
     peak_tflops: float | None = Field(None, gt=0)
 
 
+class EvalConfig(StrictModel):
+    """Validation on held-out data (training.validate), during `spacetime train` and by `spacetime eval`."""
+
+    # the share of loader.data's SOURCES held out: never trained on (training.data.index.held_out)
+    fraction: float = Field(0.0, ge=0, lt=1)
+    data: list[str] = Field(default_factory=list)  # more outputs (or caches) used only for validation
+    every: int = Field(0, ge=0)  # steps between evaluations, plus step 0 and the last step (0: never)
+    # DiT: the flow loss at this many fixed timesteps, the evenly spaced quantiles of the training
+    # timestep distribution (logit-normal, shifted for each clip's token count)
+    timesteps: int = Field(8, gt=0)
+    tokens: int = Field(4096, gt=0)  # latent tokens of held-out clips evaluated (at least one clip)
+    seed: int = Field(0, ge=0)  # the fixed noise (and posterior draws) of every held-out clip
+    raw: bool = False  # also evaluate the raw weights (the EMA's always are)
+    # DiT samples (training.eval_samples) every N steps, a multiple of checkpoint.every (0: none):
+    # `prompts` at `sample_size` ([width, height, frames]; default the first evaluated held-out clip's
+    # bucket), or else the captions of the first `sample_count` evaluated held-out clips at their size
+    sample_every: int = Field(0, ge=0)
+    prompts: list[str] = Field(default_factory=list)
+    sample_size: tuple[int, int, int] | None = None
+    sample_count: int = Field(2, gt=0)
+    sample_steps: int = Field(20, gt=0)  # Euler steps
+    sample_cfg: float = Field(5.0, ge=1.0)  # classifier-free guidance scale
+    sample_fps: float = Field(8.0, gt=0)  # of the MP4s of `prompts` (a held-out clip's own otherwise)
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if (self.every or self.sample_every) and not (self.fraction or self.data):
+            raise ValueError("eval.every and eval.sample_every need held-out data: set eval.fraction (a share of "
+                             "loader.data's sources) or eval.data (outputs used only for validation)")
+        return self
+
+
 class TrainConfig(StrictModel):
     seed: int = 0
     steps: int = Field(100_000, gt=0)
@@ -157,3 +191,11 @@ class TrainConfig(StrictModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.eval.sample_every % self.checkpoint.every:
+            raise ValueError(f"eval.sample_every {self.eval.sample_every} is not a multiple of checkpoint.every "
+                             f"{self.checkpoint.every}: samples are drawn from the checkpoints")
+        return self

@@ -2,6 +2,14 @@
 
     samples = read_index(cfg.data, cfg.s3)   # every row of shards/index.parquet, with its bucket
     specs = bucket_specs(samples, cfg)       # per bucket: size, tokens/sample, batch, epoch length
+    train = read_index(cfg.data, cfg.s3, holdout=0.05, part="train")   # less the held-out sources
+
+Held out. A fraction of the SOURCES is kept for validation (training.validate): a source is held out
+when the hash of its content digest (from the output's sources manifest; its URI where an output
+has none) falls below `holdout` (`held_out`). All clips of a source fall on one side, so near-identical
+shots of one video never straddle the split; the choice depends on nothing else (not the seed, not
+the other data), so a run, its resume, the cache builder and `spacetime eval` make the same one, and a
+smaller fraction holds out a subset of a larger one's sources.
 
 Buckets. Every row of shards/index.parquet is assigned to the bucket its `bucket` column names,
 through the same spec curation wrote it with (`spacetime.contract.Bucket.parse`; `bucket_for` when
@@ -42,6 +50,17 @@ from training.config import LoaderConfig
 log = logging.getLogger(__name__)
 
 _INDEX_COLUMNS = ("shard", "key", "clip_id", "width", "height", "num_frames", "fps", "bucket")
+# The source each row came from: a curation index names its URI (mapped to the content digest by the
+# sources manifest); a latent cache (training.cache) stores the digest itself.
+_SOURCE_COLUMNS = ("source_uri", "source_digest")
+
+
+def held_out(source: str, fraction: float) -> bool:
+    """Whether the source of digest (or URI) `source` is held out at `fraction` (module docstring)."""
+    if fraction <= 0:
+        return False
+    draw = int(hashlib.sha256(f"spacetime-holdout:{source}".encode()).hexdigest()[:12], 16) / 16 ** 12
+    return draw < fraction
 
 
 # ------------------------------------------------------------------------------------- samples
@@ -58,6 +77,7 @@ class Samples:
     width: np.ndarray  # int, of the stored clip
     height: np.ndarray  # int
     fingerprint: str  # of the (clip id, bucket) list; a resume on other data is refused
+    source: list[str]  # each clip's source: content digest, or URI where the output has no digests
     # Latent caches (training.cache) instead of curation outputs: shard/key address cache entries;
     # the empty caption's encoding [n, D] and the padded text length come with them.
     cached: bool = False
@@ -95,11 +115,14 @@ def _row_bucket(row: dict, where: str) -> tuple[str, bool]:
     return bucket.name, bucket != spec
 
 
-def read_index(data: list[str], s3: S3Config) -> Samples:
+def read_index(data: list[str], s3: S3Config, holdout: float = 0.0, part: str = "all") -> Samples:
     """Read the published index of every data directory (contract.published_index) and assign each
-    row its bucket."""
+    row its bucket. `part`: "all" rows, the "train" rows (sources not held out at `holdout`) or the
+    held-out "val" rows (module docstring)."""
     if not data:
         raise ValueError("loader.data is empty: give the curation output directories to train on")
+    if part not in ("all", "train", "val"):
+        raise ValueError(f"part {part!r}: expected all, train or val")
     rows: list[tuple] = []
     stale = 0
     cache = _cache_of(data, s3)
@@ -109,11 +132,14 @@ def read_index(data: list[str], s3: S3Config) -> Samples:
         if missing:
             raise ValueError(f"{where}: index lacks columns {missing}; rerun `spacetime curate`")
         base = root.rstrip("/")
-        for r in table.select(list(_INDEX_COLUMNS)).to_pylist():
+        sources = _sources_of(root, s3, table, where, needed=holdout > 0 and part != "all")
+        for r, source in zip(table.select(list(_INDEX_COLUMNS)).to_pylist(), sources):
+            if part != "all" and held_out(source, holdout) != (part == "val"):
+                continue
             name, changed = _row_bucket(r, where)
             stale += changed
             rows.append((name, r["clip_id"], f"{base}/{r['shard']}", r["key"], r["num_frames"], r["fps"] or 0.0,
-                         r["width"], r["height"]))
+                         r["width"], r["height"], source))
     if stale:
         log.warning("%d index rows name another bucket than the current spec gives (index written "
                     "by an older curation?); the index's buckets are used", stale)
@@ -122,7 +148,29 @@ def read_index(data: list[str], s3: S3Config) -> Samples:
     return Samples(shard=[r[2] for r in rows], key=[r[3] for r in rows], clip_id=[r[1] for r in rows],
                    bucket=[r[0] for r in rows], num_frames=np.array([r[4] for r in rows], np.int64),
                    fps=np.array([r[5] for r in rows], np.float64), width=np.array([r[6] for r in rows], np.int64),
-                   height=np.array([r[7] for r in rows], np.int64), fingerprint=digest, **cache)
+                   height=np.array([r[7] for r in rows], np.int64), fingerprint=digest,
+                   source=[r[8] for r in rows], **cache)
+
+
+def _sources_of(root: str, s3: S3Config, table, where: str, needed: bool) -> list[str]:
+    """Each index row's source: the cache's digest column, or the curation index's URI mapped to its
+    digest by the published sources manifest (the URI itself where there is none). `needed`: a
+    held-out split depends on it, so an index that names no source is an error."""
+    if "source_digest" in table.column_names:
+        return table.column("source_digest").to_pylist()
+    if "source_uri" not in table.column_names:
+        if needed:
+            raise ValueError(f"{where}: the index names no source, so no source can be held out; rebuild it "
+                             "(`spacetime train cache --rebuild` for a latent cache) or set eval.fraction: 0")
+        return [""] * table.num_rows
+    uris = table.column("source_uri").to_pylist()
+    store = Store(root, s3)
+    manifest = contract.published_file(store, contract.SOURCES_MANIFEST)
+    if not store.exists(manifest):
+        return uris
+    m = pq.read_table(store.path(manifest), columns=["uri", "digest"], filesystem=store.fs)
+    digests = dict(zip(m.column("uri").to_pylist(), m.column("digest").to_pylist()))
+    return [digests.get(u) or u for u in uris]
 
 
 def _cache_of(data: list[str], s3: S3Config) -> dict:

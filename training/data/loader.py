@@ -79,7 +79,10 @@ class BucketLoader:
     roll over); stop whenever, the state follows the batches handed out.
     """
 
-    def __init__(self, cfg: LoaderConfig, rank: int | None = None, world_size: int | None = None):
+    def __init__(self, cfg: LoaderConfig, rank: int | None = None, world_size: int | None = None,
+                 holdout: float = 0.0):
+        """`holdout`: the fraction of sources held out for validation, never loaded here
+        (training.data.index.held_out; eval.fraction of a training config)."""
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
         self.world_size = world_size if world_size is not None else (
@@ -87,7 +90,7 @@ class BucketLoader:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         self.cfg = cfg
-        self.samples = read_index(cfg.data, cfg.s3)
+        self.samples = read_index(cfg.data, cfg.s3, holdout, "train")
         self.specs = bucket_specs(self.samples, cfg)
         self.state = LoaderState(seed=cfg.seed)
         self.stats = LoaderStats()
