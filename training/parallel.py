@@ -66,6 +66,25 @@ class Dist:
         return self.world_size // self.context
 
 
+def keep_freed_memory() -> bool:
+    """On CPU: ask glibc's malloc to keep freed memory for reuse (mmap and trim thresholds at 1 GiB)
+    instead of returning every large block to the kernel and faulting it in again at the next
+    allocation. A training step allocates and frees activations of tens of MB each: measured on 2
+    cores (tiny VAE, learn_cpu.yaml), 3.0 -> 1.95 s a step at 256x144x16 (batch 2) and 8.9 -> 4.3 s at
+    336x144x16, most of the difference kernel time spent zeroing pages. Returns whether glibc took it
+    (False elsewhere: another libc, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def init_distributed(cfg: ParallelConfig, timeout_s: float = 600.0) -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPUs, gloo on CPU unless
     `backend` says otherwise); one process otherwise. Each rank uses cuda:LOCAL_RANK when CUDA is there."""
@@ -75,6 +94,8 @@ def init_distributed(cfg: ParallelConfig, timeout_s: float = 600.0) -> Dist:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    else:
+        keep_freed_memory()
     made = False
     if world > 1 and not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
