@@ -179,3 +179,32 @@ def test_validation_loss_falls_on_held_out_sources(data, env, tmp_path):
     quantiles = [k for k in val[0] if k.startswith("val_loss/q")]
     assert val[60]["val_loss"] < 0.9 * val[0]["val_loss"], (val[0]["val_loss"], val[60]["val_loss"])
     assert all(val[60][q] < val[0][q] for q in quantiles), {q: (val[0][q], val[60][q]) for q in quantiles}
+
+
+def test_a_corrupt_held_out_clip_is_skipped_and_named(data, tmp_path, caplog, tiny_models, monkeypatch):
+    """A held-out clip that cannot be read is logged by id and left out of the figure (weight 0); the
+    others are evaluated as before."""
+    from training.parallel import init_distributed
+    from training.tasks import build_task, sync_loader
+    from training.validate import ValSet, validate
+
+    monkeypatch.setenv("SPACETIME_TINY_MODELS", tiny_models["root"])
+    cfg = load_config(TrainConfig, TINY, [f"eval.fraction={FRACTION}", f"loader.data=[{data}]"])
+    d = init_distributed(cfg.parallel.model_copy(update={"mode": "none"}))
+    task = build_task("dit", cfg, tmp_path, d)
+    cfg = sync_loader(cfg, *task.compression, task.patch)
+    valset = ValSet(cfg)
+    whole = validate(task, task.model, valset, cfg, d)
+    broken = valset.items[1]
+    real = valset.batch
+
+    def batch(i):
+        if i == broken:
+            raise ValueError("truncated mp4")
+        return real(i)
+
+    monkeypatch.setattr(valset, "batch", batch)
+    with caplog.at_level("ERROR"):
+        partial = validate(task, task.model, valset, cfg, d)
+    assert valset.samples.clip_id[broken] in caplog.text and "truncated mp4" in caplog.text
+    assert partial["val_clips"] == whole["val_clips"] - 1 and partial["val_loss"] != whole["val_loss"]

@@ -194,6 +194,34 @@ def ema_weights(model: torch.nn.Module, ema):
                 p.copy_(s)
 
 
+def _batches(valset: ValSet, d: Dist):
+    """(clip index, weight, batch) of this rank's clips. A clip that cannot be read (a corrupt sample)
+    is logged and replaced at weight 0 by a readable one, so the ranks still run the same number of
+    forwards; only when no held-out clip reads at all does validation fail."""
+    from spacetime.errors import describe
+
+    fallback = None
+    for i, weight in _slices(valset, d):
+        try:
+            batch = valset.batch(i)
+        except Exception as err:
+            log.error("held-out clip %s (%s) not evaluated: %s", valset.samples.clip_id[i], valset.samples.shard[i],
+                      describe(err))
+            fallback = fallback or _first_readable(valset)
+            i, weight, batch = fallback[0], 0.0, fallback[1]
+        fallback = fallback or (i, batch)
+        yield i, weight, batch
+
+
+def _first_readable(valset: ValSet) -> tuple[int, dict]:
+    for j in valset.items:
+        try:
+            return j, valset.batch(j)
+        except Exception:
+            continue
+    raise RuntimeError(f"no held-out clip of {len(valset.items)} could be read (see the errors above)")
+
+
 def _slices(valset: ValSet, d: Dist) -> list[tuple[int, float]]:
     """This rank's (clip, weight) list: clip j to data-parallel rank j mod dp_size; padded with its
     first clip at weight 0 so that every rank runs the same number of forwards."""
@@ -248,8 +276,7 @@ def _dit_sums(task, model, valset: ValSet, cfg: TrainConfig, d: Dist, amp):
     k = cfg.eval.timesteps
     sums = torch.zeros(len(valset.buckets), k, dtype=torch.float64, device=d.device)
     counts = torch.zeros(len(valset.buckets), dtype=torch.float64, device=d.device)
-    for i, weight in _slices(valset, d):
-        batch = valset.batch(i)
+    for i, weight, batch in _batches(valset, d):
         generator = torch.Generator(device=d.device).manual_seed(clip_seed(cfg.eval.seed, valset.samples.clip_id[i]))
         x0, text, mask = task.inputs(batch, generator)
         t = fixed_timesteps(k, _patch_tokens(x0.shape, task.patch), cfg.flow).to(d.device)
@@ -272,8 +299,7 @@ def _vae_sums(task, model, valset: ValSet, cfg: TrainConfig, d: Dist, amp):
     sums = torch.zeros(len(valset.buckets), len(VAE_METRICS), dtype=torch.float64, device=d.device)
     counts = torch.zeros(len(valset.buckets), dtype=torch.float64, device=d.device)
     vae = getattr(model, "module", model)
-    for i, weight in _slices(valset, d):
-        batch = valset.batch(i)
+    for _, weight, batch in _batches(valset, d):
         video = batch["video"].to(d.device).float()
         target = vae.trim(video)
         with amp:
