@@ -587,8 +587,12 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
     every = earlier + ([current] if current else [])
     entries = [e for v in every for e in v.entries()]  # (uri, attempt), in processing order: version, then URI
     attempts = {a for _, a in entries}
-    done = {(k, a) for a in attempts for k in run.done_keys(a)}  # a listing per attempt, not a request per source
-    pending = [(u, a) for u, a in entries if (source_key(u), a) not in done]
+
+    def not_done(todo: list[tuple[str, int]]) -> list[tuple[str, int]]:  # a listing per attempt, not a request per source
+        done = {(k, a) for a in attempts for k in run.done_keys(a)}
+        return [(u, a) for u, a in todo if (source_key(u), a) not in done]
+
+    pending = not_done(entries)
     units = [chunk for v in every for chunk in plan_units(v.entries(), cfg.write.unit_sources)]
     committed = run.committed_units()
     unwritten = [n for n in range(len(units)) if n not in committed]
@@ -618,8 +622,9 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
                 known = contract.version_file(contract.version_dir(earlier[-1].version), contract.SOURCES_MANIFEST) \
                     if earlier else None
                 # a retried source's row carries the frames its earlier attempt settled (curation.retry)
+                todo = set(pending)
                 retain = {u: settled_spans(run.record(u, r.prior_attempt)) for u, r in retries.items()
-                          if (u, r.attempt) in pending}
+                          if (u, r.attempt) in todo}
                 try:
                     _run_stages([u for u, _ in pending], cfg, out, known, tracker, writer, wall_start, cores, console,
                                 retain)
@@ -628,8 +633,7 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
                         raise  # a bug: its traceback (the sources not done are still left for a rerun)
                     stopped = err
             _write_ready_units(writer, stopped)
-            done = {(k, a) for a in attempts for k in run.done_keys(a)}
-            missing = [u for u, a in pending if (source_key(u), a) not in done]
+            missing = [u for u, _ in not_done(pending)]
             if missing:  # nothing is published: the same command completes them
                 if started:
                     stop_ray()

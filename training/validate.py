@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.data.index import Samples, bucket_specs, latent_tokens, read_index
+from training.data.index import bucket_specs, latent_tokens, read_index
 from training.parallel import Dist
 from training.train_config import TrainConfig
 
@@ -68,15 +68,12 @@ class ValSet:
         from training.data.dataset import BucketDataset
         from training.data.plan import LoaderState
 
+        from spacetime.contract import ShardReader
+
         e, loader = cfg.eval, cfg.loader
-        parts: list[Samples] = []
-        if e.fraction:
-            parts.append(read_index(loader.data, loader.s3, e.fraction, "val"))
-        if e.data:
-            parts.append(read_index(e.data, loader.s3))
-        if not parts:
+        if not (e.fraction or e.data):
             raise ValueError("no held-out data: set eval.fraction or eval.data")
-        self.samples = _concat(parts)
+        self.samples = read_index(loader.data if e.fraction else [], loader.s3, e.fraction, "val", whole=e.data)
         # dense captions only: the loader's caption draw is for training
         self.loader_cfg = loader.model_copy(update={"caption_dropout": 0.0, "short_caption_prob": 0.0})
         specs = bucket_specs(self.samples, self.loader_cfg)
@@ -96,6 +93,7 @@ class ValSet:
         self.buckets = sorted({self.samples.bucket[i] for i in self.items})
         self.tokens = tokens
         self.dataset = BucketDataset(self.samples, specs, self.loader_cfg, LoaderState(seed=0), 0, 1)
+        self.reader = ShardReader(self.loader_cfg.s3)  # kept: each shard's headers are scanned once per run
 
     def describe(self) -> dict:
         """What RUN/heldout.json records: every held-out clip (all sources held out) and the evaluated ones."""
@@ -108,39 +106,18 @@ class ValSet:
         """Held-out clip i as a batch of one (the loader's format: training.data.loader)."""
         import numpy as np
 
-        from spacetime.contract import ShardReader
         from training.data.dataset import to_unit_range
 
         spec = self.spec_of[self.samples.bucket[i]]
-        reader = ShardReader(self.loader_cfg.s3)
-        try:
-            if self.samples.cached:
-                x = self.dataset.load_cached(i, spec, 0, reader)
-                tensors = {k: torch.from_numpy(np.stack([x.pop(k)])) for k in ("latent", "text", "text_mask")}
-            else:
-                w, h = spec.size
-                frames = np.empty((1, 3, spec.frames, h, w), np.uint8)
-                x = self.dataset.load(i, spec, 0, reader, frames[0])
-                tensors = {"video": to_unit_range(torch.from_numpy(frames))}  # float32 in [-1, 1]
-        finally:
-            reader.close()
+        if self.samples.cached:
+            x = self.dataset.load_cached(i, spec, 0, self.reader)
+            tensors = {k: torch.from_numpy(np.stack([x.pop(k)])) for k in ("latent", "text", "text_mask")}
+        else:
+            w, h = spec.size
+            frames = np.empty((1, 3, spec.frames, h, w), np.uint8)
+            x = self.dataset.load(i, spec, 0, self.reader, frames[0])
+            tensors = {"video": to_unit_range(torch.from_numpy(frames))}  # float32 in [-1, 1]
         return {**tensors, "caption": [x["caption"]], "clip_id": [x["clip_id"]], "bucket": spec.name, "fps": [x["fps"]]}
-
-
-def _concat(parts: list[Samples]) -> Samples:
-    import numpy as np
-
-    if len(parts) == 1:
-        return parts[0]
-    if len({p.cached for p in parts}) > 1:
-        raise ValueError("eval.data and loader.data must both be latent caches or both curation outputs")
-    first = parts[0]
-    return Samples(shard=sum((p.shard for p in parts), []), key=sum((p.key for p in parts), []),
-                   clip_id=sum((p.clip_id for p in parts), []), bucket=sum((p.bucket for p in parts), []),
-                   num_frames=np.concatenate([p.num_frames for p in parts]), fps=np.concatenate([p.fps for p in parts]),
-                   width=np.concatenate([p.width for p in parts]), height=np.concatenate([p.height for p in parts]),
-                   fingerprint="+".join(p.fingerprint for p in parts), source=sum((p.source for p in parts), []),
-                   cached=first.cached, null_text=first.null_text, max_length=first.max_length)
 
 
 def write_heldout(run_dir: Path, valset: ValSet, d: Dist) -> None:

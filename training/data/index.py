@@ -115,26 +115,29 @@ def _row_bucket(row: dict, where: str) -> tuple[str, bool]:
     return bucket.name, bucket != spec
 
 
-def read_index(data: list[str], s3: S3Config, holdout: float = 0.0, part: str = "all") -> Samples:
+def read_index(data: list[str], s3: S3Config, holdout: float = 0.0, part: str = "all",
+               whole: list[str] | tuple = ()) -> Samples:
     """Read the published index of every data directory (contract.published_index) and assign each
     row its bucket. `part`: "all" rows, the "train" rows (sources not held out at `holdout`) or the
-    held-out "val" rows (module docstring)."""
-    if not data:
+    held-out "val" rows (module docstring) of `data`; and every row of `whole` (outputs used only
+    for validation: eval.data)."""
+    if not data and not whole:
         raise ValueError("loader.data is empty: give the curation output directories to train on")
     if part not in ("all", "train", "val"):
         raise ValueError(f"part {part!r}: expected all, train or val")
     rows: list[tuple] = []
     stale = 0
-    cache = _cache_of(data, s3)
-    for root in data:
+    cache = _cache_of([*data, *whole], s3)
+    for root in [*data, *whole]:
         table, where = _read_index_table(root, s3)
         missing = [c for c in _INDEX_COLUMNS if c not in table.column_names]
         if missing:
             raise ValueError(f"{where}: index lacks columns {missing}; rerun `spacetime curate`")
         base = root.rstrip("/")
-        sources = _sources_of(root, s3, table, where, needed=holdout > 0 and part != "all")
+        split = part != "all" and root not in whole
+        sources = _sources_of(root, s3, table, where, needed=split and holdout > 0)
         for r, source in zip(table.select(list(_INDEX_COLUMNS)).to_pylist(), sources):
-            if part != "all" and held_out(source, holdout) != (part == "val"):
+            if split and held_out(source, holdout) != (part == "val"):
                 continue
             name, changed = _row_bucket(r, where)
             stale += changed
