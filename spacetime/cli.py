@@ -321,6 +321,16 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
+def _no_triton_without_a_gpu() -> None:
+    """On a machine without an NVIDIA device, make `import triton` fail as if it were not installed.
+    vLLM's xgrammar installs triton; transformers imports torch._dynamo, which imports triton when it
+    is installed, and its native module then prints ~30 lines of nanobind "leaked" warnings at every
+    exit of a training, sampling or eval command. Triton only compiles GPU kernels, so without a GPU
+    nothing is lost (torch.compile on CPU uses its C++ backend). SPACETIME_KEEP_TRITON=1 keeps it."""
+    if not Path("/dev/nvidiactl").exists() and not os.environ.get("SPACETIME_KEEP_TRITON"):
+        sys.modules.setdefault("triton", None)  # type: ignore[assignment]
+
+
 def entry() -> int:
     """The process's entry point (the `spacetime` script, `python -m spacetime`): `main`, then an exit
     without the interpreter's final garbage-collection passes over everything the command imported.
@@ -329,6 +339,7 @@ def entry() -> int:
     them out. Exit handlers (atexit, `weakref.finalize`) still run; only objects in reference cycles
     are left to the operating system instead of being freed one by one. `main` does not freeze:
     tests call it in their own process."""
+    _no_triton_without_a_gpu()
     code = main()
     gc.freeze()
     return code

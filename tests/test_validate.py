@@ -68,7 +68,7 @@ def evaluated(data, env, tmp_path_factory) -> dict:
     of one thread each (the same arithmetic as `spacetime eval`'s)."""
     root = tmp_path_factory.mktemp("evaluated")
     runs = {"on": root / "on", "off": root / "off"}
-    run_ok(train_cmd(data, runs["on"], 8, *EVAL, "eval.sample_every=4", "eval.sample_steps=4"), env)
+    runs["log"] = run_ok(train_cmd(data, runs["on"], 8, *EVAL, "eval.sample_every=4", "eval.sample_steps=4"), env)
     run_ok(train_cmd(data, runs["off"], 8, *EVAL, "eval.every=0"), env)
     return runs
 
@@ -112,6 +112,31 @@ def test_samples_are_written_beside_the_held_out_clips_they_caption(evaluated):
                     frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
                 assert frames and frames[0].shape[:2] == (s["height"], s["width"]), name
     assert not (evaluated["off"] / "samples").exists()
+
+
+def test_samples_and_validation_reach_tensorboard_and_the_console(evaluated):
+    """TensorBoard gets each step's samples as animated images, the sample with its reference to its
+    right; the console's log lines carry the last validation loss and an ETA."""
+    import io
+    import re
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = evaluated["on"]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert "val_loss" in events.Tags()["scalars"]
+    for k in range(2):
+        images = events.Images(f"samples/{k:02d}")
+        assert [i.step for i in images] == [4, 8]
+        sample = json.loads((run / "samples" / "step-0000008" / "prompts.json").read_text())["samples"][k]
+        gif = Image.open(io.BytesIO(images[-1].encoded_image_string))
+        assert gif.format == "GIF" and gif.size == (2 * sample["width"], sample["height"])
+        assert 0.75 * sample["frames"] < getattr(gif, "n_frames", 1) <= sample["frames"]  # a causal VAE: 4k+1
+    lines = re.findall(r"step (\d+)/8 loss \S+ val_loss (\S+) .* eta (\S+)", evaluated["log"])
+    assert [int(s) for s, _, _ in lines] == [2, 4, 6, 8] and lines[-1][2] == "0s"
+    val = records(run, "val_loss")
+    assert float(lines[0][1]) == pytest.approx(val[0]["val_loss"], rel=1e-3)
 
 
 def test_validation_leaves_the_training_stream_alone(evaluated):

@@ -54,8 +54,10 @@ def plan_prompts(cfg: TrainConfig, valset) -> list[dict]:
 
 
 @torch.no_grad()
-def write_samples(checkpoint: Path, run_dir: Path, step: int, cfg: TrainConfig, valset) -> Path:
-    """Draw the run's samples from `checkpoint` into RUN/samples/step-N (rank 0 only; module docstring)."""
+def write_samples(checkpoint: Path, run_dir: Path, step: int, cfg: TrainConfig, valset, show=None) -> Path:
+    """Draw the run's samples from `checkpoint` into RUN/samples/step-N (rank 0 only; module docstring).
+    `show(tag, video, fps)`, if given, gets each sample ([3, F, H, W] in [-1, 1]) with its reference to
+    its right, for TensorBoard."""
     from training.sample import Sampler, write_output
     from training.validate import rng_untouched
 
@@ -65,19 +67,31 @@ def write_samples(checkpoint: Path, run_dir: Path, step: int, cfg: TrainConfig, 
         sampler = Sampler(checkpoint, use_ema=True)
         written = []
         for k, plan in enumerate(plan_prompts(cfg, valset)):
-            fps = e.sample_fps
+            fps, reference = e.sample_fps, None
             if plan["clip"] is not None:
                 batch = valset.batch(plan["clip"])
                 plan["prompt"], plan["clip_id"], fps = batch["caption"][0], batch["clip_id"][0], batch["fps"][0]
-                plan["reference"] = write_output(_reference(sampler, batch), out / f"{k:02d}.reference.mp4", fps).name
+                reference = _reference(sampler, batch)
+                plan["reference"] = write_output(reference, out / f"{k:02d}.reference.mp4", fps).name
             video = sampler.generate(plan["prompt"], plan["width"], plan["height"], plan["frames"], e.sample_steps,
                                      e.sample_cfg, plan["seed"])
             path = write_output(video, out / f"{k:02d}.mp4", fps)
+            if show is not None:
+                show(f"samples/{k:02d}", _beside(video, reference), fps)
             written.append({**{k2: v for k2, v in plan.items() if k2 != "clip"}, "file": path.name})
     (out / "prompts.json").write_text(json.dumps({"step": step, "steps": e.sample_steps, "cfg_scale": e.sample_cfg,
                                                   "checkpoint": str(checkpoint), "samples": written}, indent=1))
     log.info("step %d: %d samples -> %s", step, len(written), out)
     return out
+
+
+def _beside(video: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    """The sample with its reference to its right, over the frames both have (a causal VAE's decode
+    can be a few frames shorter than the bucket); the sample alone without a same-height reference."""
+    if reference is None or reference.shape[-2] != video.shape[-2]:
+        return video
+    frames = min(video.shape[1], reference.shape[1])
+    return torch.cat([video[:, :frames], reference[:, :frames]], dim=-1)
 
 
 def _reference(sampler, batch: dict) -> torch.Tensor:

@@ -8,7 +8,9 @@
 A record holds the loss overall and per bucket (mean over that bucket's steps of the window), the
 task's loss parts, grad norm, lr, tokens/s (all ranks), step time, loader wait (seconds per step and
 fraction of the window), epoch, TFLOP/s per device and MFU (tasks with a FLOP counter: the DiT), and
-peak GPU memory. RUN/tensorboard gets the same scalars when the tensorboard package is installed.
+peak GPU memory. RUN/tensorboard gets the same scalars when the tensorboard package is installed, and
+the sample videos drawn during training (`Metrics.video`: an animated GIF image summary, what
+TensorBoard's own add_video writes, made with Pillow instead of moviepy).
 Values stay on the device between log steps so that a step never waits for a GPU -> CPU copy.
 """
 
@@ -78,9 +80,32 @@ class Metrics:
                     self.tb.add_scalar(key, value, step)
             self.tb.flush()
 
+    def video(self, tag: str, video: torch.Tensor, fps: float, step: int) -> None:
+        """A [3, F, H, W] video in [-1, 1] to TensorBoard's image tab as an animated GIF (no-op without TB)."""
+        if self.tb is None:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        gif, (h, w) = _gif(video, fps), video.shape[-2:]
+        image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=gif)
+        self.tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        self.tb.flush()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _gif(video: torch.Tensor, fps: float) -> bytes:
+    import io
+
+    from PIL import Image
+
+    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    images = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return buf.getvalue()
 
 
 def reduce_mean(values: dict[str, torch.Tensor], d: Dist) -> dict[str, float]:

@@ -24,8 +24,8 @@ SIGKILL to check).
 RUN/ holds config.yaml (resolved config), checkpoints/ (training.checkpoint), metrics.jsonl (one
 JSON record per log step: loss overall and per bucket, lr, grad norm, tokens/s, TFLOP/s, MFU,
 loader wait; and one per evaluation: val_loss overall, per timestep quantile and per bucket),
-heldout.json (the held-out clips and sources, and those evaluated), tensorboard/ (the same scalars, when the tensorboard package is installed; it is
-not in this project's environment) and vae/ (the VAE the run trained or, for a DiT run on an
+heldout.json (the held-out clips and sources, and those evaluated), samples/ (training.eval_samples),
+tensorboard/ (the same scalars and the samples as animated images, with log.tensorboard) and vae/ (the VAE the run trained or, for a DiT run on an
 UNTRAINED VAE, that VAE, so samples decode with the same weights).
 """
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
@@ -44,13 +45,13 @@ import torch.distributed as dist
 from spacetime.config import ConfigError, dump_config, load_config
 from training.checkpoint import latest_checkpoint, load_checkpoint, remove_stale, save_checkpoint
 from training.dit import num_params
+from training.eval_samples import write_samples
 from training.flow import EMA
 from training.metrics import Metrics, Window, peak_tflops
 from training.optim import build_optimizer, clip_grad_norm
 from training.parallel import Dist, autocast_dtype, init_distributed, parallelize
 from training.tasks import Task, build_task, sync_loader
 from training.train_config import TrainConfig
-from training.eval_samples import write_samples
 from training.validate import ValSet, ema_weights, validate, write_heldout
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,8 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
     last: dict = {}
     bar = tqdm(total=max_steps, initial=step, desc=f"train {kind}", unit="step", dynamic_ncols=True,
                disable=True if not (d.is_main and cfg.log.progress) else None)
+    val: dict = {}  # the last validation figure, repeated on each log line
+
     def evaluate() -> None:
         record = {}
         if cfg.eval.raw:
@@ -204,6 +207,7 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
             record.update(validate(task, trainer.model, valset, cfg, d, trainer.amp))
         metrics.write(step, record)
         main = next(k for k in record if "/" not in k and not k.endswith("_clips"))
+        val.update(name=main, value=record[main])
         bar.set_postfix(val=f"{record[main]:.4f}", refresh=False)
         if d.is_main:
             log.info("step %d/%d validation: %s", step, max_steps, " ".join(
@@ -211,6 +215,7 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
 
     batches = iter(loader)
     window = Window(d.device)
+    started, first = time.perf_counter(), step  # for the ETA: this process's pace, evaluations included
     try:
         if cfg.eval.every and step == 0:
             evaluate()  # the untrained model's figure: what learning is measured against
@@ -225,14 +230,16 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
                        d.world_size, sum(b["stats"]["wait_s"] for b in micro), flops)
             if step % cfg.log.every == 0 or step == max_steps:
                 last = window.record(trainer.scheduler.get_last_lr()[0], loader.state.epoch, peak, d)
-                _report(metrics, bar, step, max_steps, last, d)
+                eta = (time.perf_counter() - started) / (step - first) * (max_steps - step)
+                _report(metrics, bar, step, max_steps, last, d, val, eta)
                 window.reset()
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == max_steps):
                 evaluate()
             if step % cfg.checkpoint.every == 0 or step == max_steps:
                 last_ckpt = trainer.checkpoint(run_dir, step, loader, meta)
                 if kind == "dit" and cfg.eval.sample_every and step % cfg.eval.sample_every == 0 and d.is_main:
-                    write_samples(last_ckpt, run_dir, step, cfg, valset)
+                    write_samples(last_ckpt, run_dir, step, cfg, valset,
+                                  show=lambda tag, video, fps: metrics.video(tag, video, fps, step))
     finally:
         batches.close()  # stops the loader's workers
         bar.close()
@@ -268,12 +275,28 @@ def _flops_per_token(task: Task, batches: list[dict]) -> float | None:
     return sum(f * t for f, t in counts) / sum(t for _, t in counts)
 
 
-def _report(metrics: Metrics, bar, step: int, max_steps: int, record: dict, d: Dist) -> None:
+def _report(metrics: Metrics, bar, step: int, max_steps: int, record: dict, d: Dist, val: dict, eta: float) -> None:
+    """The log step's record to metrics.jsonl; one console line: step, loss, the last validation figure,
+    tokens/s, MFU and the rest of the scalars, and the ETA."""
     metrics.write(step, record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
     if d.is_main:
-        log.info("step %d/%d %s", step, max_steps, " ".join(
-            f"{k} {v:.4g}" for k, v in record.items() if "/" not in k and isinstance(v, float)))
+        scalars = {k: v for k, v in record.items() if "/" not in k and isinstance(v, float)}
+        if val:
+            scalars[val["name"]] = val["value"]
+        first = [k for k in ("loss", val.get("name"), "tokens_per_s", "mfu") if k in scalars]
+        line = " ".join(f"{k} {scalars[k]:.4g}" for k in first + sorted(scalars.keys() - set(first)))
+        log.info("step %d/%d %s eta %s", step, max_steps, line, _duration(eta))
+
+
+def _duration(seconds: float) -> str:
+    """12s, 3m05s, 2h07m."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 # ------------------------------------------------------------------------------------------ CLI
