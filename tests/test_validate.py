@@ -157,8 +157,8 @@ def test_validation_leaves_the_training_stream_alone(evaluated):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", [("parallel.mode=ddp",), ("parallel.mode=fsdp",), ("parallel.mode=ddp", "parallel.context=2")],
-                         ids=["ddp", "fsdp", "context2"])
+@pytest.mark.parametrize("parallel", [("parallel.mode=ddp",), ("parallel.mode=fsdp",),
+                                      ("parallel.mode=ddp", "parallel.context=2")], ids=["ddp", "fsdp", "context2"])
 def test_validation_is_reduced_over_ranks(parallel, data, env, tmp_path):
     """Under 2 gloo ranks (clips split between them, with DDP or FSDP2, or shared by a context-parallel pair) the logged
     figure is the one `spacetime eval` computes in one process from the same checkpoint, up to the
