@@ -65,7 +65,7 @@ class Caption(BatchStage):
                 for i in todo:  # the engine died again (or cannot start): the rerun captions them
                     if metas[i]["clip"]["status"] == "candidate":
                         defer(metas[i]["clip"], f"caption: {describe(err)}")
-        add_batch_time(metas, self.name, t0)  # batches overlap in time: this is wall time per row
+        add_batch_time([metas[i] for i in todo], self.name, t0)  # batches overlap in time: wall time per row
         return {"meta": [json.dumps(m) for m in metas], "sampled": sampled}
 
     async def _acaption(self, tasks: list[ClipTask]) -> dict[str, CaptionResult]:

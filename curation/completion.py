@@ -22,6 +22,38 @@ from curation.stage import left_for_rerun
 log = logging.getLogger(__name__)
 
 
+class Arrivals:
+    """Which sources have all their rows: a source is complete when the rows of each of its segments,
+    up to its final segment, have arrived (every row says how many rows its segment has). Used by the
+    driver (CompletionTracker) and by the dedup gate (curation.duplicates.DedupGate)."""
+
+    def __init__(self):
+        # Sources still in flight only: a completed source leaves nothing behind here.
+        self.seen: dict[str, Counter] = defaultdict(Counter)
+        self.need: dict[str, dict[int, int]] = defaultdict(dict)
+        self.final: dict[str, int] = {}
+
+    def add(self, meta: dict) -> bool:
+        """Count one row; True if it was its source's last (the source's state is then forgotten)."""
+        uri, seg = meta["source"]["uri"], meta["seg_index"]
+        self.seen[uri][seg] += 1
+        self.need[uri][seg] = meta["rows_in_segment"]
+        if meta.get("final"):
+            self.final[uri] = seg
+        last = self.final.get(uri)
+        if last is None or any(self.seen[uri][i] != self.need[uri].get(i, -1) for i in range(last + 1)):
+            return False
+        for state in (self.seen, self.need, self.final):
+            state.pop(uri, None)
+        return True
+
+
+def analyzed(source: dict) -> bool:
+    """Whether this run decoded the source: an ok one, or a duplicate found after its analysis (by the
+    dedup gate; one the probe found was never decoded). Its seconds count in the run's throughput."""
+    return source["status"] == "ok" or (source["status"] == "duplicate" and source.get("num_frames") is not None)
+
+
 class CompletionTracker:
     """Collects result rows in any order; a source is complete when the rows of each of its
     segments, up to its final segment, have all arrived. A source with a deferred row (an
@@ -33,30 +65,18 @@ class CompletionTracker:
         self.run, self.retries = run, retries or {}
         # Rows of sources still in flight only: a completed source leaves nothing behind here.
         self.rows: dict[str, list[dict]] = defaultdict(list)
-        self.seen: dict[str, Counter] = defaultdict(Counter)
-        self.need: dict[str, dict[int, int]] = defaultdict(dict)
-        self.final: dict[str, int] = {}
+        self.arrivals = Arrivals()
         self.counts: Counter = Counter()  # sources, clips, kept, video_seconds of completed sources
         self.left: dict[str, str] = {}  # sources left for the rerun, and why
 
     def add(self, meta: dict) -> bool:
         """Record one row; returns True (and writes the completion record) if its source is done."""
         uri = meta["source"]["uri"]
-        seg = meta["seg_index"]
         self.rows[uri].append(meta)
-        self.seen[uri][seg] += 1
-        self.need[uri][seg] = meta["rows_in_segment"]
-        if meta.get("final"):
-            self.final[uri] = seg
-        last = self.final.get(uri)
-        if last is None or any(self.seen[uri][i] != self.need[uri].get(i, -1) for i in range(last + 1)):
-            return False
-        return self._complete(uri)
+        return self.arrivals.add(meta) and self._complete(uri)
 
     def _complete(self, uri: str) -> bool:
         rows = self.rows.pop(uri)
-        for state in (self.seen, self.need, self.final):
-            state.pop(uri, None)
         why = next(filter(None, map(left_for_rerun, rows)), None)
         if why is not None:  # not the source's fate: no record, so the rerun does it again
             self.left[uri] = why
@@ -67,11 +87,13 @@ class CompletionTracker:
         if failed is not None:  # a stage may fail a source on any of its segments, not only the final one
             source = dict(source, status="failed", error=failed.get("error"))
         clips = sorted((r["clip"] for r in rows if r.get("clip")), key=lambda c: c["start_frame"])
-        timings: Counter = Counter()
+        timings, discarded = Counter(), Counter()
         for r in rows:
             timings.update(r.get("timings", {}))
+            if source["status"] == "duplicate" or (r.get("clip") or {}).get("duplicate_of"):
+                discarded.update(r.get("timings", {}))  # seconds spent on what the output discards
         source = dict(source, num_clips=len(clips), num_kept=sum(c["status"] == "kept" for c in clips))
-        record = {"source": source, "clips": clips, "timings": dict(timings)}
+        record = {"source": source, "clips": clips, "timings": dict(timings), "discarded_timings": dict(discarded)}
         retry = self.retries.get(uri)
         if retry is not None:  # the earlier attempt's settled clips join the new attempt's
             record = merge(self.run.record(uri, retry.prior_attempt), self.run.unit(retry.prior_unit), record)
@@ -85,9 +107,10 @@ class CompletionTracker:
                       failed[0]["end_frame"], failed[0].get("reason"))
         self.counts.update(sources=1, clips=len(clips), kept=sum(c["status"] == "kept" for c in clips),
                            rejected=sum(c["status"] == "rejected" for c in clips),
+                           duplicates=sum(bool(c.get("duplicate_of")) for c in clips),
                            failed=sum(c["status"] == "failed" for c in clips),
                            failed_sources=int(source["status"] == "failed"), retried=int(retry is not None),
-                           video_seconds=(source.get("duration") or 0) if source["status"] == "ok" else 0)
+                           video_seconds=(source.get("duration") or 0) if analyzed(source) else 0)
         return True
 
     def attempt(self, uri: str) -> int:

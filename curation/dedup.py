@@ -54,6 +54,39 @@ duplicate and 5720 distinct pairs, the distinct pairs mostly different shots of 
   0/16, 12 % black bars added 8/16; half the frame rate 16/16; a 50 % trim 16/16 (it is contained).
 - cost: 0.31 ms per frame to hash (~1.8 ms per clip), ~0.8 ms per query of a 128-clip index.
 
+Ordering the decisions
+----------------------
+A near-duplicate decision depends on what came before it: a clip is rejected when it matches a clip
+kept by an EARLIER unit (published clips are never withdrawn), and within one unit (a run of
+``write.unit_sources`` sources in processing order: dataset version, then sorted URI) the best of a
+group by ``dedup.keep`` wins. The same rules decide duplicate sources (the first URI with a content
+digest is the original). So the decisions follow unit order, while Ray Data finishes rows in any
+order. They used to be made at write time, after every stage: half the captioning and extraction of
+the README demo went to clips that were then thrown away.
+
+They are now made by a gate, ``curation.duplicates.DedupGate``: a stage right after the fingerprint
+(after the aesthetic score when ``dedup.keep`` ranks by it), run by ONE actor, which holds the rows of
+a unit until all of them, and every earlier unit, have arrived, then decides the unit and lets its
+rows go on. A duplicate source's rows lose their clips and a near-duplicate's row loses its frames:
+no aesthetic, caption, thumbnail, preview or extraction work reaches them. The candidates are the
+clips that passed the filters before the gate; a clip that survives the gate and later fails the
+aesthetic filter or extraction still holds its place in the index (its near-duplicates look like it,
+and would fare the same). Why not the other designs:
+
+- a two-phase plan (every source to its fingerprint, then the survivors on) holds the whole run's
+  frames between the phases and ends streaming; the gate holds only the frames of units still open,
+  which Ray Data's in-order dispatch keeps to a few units' worth;
+- deciding on the driver, which sees rows only after the last stage, is what cost the wasted work.
+
+Each decided unit's decisions are recorded (``OUT/.work/dedup/<unit>.json``: duplicate sources,
+digests first seen, near-duplicates and the fingerprints of the survivors) BEFORE any of its rows goes
+on, so a killed run's rerun replays them rather than deciding again, an incremental run replays the
+earlier versions' units to rebuild the index, and the decisions depend on the units alone: not on
+timing, worker counts, kills or reruns (tests/test_curate_resume.py checks the bytes). A source an
+infrastructure fault deferred is left out of its unit's decisions (``missing``); the rerun decides it
+against the units up to its own. If the gate's actor is lost, the rows it held are lost with it: their
+sources are left for the rerun, which completes them (nothing is published incomplete).
+
 Limits: clips of 1-2 sampled frames are decided by one frame; horizontal flips, crops above ~10 % per
 side, rotations and added bars (crop them first, as the borders filter does) are not matched; colour
 is ignored (greyscale); flat frames (rms of the coefficients below 8) all hash alike; the same shot

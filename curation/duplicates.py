@@ -1,15 +1,33 @@
-"""The duplicate decisions made at write time, in processing order (dataset version, then sorted URI).
+"""Duplicate decisions: made by the dedup gate, in processing order (dataset version, then sorted
+URI), BEFORE the expensive stages (aesthetic, caption, extract), so no work goes to a clip the output
+discards. Why and how the gate orders them: curation.dedup, "Ordering the decisions".
 
-The pipeline's write stage goes stages -> completion records (curation.completion) -> units
-(curation.units) -> publish (curation.publish); the unit writer and publish both apply these
-decisions to the completion records, so the shards and the manifests agree. A source whose content
-digest equals a source before it (an earlier dataset version, or a smaller URI) is a `duplicate` and
-adds no clip (`mark_duplicate`); a kept clip close to one kept in an earlier unit is rejected as a
-near-duplicate (`NearDuplicates`, on curation.dedup's fingerprints and index). Both are known for
-certain only once every source before it has been probed: that is why units are committed in order.
+A source whose content digest equals that of a source before it (an earlier dataset version, or a
+smaller URI) is a `duplicate` and adds no clip (`mark_duplicate`); a candidate clip close to one that
+survived an earlier unit, or to a better one of its own unit, is rejected as a near-duplicate
+(`NearDuplicates`, on curation.dedup's fingerprints and index). `DedupGate` is the pipeline stage that
+decides both, a unit at a time, and records each unit's decisions (OUT/.work/dedup/<unit>.json) before
+any of its rows goes on, so a rerun applies the same decisions. The unit writer and publish apply what
+the records hold (`apply_near_duplicates`, `mark_duplicate` for outputs made before the gate).
 """
 
 from __future__ import annotations
+
+import json
+import logging
+import time
+
+from curation.stage import DEFERRED, left_for_rerun
+
+log = logging.getLogger(__name__)
+
+
+def registers(source: dict) -> bool:
+    """A source whose digest later sources with the same bytes are duplicates of: every source that
+    was probed (it has a digest) and is not a duplicate itself, whatever its later fate. The same
+    bytes fare the same, so a copy of a source that failed its analysis would fail it too: it is a
+    duplicate, not decoded again. (A deferred source has no record: the rerun decides it.)"""
+    return bool(source.get("digest")) and source["status"] not in ("duplicate", DEFERRED)
 
 
 def mark_duplicate(record: dict, first: dict[str, str]) -> None:
@@ -22,9 +40,11 @@ def mark_duplicate(record: dict, first: dict[str, str]) -> None:
     if source["status"] == "duplicate":  # the probe found it in an earlier version: name the original
         source["duplicate_of"] = source.get("duplicate_of") or first[source["digest"]]
         return
-    if source["status"] != "ok":
+    if not registers(source):
         return
     original = first.setdefault(source["digest"], source["uri"])
+    if source["status"] != "ok":  # failed after its probe: the first of its bytes all the same
+        return
     if original != source["uri"]:
         source.update(status="duplicate", duplicate_of=original, num_clips=0, num_kept=0)
         record["clips"] = []
@@ -53,22 +73,35 @@ class NearDuplicates:
             return clip["end_time"] - clip["start_time"]
         return float(clip.get("scores", {}).get(self.cfg.keep, float("nan")))
 
-    def decide(self, records: list[dict]) -> dict[str, str]:
-        """clip_id -> the clip_id it duplicates, for the kept clips of one unit's records (after
-        `mark_duplicate`); the survivors join the index. A retried source's clips that an earlier
-        attempt kept (curation.retry) were decided, and indexed, in their own unit."""
+    def decide(self, clips: list[dict]) -> tuple[dict[str, str], dict[str, list]]:
+        """(clip_id -> the clip_id it duplicates, the survivors by kind: [clip_id, hashes, score]) for
+        one unit's clips that may be kept (the gate's candidates; `legacy_candidates` for a unit
+        decided before the gate); the survivors join the index. A retried source's clips that an
+        earlier attempt kept (curation.retry) were decided, and indexed, in their own unit."""
         import numpy as np
 
         if self.indexes is None:
-            return {}
+            return {}, {}
         near: dict[str, str] = {}
+        survivors: dict[str, list] = {}
         for kind, index in self.indexes.items():
-            clips = [(c["clip_id"], np.array(c["fingerprint"], np.uint64), self._score(c))
-                     for r in records for c in r["clips"]
-                     if c["status"] == "kept" and c.get("fingerprint") and not c.get("retained")
-                     and (c["num_frames"] == 1) == (kind == "image")]
-            near.update(index.dedup(clips))
-        return near
+            batch = [(c["clip_id"], np.array(c["fingerprint"], np.uint64), self._score(c)) for c in clips
+                     if c.get("fingerprint") and not c.get("retained") and (c["num_frames"] == 1) == (kind == "image")]
+            decided = index.dedup(batch)
+            near.update(decided)
+            survivors[kind] = [[i, [int(h) for h in hashes], score] for i, hashes, score in sorted(batch, key=lambda b: b[0])
+                               if i not in decided]
+        return near, survivors
+
+    def replay(self, survivors: dict[str, list]) -> None:
+        """Index a decided unit's survivors again (a rerun, or a later version, reading its decisions)."""
+        import numpy as np
+
+        if self.indexes is None:
+            return
+        for kind, rows in survivors.items():
+            for clip_id, hashes, score in rows:
+                self.indexes[kind].add(clip_id, np.array(hashes, np.uint64), score)
 
 
 def apply_near_duplicates(records: list[dict], near: dict[str, str]) -> None:
@@ -76,3 +109,151 @@ def apply_near_duplicates(records: list[dict], near: dict[str, str]) -> None:
     for c in (c for r in records for c in r["clips"] if c["clip_id"] in near):
         c.update(status="rejected", duplicate_of=near[c["clip_id"]],
                  reason=f"duplicate: near-duplicate of clip {near[c['clip_id']]} (dedup.min_similarity)")
+
+
+def legacy_candidates(records: list[dict]) -> list[dict]:
+    """The clips a unit decided at write time (before the gate existed) competed with: its kept ones."""
+    return [c for r in records for c in r["clips"] if c["status"] == "kept"]
+
+
+class DedupGate:
+    """The pipeline stage that decides duplicates in processing order, before the expensive stages.
+
+    One actor (Ray Data map_batches, an actor pool of one) sees every row after the fingerprint (after
+    the aesthetic score when `dedup.keep` is that score). It holds a unit's rows until every source of
+    that unit has all its rows here and every earlier unit is decided; then it decides the unit
+    (`decide_unit`), records the decisions under OUT/.work/dedup/, and lets the unit's rows go on:
+    - the rows of a duplicate source lose their clip (no stage after this one works on it);
+    - a near-duplicate clip is rejected naming the clip kept in its place, and its frames are dropped
+      (no score, caption, thumbnail, preview or extraction);
+    - every other row goes on unchanged.
+    A unit already decided (its decisions recorded by an earlier invocation) is not decided again: its
+    recorded decisions are applied. So the decisions do not depend on timing, worker counts, kills or
+    reruns: only on the units and their candidates (curation.dedup, "Ordering the decisions").
+    """
+
+    name = "dedup"
+
+    def __init__(self, cfg, units: list[list], pending: list, store):
+        """`units`: every unit of the output so far (curation.units.plan_units: (uri, attempt) entries);
+        `pending`: the entries this invocation processes (their rows come through here)."""
+        from curation.completion import Arrivals
+        from curation.rundir import RunDir
+
+        self.cfg, self.run, self.units = cfg, RunDir(store), [[tuple(e) for e in u] for u in units]
+        self.entry_of = {uri: (uri, attempt) for uri, attempt in pending}
+        self.pending = set(self.entry_of.values())
+        self.arrivals, self.rows, self.arrived = Arrivals(), {}, set()
+        self.next, self.first, self.near = 0, {}, NearDuplicates(cfg)
+        self.decided: set[int] = self.run.decided_units()
+
+    def __call__(self, batch: dict):
+        t0 = time.perf_counter()
+        for text, sampled in zip(batch["meta"], batch["sampled"]):
+            meta = json.loads(text)
+            entry = self.entry_of[meta["source"]["uri"]]
+            self.rows.setdefault(entry, []).append((meta, sampled))
+            if self.arrivals.add(meta):
+                self.arrived.add(entry)
+        out = self._advance()
+        if out:
+            share = (time.perf_counter() - t0) / len(out)
+            for meta, _ in out:
+                timings = meta.setdefault("timings", {})
+                timings[self.name] = timings.get(self.name, 0.0) + share
+            yield {"meta": [json.dumps(m) for m, _ in out], "sampled": [s for _, s in out]}
+
+    def _advance(self) -> list[tuple[dict, bytes]]:
+        """Decide every unit that can be, in order; the rows they release."""
+        out = []
+        while self.next < len(self.units):
+            n, entries = self.next, self.units[self.next]
+            todo = [e for e in entries if e in self.pending]
+            if not all(e in self.arrived for e in todo):
+                break
+            decisions = self._decisions(n, entries, todo)
+            for e in todo:
+                out += [apply_decisions(meta, sampled, decisions) for meta, sampled in self.rows.pop(e, [])]
+            self.arrived.difference_update(todo)
+            self.next += 1
+        return out
+
+    def _decisions(self, n: int, entries: list, todo: list) -> dict:
+        """Unit n's decisions: recorded ones replayed, or made now (and recorded). A source an
+        infrastructure fault deferred is left out of them, as `missing`; the rerun decides it when it
+        comes, against the units up to its own (a later unit's clips were decided without it)."""
+        deferred = {e for e in todo if any(left_for_rerun(m) for m, _ in self.rows.get(e, []))}
+        if n in self.decided:
+            decisions = self.run.dedup(n)
+            self._add(decisions, replay=True)
+            late = [e for e in todo if list(e) in decisions["missing"] and e not in deferred]
+            if late:
+                extra = self.decide_unit([self._source(e) for e in late], self._candidates(late))
+                self._add(extra)
+                decisions = merge_decisions(decisions, extra, late)
+                self.run.store.write(self.run.dedup_path(n), json.dumps(decisions, sort_keys=True))
+            return decisions
+        done = [e for e in entries if e not in self.pending]
+        records = {e: self.run.record(*e) for e in done}  # none, unless made before the gate
+        fresh = [e for e in todo if e not in deferred]
+        sources = [records[e]["source"] if e in records else self._source(e) for e in entries
+                   if e not in deferred]
+        decisions = self.decide_unit(sources, legacy_candidates(list(records.values())) + self._candidates(fresh))
+        decisions.update(unit=n, missing=sorted(list(e) for e in deferred))
+        self._add(decisions)
+        if todo:
+            self.run.store.write(self.run.dedup_path(n), json.dumps(decisions, sort_keys=True))
+        return decisions
+
+    def _source(self, entry) -> dict:
+        rows = self.rows.get(entry, [])
+        return next((m["source"] for m, _ in rows if m.get("final")), rows[0][0]["source"])
+
+    def _candidates(self, entries: list) -> list[dict]:
+        return [m["clip"] for e in entries for m, _ in self.rows.get(e, [])
+                if m.get("clip") and m["clip"]["status"] == "candidate"]
+
+    def _add(self, decisions: dict, replay: bool = False) -> None:
+        """Decisions made (their survivors are indexed already) or replayed join the gate's state."""
+        for digest, uri in decisions["first"].items():
+            self.first.setdefault(digest, uri)
+        if replay:
+            self.near.replay(decisions["survivors"])
+
+    def decide_unit(self, sources: list[dict], candidates: list[dict]) -> dict:
+        """The decisions of one unit: its duplicate sources (uri -> original), the digests it adds to
+        `first`, its near-duplicate clips (clip_id -> the kept one) and the survivors it indexes."""
+        first, duplicates = dict(self.first), {}
+        for source in sources:
+            record = {"source": dict(source), "clips": []}
+            mark_duplicate(record, first)
+            if record["source"]["status"] == "duplicate" and source["status"] != "duplicate":
+                duplicates[source["uri"]] = record["source"]["duplicate_of"]
+        near, survivors = self.near.decide([c for c in candidates if c["source_uri"] not in duplicates])
+        added = {d: u for d, u in first.items() if d not in self.first}
+        return {"duplicates": duplicates, "first": added, "near": near, "survivors": survivors, "missing": []}
+
+
+def merge_decisions(decisions: dict, extra: dict, late: list) -> dict:
+    """A unit's recorded decisions with those of its sources decided late (`extra`) added."""
+    survivors = {k: decisions["survivors"].get(k, []) + extra["survivors"].get(k, [])
+                 for k in set(decisions["survivors"]) | set(extra["survivors"])}
+    return dict(decisions, duplicates={**decisions["duplicates"], **extra["duplicates"]},
+                first={**decisions["first"], **extra["first"]}, near={**decisions["near"], **extra["near"]},
+                survivors=survivors, missing=[m for m in decisions["missing"] if tuple(m) not in late])
+
+
+def apply_decisions(meta: dict, sampled: bytes, decisions: dict) -> tuple[dict, bytes]:
+    """One row after its unit's decisions: a duplicate source's row without its clip, a near-duplicate
+    clip rejected without its frames, any other row as it was."""
+    uri = meta["source"]["uri"]
+    original = decisions["duplicates"].get(uri)
+    if original is not None:
+        meta["source"].update(status="duplicate", duplicate_of=original)
+        meta["clip"] = None
+        return meta, b""
+    clip = meta.get("clip")
+    if clip and clip["clip_id"] in decisions["near"] and clip["status"] == "candidate":
+        apply_near_duplicates([{"clips": [clip]}], decisions["near"])
+        return meta, b""
+    return meta, sampled

@@ -236,7 +236,7 @@ class Motion(FilterStage):
 class Fingerprint(FilterStage):
     """A perceptual fingerprint of the clip for near-duplicate removal (curation.dedup): one 64-bit
     DCT code per sampled frame, as the filters see them (bars and subtitle bands cropped). The
-    decision is the writer's, unit by unit (curation.duplicates.NearDuplicates)."""
+    decision is the dedup gate's, unit by unit (curation.duplicates.DedupGate)."""
 
     name = "fingerprint"
 

@@ -1,7 +1,10 @@
 """The curation pipeline: a short list of Ray Data stages, then the driver-side write.
 
     sources -> probe -> analyze -> split -> borders -> text -> exposure -> sharpness -> motion -> fingerprint
-            -> aesthetic -> caption -> extract -> write (near-duplicates, shards per unit; manifests, report)
+            -> dedup gate -> aesthetic -> caption -> extract -> write (shards per unit; manifests, report)
+
+The dedup gate decides duplicate sources and near-duplicate clips in processing order before the
+expensive stages (after the aesthetic score when `dedup.keep` ranks by it): curation.duplicates.
 
 `stages()` below is that list.
 
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.caption import Caption
+from curation.duplicates import DedupGate
 from curation.filters import Aesthetic, Borders, Exposure, Fingerprint, Motion, Sharpness, Text
 from curation.settings import AnalyzeConfig, CurateConfig, ExtractConfig, ProbeConfig, SplitConfig
 from curation.stage import RETAINED, Stage, defer, fail, pack, unpack
@@ -47,7 +51,7 @@ LOGS_DIR = contract.LOGS_DIR
 class Probe(Stage):
     """Also spots a source whose content an earlier dataset version already holds (its digest is in
     that version's sources manifest, `known`): status `duplicate`, and no later stage decodes it.
-    Duplicates within one run are only known at write time (curation.duplicates.mark_duplicate)."""
+    Duplicates within one run are decided by the dedup gate (curation.duplicates.DedupGate)."""
 
     name = "probe"
 
@@ -226,7 +230,8 @@ class Extract(Stage):
                 fail(clip, "extract", err)
         if clip:
             clip.pop("signals", None)  # per-frame signals stay out of the manifests
-        return pack(self.timed(meta, t0))  # frames are dropped here: the driver never receives them
+        worked = bool(sampled) or (clip or {}).get("status") == "kept"
+        return pack(self.timed(meta, t0) if worked else meta)  # frames are dropped: the driver never gets them
 
 
 @dataclass
@@ -236,10 +241,14 @@ class StageSpec:
     args: dict[str, Any] = field(default_factory=dict)  # constructor kwargs; args["cfg"].resources runs it
 
 
-def stages(cfg: CurateConfig, out: Store, known: str | None = None) -> list[StageSpec]:
+def stages(cfg: CurateConfig, out: Store, known: str | None = None, units: list | None = None,
+           pending: list | None = None) -> list[StageSpec]:
     """The pipeline, in order. Each stage gets its own section (and what it shares: S3 settings).
-    `known`: the sources manifest of the last published version, if any (see Probe)."""
+    `known`: the sources manifest of the last published version, if any (see Probe); `units`: every
+    unit of the output and `pending`: the entries this invocation processes (the dedup gate's)."""
     s3, f = cfg.sources.s3, cfg.filters
+    gate = StageSpec(DedupGate, "gate", dict(cfg=cfg.dedup, units=units or [], pending=pending or [], store=out))
+    by_aesthetic = cfg.dedup.keep == "aesthetic" and f.aesthetic.enabled  # the gate needs that score first
     return [
         StageSpec(Probe, "map", dict(cfg=cfg.probe, s3=s3, out=out, known=known)),
         StageSpec(Analyze, "flat_map", dict(cfg=cfg.analyze, s3=s3, max_duration=cfg.split.max_duration)),
@@ -249,9 +258,11 @@ def stages(cfg: CurateConfig, out: Store, known: str | None = None) -> list[Stag
         StageSpec(Exposure, "map", dict(cfg=f.exposure)),
         StageSpec(Sharpness, "map", dict(cfg=f.sharpness)),
         StageSpec(Motion, "map", dict(cfg=f.motion)),
-        StageSpec(Fingerprint, "map", dict(cfg=cfg.dedup)),  # near-duplicates are decided at write time
+        StageSpec(Fingerprint, "map", dict(cfg=cfg.dedup)),
+        *([] if by_aesthetic else [gate]),  # duplicates: decided before any expensive stage
         # a model stage that is off starts no actors (its model would load for nothing)
         *([StageSpec(Aesthetic, "map_batches", dict(cfg=f.aesthetic))] if f.aesthetic.enabled else []),
+        *([gate] if by_aesthetic else []),
         *([StageSpec(Caption, "map_batches", dict(cfg=cfg.caption))] if cfg.caption else []),  # survivors only
         StageSpec(Extract, "map", dict(cfg=cfg.extract, s3=s3, out=out)),
     ]
@@ -283,6 +294,14 @@ def _apply(ds, spec: StageSpec, key: tuple[str, int]):
     (consecutive ones with equal resources fuse into one task per block: see TaskResources)."""
     import ray.data
 
+    if spec.op == "gate":
+        # One actor sees every row, in no particular order, and decides in unit order. It holds rows, which
+        # a restart elsewhere would lose: it lives on the driver's node, whose loss ends the run anyway.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        return ds.map_batches(spec.stage, fn_constructor_kwargs=spec.args, compute=ray.data.ActorPoolStrategy(size=1),
+                              batch_size=None, batch_format="numpy", num_cpus=0, scheduling_strategy=here)
     res = spec.args["cfg"].resources
     kwargs = dict(num_cpus=res.num_cpus, **({"num_gpus": res.num_gpus} if res.num_gpus else {}))
     # A lost worker or node is survived within the run by Ray Data 2.60's own defaults, which is why no
@@ -393,7 +412,6 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str],
     The actors end with the run: when the returned UnitWriter, which holds their only handles, is gone."""
     import ray
 
-    from curation.duplicates import NearDuplicates
     from curation.units import ShardWriter, UnitWriter
 
     res = cfg.write.resources
@@ -404,26 +422,26 @@ def _unit_writer(run, units: list[list[str]], cfg: CurateConfig, done: set[str],
               for _ in range(res.actors)]
     target, versions, store = int(cfg.write.shard_size_mb * 1024**2), _versions(), run.store
 
-    def submit(n: int, uris: list[str], first: dict, near: dict):
-        return actors[n % len(actors)].write.remote(store, n, uris, first, near, target, versions)
+    def submit(n: int, entries: list):
+        return actors[n % len(actors)].write.remote(store, n, entries, target, versions)
 
-    return UnitWriter(run, units, submit, done, NearDuplicates(cfg.dedup), check)
+    return UnitWriter(run, units, submit, done, check)
 
 
-def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | None, tracker, writer,
-                wall_start: float, cores: float, console=None, retain: dict | None = None) -> None:
-    """Stream the pending sources through the stages; completed sources are recorded (tracker) and
-    their units written as soon as they are ready (writer). `retain`: a retried source -> the frame
-    spans its earlier attempt settled (curation.retry)."""
+def _run_stages(pending: list[tuple[str, int]], units: list, cfg: CurateConfig, out: Store, known: str | None,
+                tracker, writer, wall_start: float, cores: float, console=None, retain: dict | None = None) -> None:
+    """Stream the pending entries (uri, attempt) through the stages; completed sources are recorded
+    (tracker) and their units written as soon as they are ready (writer). `retain`: a retried source
+    -> the frame spans its earlier attempt settled (curation.retry)."""
     import ray.data
     from tqdm import tqdm
 
     retain = retain or {}
     items = [pack({"source": {"uri": u, "status": "pending"}, **({"retain": retain[u]} if u in retain else {})})
-             for u in pending]
+             for u, _ in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     token = f"{os.getpid()}-{time.time_ns()}"
-    for i, spec in enumerate(stages(cfg, out, known)):
+    for i, spec in enumerate(stages(cfg, out, known, units, pending)):
         ds = _apply(ds, spec, (token, i))
     # on a terminal a live bar (tqdm disables itself elsewhere); off one, the same figures as a log line
     # every progress.log_every_s, from a timer thread (a long source may keep rows from coming for minutes)
@@ -433,7 +451,7 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | 
     if cfg.progress.log_every_s and bar.disable:
         def heartbeat() -> None:
             while not stop.wait(cfg.progress.log_every_s):
-                log.info("%s", progress_line(fates(tracker, writer), len(pending), time.time() - wall_start, cores))
+                log.info("%s", progress_line(fates(tracker), len(pending), time.time() - wall_start, cores))
         threading.Thread(target=heartbeat, name="progress", daemon=True).start()
     # Blocks as they come: iter_rows() prefetches one block and holds each back until the next one
     # exists (measured: the first rows of a run waited for the next extract batch, seconds at the start).
@@ -448,7 +466,7 @@ def _run_stages(pending: list[str], cfg: CurateConfig, out: Store, known: str | 
                 writer.source_done(uri, tracker.attempt(uri))
             writer.poll()  # a completed unit's duplicates are decided here: the bar shows them at once
             if completed or meta["source"]["uri"] in tracker.left:
-                bar.set_postfix_str(progress_line(fates(tracker, writer), len(pending), time.time() - wall_start,
+                bar.set_postfix_str(progress_line(fates(tracker), len(pending), time.time() - wall_start,
                                                   cores, short=True), refresh=False)
                 bar.update(1)
     finally:
@@ -491,12 +509,12 @@ def incomplete(missing: list[str], total: int, left: dict[str, str], stopped: Ba
                          "finished sources are kept: rerun the same command to complete the rest.", why)
 
 
-def fates(tracker, writer) -> Counter:
-    """This invocation's counts so far (curation.completion.CompletionTracker), with the clips the unit writer
-    found to be duplicates moved from `kept` to `duplicates` (they are decided a unit at a time, after
-    the filters: until its unit is ready, a clip that passed them counts as kept)."""
+def fates(tracker) -> Counter:
+    """This invocation's counts so far (curation.completion.CompletionTracker): the fates the records
+    hold, which the output keeps (duplicates are decided before a clip's record is written), with the
+    near-duplicates apart from the other rejected clips."""
     counts = tracker.counts.copy()
-    counts.update(kept=-writer.duplicates, duplicates=writer.duplicates, left=len(tracker.left))
+    counts.update(rejected=-counts["duplicates"], left=len(tracker.left))
     return counts
 
 
@@ -626,8 +644,7 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
                 retain = {u: settled_spans(run.record(u, r.prior_attempt)) for u, r in retries.items()
                           if (u, r.attempt) in todo}
                 try:
-                    _run_stages([u for u, _ in pending], cfg, out, known, tracker, writer, wall_start, cores, console,
-                                retain)
+                    _run_stages(pending, units, cfg, out, known, tracker, writer, wall_start, cores, console, retain)
                 except Exception as err:
                     if not is_infrastructure(err):
                         raise  # a bug: its traceback (the sources not done are still left for a rerun)
@@ -639,7 +656,7 @@ def _curate(uris: list[str], out: Store, cfg: CurateConfig, ray_address: str | N
                     stop_ray()
                 raise incomplete(missing, len(entries), tracker.left, stopped)
     lease.check()  # another run took the output over: publish nothing
-    counts = fates(tracker, writer) if pending else tracker.counts
+    counts = fates(tracker) if pending else tracker.counts
     summary = finalize(run, units, wall_start, _versions(), cores, dict(counts), current.version, len(current.retried))
     versions.publish(current)
     _report_and_stop_ray(out, stop_ray_after=started)

@@ -113,7 +113,7 @@ class _Totals:
 
     def __init__(self):
         self.sources, self.clips, self.reasons = Counter(), Counter(), Counter()
-        self.buckets, self.timings = Counter(), Counter()
+        self.buckets, self.timings, self.discarded = Counter(), Counter(), Counter()
         self.hours_in = self.hours_out = 0.0
         self.shards = 0
 
@@ -123,6 +123,7 @@ class _Totals:
         self.shards += len(committed["shards"])
         for r in attempts:
             self.timings.update(r.get("timings", {}))
+            self.discarded.update(r.get("discarded_timings", {}))
         for r in live:
             source = r["source"]
             self.sources[source["status"]] += 1
@@ -145,6 +146,8 @@ class _Totals:
             "buckets": dict(self.buckets),
             "hours_in": self.hours_in, "hours_out": self.hours_out,
             "stage_seconds": {k: round(v, 3) for k, v in sorted(self.timings.items())},
+            # of those, the seconds spent on duplicate sources and near-duplicate clips (curation.duplicates)
+            "discarded_stage_seconds": {k: round(v, 3) for k, v in sorted(self.discarded.items())},
             "wall_seconds_this_invocation": round(wall, 3),
             "versions": versions,
         }

@@ -10,6 +10,7 @@ name + rename locally, one upload on S3).
     OUT/.work/clips/<clip_id>.mp4   a clip the extract stage staged (published whole), until its unit is written
     OUT/.work/done/<source>.json    a source's completion record: from then on a rerun skips that source
     OUT/.work/retries/vNNNNNN/<source>.json   its record after a retry in version N (curation.retry)
+    OUT/.work/dedup/<unit>.json     a unit's duplicate decisions (curation.duplicates.DedupGate)
     OUT/.work/units/<unit>.json     a unit's commit: its sources, shards and index rows
 """
 
@@ -28,6 +29,7 @@ STAGING_DIR = f"{contract.WORK_DIR}/clips"
 DONE_DIR = f"{contract.WORK_DIR}/done"
 RETRIES_DIR = f"{contract.WORK_DIR}/retries"
 UNITS_DIR = f"{contract.WORK_DIR}/units"
+DEDUP_DIR = f"{contract.WORK_DIR}/dedup"
 RUN_PATH = f"{contract.WORK_DIR}/run.json"
 
 
@@ -76,6 +78,16 @@ class RunDir:
 
     def unit(self, unit: int) -> dict:
         return json.loads(self.store.read_bytes(self.unit_path(unit)))
+
+    def dedup_path(self, unit: int) -> str:
+        return f"{DEDUP_DIR}/{unit:06d}.json"
+
+    def decided_units(self) -> set[int]:
+        """The units whose duplicate decisions are recorded: one listing."""
+        return {int(name[:-len(".json")]) for name in self.store.list(DEDUP_DIR, ".json")}
+
+    def dedup(self, unit: int) -> dict:
+        return json.loads(self.store.read_bytes(self.dedup_path(unit)))
 
     def claim(self, fingerprint: dict) -> None:
         """Start or resume a run; refuse an output made with another config (inputs may grow: see

@@ -217,9 +217,11 @@ class AestheticConfig(StrictModel):
 
 class DedupConfig(StrictModel):
     """Near-duplicate clips (curation.dedup): a DCT fingerprint of each clip's sampled frames (after
-    the borders/text crops); decided unit by unit at write time against the clips of every earlier
-    unit and dataset version. Within a unit, the best clip of a group by `keep` stays; a clip that
-    matches an earlier unit's clip is the duplicate (published clips are never withdrawn)."""
+    the borders/text crops); decided unit by unit by the dedup gate, before the expensive stages,
+    against the clips of every earlier unit and dataset version (curation.duplicates.DedupGate).
+    Within a unit, the best clip of a group by `keep` stays; a clip that matches an earlier unit's
+    clip is the duplicate (published clips are never withdrawn). `keep: aesthetic` moves the gate
+    after the aesthetic stage, which then scores the duplicates too."""
 
     enabled: bool = True
     max_distance: int = Field(10, ge=0, le=64)  # Hamming distance at which two frames match

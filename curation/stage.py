@@ -71,7 +71,8 @@ class Stage:
 
 
 def add_batch_time(metas: list[dict], name: str, started: float) -> None:
-    """A batch's wall time, shared out per row."""
+    """A batch's wall time, shared out over the rows the stage worked on (`metas`): a row it passed
+    through untouched (a rejected clip, a duplicate) gets none of it."""
     share = (time.perf_counter() - started) / max(1, len(metas))
     for m in metas:
         timings = m.setdefault("timings", {})
@@ -81,14 +82,15 @@ def add_batch_time(metas: list[dict], name: str, started: float) -> None:
 class BatchStage(Stage):
     """A stage that works on batches of rows (models: batch frames across clips). Subclasses
     implement `process(items)`, items = [(meta, sampled bytes)] of candidate clips (and of rejected
-    ones when `only_candidates` is False); other rows pass through untouched."""
+    ones when `only_candidates` is False, but never near-duplicates: the output discards them); other
+    rows pass through untouched."""
 
     only_candidates = True  # False: also rows of clips already rejected (filters score every clip)
 
     def wanted(self, meta: dict) -> bool:
         clip = meta.get("clip")
-        return bool(clip) and (clip["status"] == "candidate"
-                               or (not self.only_candidates and clip["status"] == "rejected"))
+        return bool(clip) and (clip["status"] == "candidate" or (
+            not self.only_candidates and clip["status"] == "rejected" and not clip.get("duplicate_of")))
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
@@ -97,7 +99,7 @@ class BatchStage(Stage):
         todo = [i for i, m in enumerate(metas) if self.wanted(m)]
         if todo:
             self.process([(metas[i], sampled[i]) for i in todo])
-        add_batch_time(metas, self.name, t0)
+        add_batch_time([metas[i] for i in todo], self.name, t0)
         return {"meta": [json.dumps(m) for m in metas], "sampled": sampled}
 
     def process(self, items: list[tuple[dict, bytes]]) -> None:

@@ -8,9 +8,8 @@ publish (curation.publish). Exactly once, streaming:
   clips, in a fixed order (bucket, source order, start frame) with fixed tar metadata, commits the unit
   with OUT/.work/units/<unit>.json (its index rows) and drops its staged clips. A shard depends
   only on its unit's sources, so a killed-and-rerun job writes the same bytes as an uninterrupted one.
-- Units are committed in order because of duplicates (curation.duplicates): a source whose content
-  digest equals a source before it (an earlier dataset version, or a smaller URI) is a `duplicate`
-  and adds no clip, and that is known for certain only once every source before it has been probed.
+- Duplicates are decided before the expensive stages, a unit at a time in processing order
+  (curation.duplicates.DedupGate): the records a unit is written from hold its decisions.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import json
 import logging
 from collections import defaultdict
 
-from curation.duplicates import NearDuplicates, apply_near_duplicates, mark_duplicate
 from curation.rundir import RunDir, staged_clip
 from spacetime import contract
 from spacetime.record import Caption, ClipRecord, SourceRef, Span
@@ -80,10 +78,6 @@ def index_row(clip: dict, shard: str) -> dict:
                 has_caption=bool(clip.get("caption")))
 
 
-def _count_kept(records: list[dict]) -> int:
-    return sum(c["status"] == "kept" for r in records for c in r["clips"])
-
-
 def new_kept(records: list[dict]) -> list[dict]:
     """The kept clips the records' unit writes: all but those an earlier attempt kept (curation.retry)."""
     return [c for r in records for c in r["clips"] if c["status"] == "kept" and not c.get("retained")]
@@ -103,25 +97,22 @@ class ShardWriter:
         return write_unit(*args)
 
 
-def write_unit(store: Store, unit: int, entries: list[tuple[str, int]], first: dict[str, str],
-               near: dict[str, str], target_bytes: int, versions: dict) -> dict:
+def write_unit(store: Store, unit: int, entries: list[tuple[str, int]], target_bytes: int, versions: dict) -> dict:
     """Write the shards of one unit and commit it (in a ShardWriter, on any node: it reads and writes
     the output store only).
 
-    `entries`: the unit's sources, (uri, attempt) each (plan_units). `first`: digest -> first URI for
-    every digest seen in EARLIER units (duplicates are decided with it); `near`: the unit's near-duplicate clips (NearDuplicates.decide), kept in the commit. Writes
-    each shard atomically, then OUT/.work/units/<unit>.json with the unit's index rows, then removes
-    the unit's staged clips. Idempotent (a retried call finds the commit). Returns
-    {"unit", "shards", "samples"}."""
+    `entries`: the unit's sources, (uri, attempt) each (plan_units). Their records hold the duplicate
+    decisions (curation.duplicates.DedupGate): the unit's kept clips are what it writes. Writes each
+    shard atomically, then OUT/.work/units/<unit>.json with the unit's index rows (and its
+    near-duplicates, for the record), then removes the unit's staged clips. Idempotent (a retried
+    call finds the commit). Returns {"unit", "shards", "samples"}."""
     run = RunDir(store)
     if run.is_unit_done(unit):  # a retried call whose first attempt committed: nothing left to do
         done = run.unit(unit)
         return {"unit": unit, "shards": len(done["shards"]), "samples": len(done["index"])}
-    first = dict(first)
     records = [run.record(u, a) for u, a in entries]
-    for r in records:
-        mark_duplicate(r, first)
-    apply_near_duplicates(records, near)
+    near = {c["clip_id"]: c["duplicate_of"] for r in records for c in r["clips"]
+            if c.get("duplicate_of") and not c.get("retained")}
     kept = new_kept(records)  # a retried source's earlier kept clips are in their shards already
     by_source = {r["source"]["uri"]: r["source"] for r in records}
     index = []
@@ -133,9 +124,8 @@ def write_unit(store: Store, unit: int, entries: list[tuple[str, int]], first: d
         index += [index_row(c, rel) for c in members]
     store.write(run.unit_path(unit), json.dumps({"unit": unit, "sources": [u for u, _ in entries], "shards": sorted(layout),
                                                  "index": index, "near_duplicates": near}, sort_keys=True))
-    # Not a duplicate source's clips: they share ids, hence staged files, with the original's, which
-    # another unit's task may still be reading. Near-duplicates' staged clips are left too:
-    # finalize removes whatever staging is left, in one listing.
+    # Only the kept clips were staged (the gate decided duplicates before extraction); finalize removes
+    # whatever staging is left (e.g. a clip extracted by a run killed before its record), in one listing.
     for c in kept:
         store.delete(staged_clip(c["clip_id"]))
     return {"unit": unit, "shards": len(layout), "samples": len(index)}
@@ -143,26 +133,21 @@ def write_unit(store: Store, unit: int, entries: list[tuple[str, int]], first: d
 
 class UnitWriter:
     """Driver side of the units: submits each unit's write, in unit order, once its sources and
-    every earlier unit's are complete; keeps the digest -> first URI map of the submitted units.
+    every earlier unit's are complete.
 
-        writer = UnitWriter(run, units, submit, done, near)  # submit(unit, entries, first, near) -> ObjectRef
+        writer = UnitWriter(run, units, submit, done)  # submit(unit, entries) -> ObjectRef
         writer.source_done(uri, attempt)         # as the tracker completes sources
         writer.poll()                            # submits what became ready, reaps finished writes
         writer.wait()                            # at the end: every unit committed
     """
 
-    def __init__(self, run: RunDir, units: list[list[str]], submit, done: set[str], near: NearDuplicates,
-                 check=None):
+    def __init__(self, run: RunDir, units: list[list[str]], submit, done: set[str], check=None):
         """`units`: plan_units' lists of (uri, attempt); `done`: the entries completed before this
-        invocation; `near`: near-duplicate decisions;
-        `check`: called before each unit, raises to stop the run (the output's Lease.check)."""
-        self.run, self.units, self.submit, self.near, self.check = run, units, submit, near, check
+        invocation; `check`: called before each unit, raises to stop the run (the output's Lease.check)."""
+        self.run, self.units, self.submit, self.check = run, units, submit, check
         self.next = 0  # the first unit not yet submitted
-        self.first: dict[str, str] = {}  # grows with the distinct sources: what dedup must remember
-        self.complete, self.before = set(done), set(done)
-        # Clips that passed the filters (the tracker counted them kept) but are duplicates: of a source
-        # with the same content, or near-duplicates of a clip kept earlier. This invocation's sources only.
-        self.duplicates = 0
+        self.complete = set(done)
+        self.committed = run.committed_units()
         self.in_flight: dict = {}  # ObjectRef -> unit
 
     def source_done(self, uri: str, attempt: int = 0) -> None:
@@ -175,16 +160,8 @@ class UnitWriter:
             if self.check is not None:
                 self.check()  # a run that lost its output's lease writes no more units
             entries = self.units[self.next]
-            first = dict(self.first)  # the writer re-marks its unit's duplicates from the earlier units' digests
-            records = [self.run.record(u, a) for u, a in entries]
-            fresh = [r for e, r in zip(entries, records) if e not in self.before]
-            passed = _count_kept(fresh)
-            for r in records:
-                mark_duplicate(r, self.first)
-            near = self.near.decide(records)  # every unit, committed or not: the index needs them all
-            self.duplicates += passed - _count_kept(fresh) + sum(c["clip_id"] in near for r in fresh for c in r["clips"])
-            if not self.run.is_unit_done(self.next):
-                self.in_flight[self.submit(self.next, entries, first, near)] = self.next
+            if self.next not in self.committed:
+                self.in_flight[self.submit(self.next, entries)] = self.next
             self.complete.difference_update(entries)
             self.next += 1
         if self.in_flight:

@@ -220,6 +220,29 @@ def test_a_duplicate_source_is_recorded_once_and_no_key_repeats(curated):
     assert len(keys) == len(set(keys)) == len(curated["index"])
 
 
+def test_no_work_goes_to_a_duplicate(curated):
+    """The near-duplicates are decided before the expensive stages: a near-duplicate clip got no
+    caption request, no aesthetic score, no extraction, no thumbnail and no preview, and the summary's
+    seconds spent on what the output discards hold none of those stages. The clips kept in their place
+    went through every stage."""
+    out, clips = curated["out"], curated["clips"]
+    near = [c for c in clips if c["duplicate_of"]]
+    kept = {c["clip_id"]: c for c in clips if c["status"] == "kept"}
+    assert near and all(c["duplicate_of"] in kept for c in near)
+    for c in near:
+        assert c["caption"] is None and c["scores"]["aesthetic"] is None and c["extract_mode"] is None, c
+        assert not (out / contract.REPORT_DIR / "thumbs" / f"{c['clip_id']}.jpg").exists()
+        assert not (out / contract.REPORT_DIR / "previews" / f"{c['clip_id']}.webp").exists()
+    for c in (kept[c["duplicate_of"]] for c in near):
+        assert c["caption"] and c["scores"]["aesthetic"] is not None and c["extract_mode"]
+        assert (out / contract.REPORT_DIR / "previews" / f"{c['clip_id']}.webp").exists()
+    discarded = curated["summary"]["discarded_stage_seconds"]
+    assert discarded.get("fingerprint", 0) > 0  # the fingerprint is what finds them: spent on every clip
+    assert not {"aesthetic", "caption", "extract"} & set(discarded), discarded
+    decided = sorted((out / ".work" / "dedup").glob("*.json"))
+    assert decided  # each unit's decisions, recorded for a rerun
+
+
 def test_manifest_accounts_for_everything(curated):
     clips, index = curated["clips"], curated["index"]
     assert {c["clip_id"] for c in clips if c["status"] == "kept"} == {r["clip_id"] for r in index}
@@ -229,12 +252,10 @@ def test_manifest_accounts_for_everything(curated):
     assert summary["clips"]["kept"] == len(index) and summary["sources"]["total"] == len(curated["sources"])
     processed, rates = summary["processed_this_invocation"], summary["throughput"]
     assert processed["sources"] == summary["sources"]["total"]
-    # What the progress line counted as it went: the duplicate source's clips that passed the filters and
-    # the near-duplicates, found at write time, are counted as duplicates, not kept (curation.pipeline.fates).
-    original = _source(curated, "bikes.mp4")["uri"]
+    # What the progress line counted as it went is what the output keeps: duplicates are decided before a
+    # clip's record is written (curation.duplicates.DedupGate), so no clip counted kept is withdrawn later.
     near = [c for c in clips if c["duplicate_of"]]
-    copied = [c for c in clips if c["source_uri"] == original and (c["status"] == "kept" or c["duplicate_of"])]
-    assert copied and processed["duplicates"] == len(near) + len(copied)
+    assert near and processed["duplicates"] == len(near)
     assert processed["kept"] == summary["clips"]["kept"]
     assert summary["cores"] == 2 and rates["clips_per_second"] > 0
     assert rates["video_hours_per_core_hour"] == pytest.approx(rates["video_hours_per_wall_hour"] / 2, rel=0.01)

@@ -297,7 +297,7 @@ def test_a_lost_lease_stops_the_unit_writer_before_it_submits(tmp_path):
     assert wait_until(lambda: lease.lost, timeout=2)
     submitted = []
     writer = UnitWriter(RunDir(Store(out)), [[("a.mp4", 0)], [("b.mp4", 0)]], lambda *unit: submitted.append(unit),
-                        {("a.mp4", 0), ("b.mp4", 0)}, None, check=lease.check)
+                        {("a.mp4", 0), ("b.mp4", 0)}, check=lease.check)
     with pytest.raises(LeaseLost, match="lost its lease"):
         writer.poll()
     assert submitted == [] and writer.next == 0

@@ -163,7 +163,13 @@ def test_stages_without_a_model_are_tasks_and_model_stages_autoscaling_actor_poo
         stop_ray()
     assert kinds["aesthetic"] == ("ActorPoolStrategy", 0, 1, 3)
     assert kinds["extract"] == ("TaskPoolStrategy", 0.5, None, None)
-    assert all(k[0] == "TaskPoolStrategy" and k[1] == 1.0 for name, k in kinds.items() if name not in ("aesthetic", "extract"))
+    assert kinds["dedup"] == ("ActorPoolStrategy", 0, 1, 1)  # one gate sees every row
+    assert all(k[0] == "TaskPoolStrategy" and k[1] == 1.0 for name, k in kinds.items()
+               if name not in ("aesthetic", "extract", "dedup"))
+    assert list(kinds).index("dedup") == list(kinds).index("fingerprint") + 1  # before every model stage
+    by_score = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", ["dedup.keep=aesthetic"])
+    names = [s.stage.name for s in stages(by_score, Store(str(tmp_path)))]
+    assert names.index("dedup") == names.index("aesthetic") + 1 < names.index("caption")  # it needs that score
     # a model stage that is switched off is not in the plan: no actor loads a model for nothing
     off = load_config(CurateConfig, CONFIGS / "curate/tiny.yaml", ["caption=null", "filters.aesthetic.enabled=false"])
     assert [s.stage.name for s in stages(off, Store(str(tmp_path)))] == [n for n in kinds if n != "aesthetic"]

@@ -72,7 +72,7 @@ def test_a_partly_failed_source_retried_keeps_its_settled_clips_and_shards(tmp_p
     assert fates[rejected["clip_id"]] == "rejected" and fates[failed["clip_id"]] == "failed"
     kept_before = sorted(k for k, status in fates.items() if status == "kept")
     assert len(kept_before) == len(candidates) - 2
-    commit = write_unit(out, 0, [(uri, 0)], {}, {}, 1 << 30, {})
+    commit = write_unit(out, 0, [(uri, 0)], 1 << 30, {})
     shard0 = {p: p.read_bytes() for p in (tmp_path / "out" / contract.SHARDS_DIR).rglob("*.tar")}
     assert commit["samples"] == len(kept_before) and shard0
 
@@ -96,7 +96,7 @@ def test_a_partly_failed_source_retried_keeps_its_settled_clips_and_shards(tmp_p
     assert merged["source"]["num_kept"] == len(kept_before) + 1
     assert tracker.counts["clips"] == 1 and tracker.counts["retried"] == 1  # this run's work: the one clip
 
-    retry_commit = write_unit(out, 1, [(uri, 2)], {}, {}, 1 << 30, {})
+    retry_commit = write_unit(out, 1, [(uri, 2)], 1 << 30, {})
     assert retry_commit["samples"] == 1
     for path, data in shard0.items():
         assert path.read_bytes() == data
