@@ -151,9 +151,14 @@ def in_process(files: list[Path], scratch: Path) -> tuple[float, float]:
     from spacetime.config import load_config
     from spacetime.store import Store
 
+    from curation.units import plan_units
+
     cfg = load_config(CurateConfig, ROOT / "configs/curate/tiny.yaml", ["caption=null"])
     preflight(cfg)
-    built = [(spec.op, spec.stage(**spec.args), spec.args["cfg"].resources) for spec in stages(cfg, Store(str(scratch)))]
+    entries = [(str(f), 0) for f in files]
+    built = [(spec.op, spec.stage(**spec.args), spec.args["cfg"].resources)
+             for spec in stages(cfg, Store(str(scratch)), units=plan_units(entries, cfg.write.unit_sources),
+                                pending=entries)]
     t0, cpu0 = time.perf_counter(), time.process_time()
     rows = [pack({"source": {"uri": str(f), "status": "pending"}}) for f in files]
     for op, stage, res in built:
@@ -161,6 +166,9 @@ def in_process(files: list[Path], scratch: Path) -> tuple[float, float]:
             rows = [stage(r) for r in rows]
         elif op == "flat_map":
             rows = [out for r in rows for out in stage(r)]
+        elif op == "gate":  # every row in, the decided ones out
+            batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("meta", "sampled")}
+            rows = [{"meta": m, "sampled": x} for done in stage(batch) for m, x in zip(done["meta"], done["sampled"])]
         else:
             batches = [rows[i:i + res.batch_size] for i in range(0, len(rows), res.batch_size)]
             rows = []
@@ -272,6 +280,10 @@ def main() -> None:
         stages = summary["stage_seconds"]
         print("    stage seconds (share of wall x cores): " + ", ".join(
             f"{k} {v:.1f} ({v / (wall * cores):.0%})" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])))
+        if "discarded_stage_seconds" in summary:  # spent on what the output discards as duplicates
+            print("    of which on duplicates: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(
+                summary["discarded_stage_seconds"].items(), key=lambda kv: -kv[1]) if v >= 0.05) +
+                  f"; clips kept {summary['clips']['kept']} of {summary['clips']['total']}")
     extraction(work / "out_0", work / "extract")
 
 

@@ -29,7 +29,7 @@ FILTERS = {
     "dark": ("luma_mean", "low", "filters.exposure.min_luma"),
     "bright": ("luma_mean", "high", "filters.exposure.max_luma"),
     "clipped": ("luma_clipped", "high", "filters.exposure.max_clipped"),
-    "borders": ("border_area", "low", "filters.borders.min_area"),
+    "borders": ("picture_area", "low", "filters.borders.min_area"),
 }
 
 

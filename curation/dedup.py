@@ -84,7 +84,7 @@ on, so a killed run's rerun replays them rather than deciding again, an incremen
 earlier versions' units to rebuild the index, and the decisions depend on the units alone: not on
 timing, worker counts, kills or reruns (tests/test_curate_resume.py checks the bytes). A source an
 infrastructure fault deferred is left out of its unit's decisions (``missing``); the rerun decides it
-against the units up to its own. If the gate's actor is lost, the rows it held are lost with it: their
+against every recorded unit (a copy of it that went on in its place stays the original). If the gate's actor is lost, the rows it held are lost with it: their
 sources are left for the rerun, which completes them (nothing is published incomplete).
 
 Limits: clips of 1-2 sampled frames are decided by one frame; horizontal flips, crops above ~10 % per
@@ -298,20 +298,22 @@ class NearDupIndex:
 
         Within the batch, ``group`` keeps the best clip of each group of near-duplicates. A kept clip
         that matches an indexed clip is a duplicate of its most similar match (indexed clips were
-        kept earlier, so they stay whatever the scores). Returns duplicate clip_id -> the clip_id kept
-        in its place (never itself a key); clips absent from the result are kept and now indexed.
+        kept earlier, so they stay whatever the scores). A clip indexed already (the same id: decided
+        again, as a retried clip that failed after its first decision is) does not match itself.
+        Returns duplicate clip_id -> the clip_id kept in its place (never itself a key); clips absent
+        from the result are kept and indexed.
         """
         within = group(clips, self.max_distance, self.min_similarity, self.bands, self.min_band_hits)
         out: dict[str, str] = {}
         kept = sorted((c for c in clips if c[0] not in within), key=lambda c: c[0])
         for clip_id, hashes, _score in kept:
-            matches = self.query(hashes)
+            matches = [m for m in self.query(hashes) if m[0] != clip_id]  # never a duplicate of itself
             if matches:
                 out[clip_id] = matches[0][0]
         for dup, best in within.items():
             out[dup] = out.get(best, best)
         for clip_id, hashes, score in kept:
-            if clip_id not in out:
+            if clip_id not in out and clip_id not in self:  # (indexed already: the clip decided again)
                 self.add(clip_id, hashes, score)
         return out
 

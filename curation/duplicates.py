@@ -89,8 +89,8 @@ class NearDuplicates:
                      if c.get("fingerprint") and not c.get("retained") and (c["num_frames"] == 1) == (kind == "image")]
             decided = index.dedup(batch)
             near.update(decided)
-            survivors[kind] = [[i, [int(h) for h in hashes], score] for i, hashes, score in sorted(batch, key=lambda b: b[0])
-                               if i not in decided]
+            survivors[kind] = [[i, [int(h) for h in hashes], score]
+                               for i, hashes, score in sorted(batch, key=lambda b: b[0]) if i not in decided]
         return near, survivors
 
     def replay(self, survivors: dict[str, list]) -> None:
@@ -101,7 +101,8 @@ class NearDuplicates:
             return
         for kind, rows in survivors.items():
             for clip_id, hashes, score in rows:
-                self.indexes[kind].add(clip_id, np.array(hashes, np.uint64), score)
+                if clip_id not in self.indexes[kind]:  # a retried clip is a survivor of two units
+                    self.indexes[kind].add(clip_id, np.array(hashes, np.uint64), score)
 
 
 def apply_near_duplicates(records: list[dict], near: dict[str, str]) -> None:
@@ -146,6 +147,7 @@ class DedupGate:
         self.arrivals, self.rows, self.arrived = Arrivals(), {}, set()
         self.next, self.first, self.near = 0, {}, NearDuplicates(cfg)
         self.decided: set[int] = self.run.decided_units()
+        self.late: list = []  # (unit, entry): deferred from a recorded unit's decisions, decided here
 
     def __call__(self, batch: dict):
         t0 = time.perf_counter()
@@ -165,34 +167,33 @@ class DedupGate:
 
     def _advance(self) -> list[tuple[dict, bytes]]:
         """Decide every unit that can be, in order; the rows they release."""
-        out = []
+        out: list[tuple[dict, bytes]] = []
         while self.next < len(self.units):
             n, entries = self.next, self.units[self.next]
             todo = [e for e in entries if e in self.pending]
             if not all(e in self.arrived for e in todo):
                 break
-            decisions = self._decisions(n, entries, todo)
+            if n in self.decided:  # recorded: replayed, not decided again
+                decisions = self.run.dedup(n)
+                self._add(decisions, replay=True)
+                late = [e for e in todo if list(e) in decisions["missing"]]
+                self.late += [(n, e) for e in late]
+                todo = [e for e in todo if e not in late]
+            else:
+                out += self._decide_late()
+                decisions = self._decide(n, entries, todo)
             for e in todo:
                 out += [apply_decisions(meta, sampled, decisions) for meta, sampled in self.rows.pop(e, [])]
             self.arrived.difference_update(todo)
             self.next += 1
+        if self.next == len(self.units):
+            out += self._decide_late()
         return out
 
-    def _decisions(self, n: int, entries: list, todo: list) -> dict:
-        """Unit n's decisions: recorded ones replayed, or made now (and recorded). A source an
-        infrastructure fault deferred is left out of them, as `missing`; the rerun decides it when it
-        comes, against the units up to its own (a later unit's clips were decided without it)."""
-        deferred = {e for e in todo if any(left_for_rerun(m) for m, _ in self.rows.get(e, []))}
-        if n in self.decided:
-            decisions = self.run.dedup(n)
-            self._add(decisions, replay=True)
-            late = [e for e in todo if list(e) in decisions["missing"] and e not in deferred]
-            if late:
-                extra = self.decide_unit([self._source(e) for e in late], self._candidates(late))
-                self._add(extra)
-                decisions = merge_decisions(decisions, extra, late)
-                self.run.store.write(self.run.dedup_path(n), json.dumps(decisions, sort_keys=True))
-            return decisions
+    def _decide(self, n: int, entries: list, todo: list) -> dict:
+        """Unit n's decisions, made now and recorded. A source an infrastructure fault deferred is left
+        out of them, as `missing` (its rows go on: the tracker leaves it for the rerun)."""
+        deferred = {e for e in todo if self._deferred(e)}
         done = [e for e in entries if e not in self.pending]
         records = {e: self.run.record(*e) for e in done}  # none, unless made before the gate
         fresh = [e for e in todo if e not in deferred]
@@ -204,6 +205,28 @@ class DedupGate:
         if todo:
             self.run.store.write(self.run.dedup_path(n), json.dumps(decisions, sort_keys=True))
         return decisions
+
+    def _decide_late(self) -> list[tuple[dict, bytes]]:
+        """The sources a fault deferred from their unit's decisions in an earlier invocation, decided
+        once every recorded unit is replayed: against all of them (a copy of such a source that went on
+        in its place stays the original; none of its clips is withdrawn). Their units' records grow."""
+        out: list[tuple[dict, bytes]] = []
+        late = [(n, e) for n, e in self.late if not self._deferred(e)]
+        for n in sorted({n for n, _ in late}):
+            entries = [e for m, e in late if m == n]
+            extra = self.decide_unit([self._source(e) for e in entries], self._candidates(entries))
+            self._add(extra)
+            decisions = merge_decisions(self.run.dedup(n), extra, entries)
+            self.run.store.write(self.run.dedup_path(n), json.dumps(decisions, sort_keys=True))
+            for e in entries:
+                out += [apply_decisions(meta, sampled, decisions) for meta, sampled in self.rows.pop(e, [])]
+        for _, e in self.late:  # deferred again: on for the tracker, undecided
+            out += self.rows.pop(e, [])
+        self.late = []
+        return out
+
+    def _deferred(self, entry) -> bool:
+        return any(left_for_rerun(m) for m, _ in self.rows.get(entry, []))
 
     def _source(self, entry) -> dict:
         rows = self.rows.get(entry, [])
@@ -227,8 +250,8 @@ class DedupGate:
         for source in sources:
             record = {"source": dict(source), "clips": []}
             mark_duplicate(record, first)
-            if record["source"]["status"] == "duplicate" and source["status"] != "duplicate":
-                duplicates[source["uri"]] = record["source"]["duplicate_of"]
+            if record["source"]["status"] == "duplicate":  # the probe's claim may name a later original
+                duplicates[source["uri"]] = first.get(source.get("digest"), record["source"]["duplicate_of"])
         near, survivors = self.near.decide([c for c in candidates if c["source_uri"] not in duplicates])
         added = {d: u for d, u in first.items() if d not in self.first}
         return {"duplicates": duplicates, "first": added, "near": near, "survivors": survivors, "missing": []}
@@ -257,3 +280,23 @@ def apply_decisions(meta: dict, sampled: bytes, decisions: dict) -> tuple[dict, 
         apply_near_duplicates([{"clips": [clip]}], decisions["near"])
         return meta, b""
     return meta, sampled
+
+
+class FirstClaims:
+    """A Ray actor (one per run, on the driver's node): the first source, in processing order, of each
+    content digest probed so far. The probe claims each digest it computes; a source whose bytes an
+    EARLIER source (by processing order) has claimed is certainly a duplicate (`registers`: whatever
+    that source's later fate), so the probe marks it and nothing decodes it. A source probed before an
+    earlier copy of it is left to the gate, which decides in order: the claims only save work, the
+    gate's decisions stand either way (and name the first of the copies)."""
+
+    def __init__(self):
+        self.first: dict[str, tuple[int, str]] = {}
+
+    def claim(self, digest: str, order: int, uri: str) -> str | None:
+        """The URI of an earlier source (by `order`) with this digest, else None (and the claim is held)."""
+        held = self.first.get(digest)
+        if held is not None and held[0] < order:
+            return held[1]
+        self.first[digest] = (order, uri)
+        return None

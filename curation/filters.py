@@ -146,7 +146,7 @@ class Borders(FilterStage):
         fh, fw = frames.shape[1:3]
         box = border_box(frames, cfg)
         area = box[2] * box[3] / (fw * fh)
-        clip["scores"]["border_area"] = round(area, 4)
+        clip["scores"]["picture_area"] = round(area, 4)  # the share kept inside the bars
         if area < cfg.min_area:
             reject(clip, "borders", f"picture area {area:.2f} < filters.borders.min_area={cfg.min_area}")
             return None

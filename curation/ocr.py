@@ -186,7 +186,9 @@ def score_text(
 
     `max_frames` scores that many evenly spaced frames only (detection costs ~0.03 s a frame).
     A cell is text when covered in >= ceil(`persist` x N) frames, and in >= 2 when N >= 2: one
-    frame's text is never persistent unless it is the only frame.
+    frame's text is never persistent unless it is the only frame. Detection stops as soon as no cell
+    can reach that any more (clean footage: after 5 of 8 frames at persist 0.5), which changes no
+    result; `frames` counts the frames detection ran on.
     """
     frames = np.asarray(frames)
     if frames.ndim == 3:
@@ -201,10 +203,14 @@ def score_text(
     rows, cols = grid, max(1, math.ceil(w / cell - 1e-9))
     min_area = min_box_frac * h * w
 
+    need = max(math.ceil(persist * n - 1e-9), min(2, n))
     start = time.perf_counter()
     per_frame: list[list[np.ndarray]] = []
     covered = np.zeros((n, rows, cols), bool)
+    counts = np.zeros((rows, cols), np.int32)
     for i, frame in enumerate(frames):
+        if counts.max() + (n - i) < need:  # no cell can persist any more: the answer is "no text"
+            break
         kept = []
         for box in detect_boxes(engine, frame):
             x0, y0 = box.min(axis=0)
@@ -214,18 +220,18 @@ def score_text(
             kept.append(box)
             r0, r1, c0, c1 = _cells(box, cell, rows, cols)
             covered[i, r0:r1, c0:c1] = True
+        counts += covered[i]
         per_frame.append(kept)
-    det_seconds = (time.perf_counter() - start) / max(n, 1)
+    det_seconds = (time.perf_counter() - start) / max(len(per_frame), 1)
 
-    need = max(math.ceil(persist * n - 1e-9), min(2, n))
-    text = covered.sum(axis=0) >= need
+    text = counts >= need
     result: dict[str, Any] = {
         "text_area": float(text.mean()),
         "band": None,
         "text": "",
         "seconds": det_seconds,
         "rec_seconds": 0.0,
-        "frames": n,
+        "frames": len(per_frame),
         "boxes": sum(len(b) for b in per_frame),
     }
     if not text.any():

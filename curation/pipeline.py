@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.caption import Caption
-from curation.duplicates import DedupGate
+from curation.duplicates import DedupGate, FirstClaims
 from curation.filters import Aesthetic, Borders, Exposure, Fingerprint, Motion, Sharpness, Text
 from curation.settings import AnalyzeConfig, CurateConfig, ExtractConfig, ProbeConfig, SplitConfig
 from curation.stage import RETAINED, Stage, defer, fail, pack, unpack
@@ -55,11 +55,12 @@ class Probe(Stage):
 
     name = "probe"
 
-    def __init__(self, cfg: ProbeConfig, s3: S3Config, out: Store, known: str | None):
+    def __init__(self, cfg: ProbeConfig, s3: S3Config, out: Store, known: str | None, claims=None):
+        """`claims`: the run's FirstClaims actor (curation.duplicates), if any."""
         import pyarrow.parquet as pq
 
         super().__init__(cfg)
-        self.s3 = s3
+        self.s3, self.claims = s3, claims
         self.known: set[str] = set()
         if known:  # one column of the last version's manifest: ~100 bytes a source, per probe actor
             table = pq.read_table(out.path(known), columns=["digest", "status"], filesystem=out.fs)
@@ -74,13 +75,27 @@ class Probe(Stage):
         try:  # a storage hiccup is retried; what persists leaves the source for the rerun
             meta["source"] = retry(lambda: probe(uri, self.cfg, self.s3), f"{uri}: probe")
             if meta["source"]["digest"] in self.known and "retain" not in meta:  # (a retry may know itself)
-                meta["source"]["status"] = "duplicate"  # of an earlier version's source (named at write time)
+                meta["source"]["status"] = "duplicate"  # of an earlier version's source (named by the gate)
+            elif self.claims is not None and "order" in meta:
+                self._claim(meta["source"], meta["order"])
         except Exception as err:  # every failure is a manifest row (or left for the rerun), never a crash
             if is_infrastructure(err):
                 defer(meta["source"], f"probe: {describe(err)}")
             else:
                 meta["source"].update(status="failed", error=str(err) if isinstance(err, ProbeError) else describe(err))
         return pack(self.timed(meta, t0))
+
+    def _claim(self, source: dict, order: int) -> None:
+        """A byte-identical copy of an earlier source of this run is a duplicate before anything decodes it."""
+        import ray
+
+        try:
+            original = ray.get(self.claims.claim.remote(source["digest"], order, source["uri"]), timeout=60)
+        except Exception as err:  # only work is lost: the dedup gate decides it all the same
+            log.warning("%s: the digest claim failed (%s); the dedup gate decides", source["uri"], describe(err))
+            return
+        if original is not None:
+            source.update(status="duplicate", duplicate_of=original)
 
 
 class Analyze(Stage):
@@ -242,15 +257,16 @@ class StageSpec:
 
 
 def stages(cfg: CurateConfig, out: Store, known: str | None = None, units: list | None = None,
-           pending: list | None = None) -> list[StageSpec]:
+           pending: list | None = None, claims=None) -> list[StageSpec]:
     """The pipeline, in order. Each stage gets its own section (and what it shares: S3 settings).
-    `known`: the sources manifest of the last published version, if any (see Probe); `units`: every
-    unit of the output and `pending`: the entries this invocation processes (the dedup gate's)."""
+    `known`: the sources manifest of the last published version, if any, and `claims`: the run's
+    FirstClaims actor (see Probe); `units`: every unit of the output and `pending`: the entries this
+    invocation processes (the dedup gate's)."""
     s3, f = cfg.sources.s3, cfg.filters
     gate = StageSpec(DedupGate, "gate", dict(cfg=cfg.dedup, units=units or [], pending=pending or [], store=out))
     by_aesthetic = cfg.dedup.keep == "aesthetic" and f.aesthetic.enabled  # the gate needs that score first
     return [
-        StageSpec(Probe, "map", dict(cfg=cfg.probe, s3=s3, out=out, known=known)),
+        StageSpec(Probe, "map", dict(cfg=cfg.probe, s3=s3, out=out, known=known, claims=claims)),
         StageSpec(Analyze, "flat_map", dict(cfg=cfg.analyze, s3=s3, max_duration=cfg.split.max_duration)),
         StageSpec(Split, "flat_map", dict(cfg=cfg.split, max_sampled=cfg.analyze.max_sampled_per_clip)),
         StageSpec(Borders, "map", dict(cfg=f.borders)),  # first: crops the frames the next filters see
@@ -297,11 +313,8 @@ def _apply(ds, spec: StageSpec, key: tuple[str, int]):
     if spec.op == "gate":
         # One actor sees every row, in no particular order, and decides in unit order. It holds rows, which
         # a restart elsewhere would lose: it lives on the driver's node, whose loss ends the run anyway.
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         return ds.map_batches(spec.stage, fn_constructor_kwargs=spec.args, compute=ray.data.ActorPoolStrategy(size=1),
-                              batch_size=None, batch_format="numpy", num_cpus=0, scheduling_strategy=here)
+                              batch_size=None, batch_format="numpy", **_on_this_node())
     res = spec.args["cfg"].resources
     kwargs = dict(num_cpus=res.num_cpus, **({"num_gpus": res.num_gpus} if res.num_gpus else {}))
     # A lost worker or node is survived within the run by Ray Data 2.60's own defaults, which is why no
@@ -319,6 +332,17 @@ def _apply(ds, spec: StageSpec, key: tuple[str, int]):
         pool["max_concurrent_calls_per_actor"] = res.calls_per_actor
     return ds.map_batches(spec.stage, fn_constructor_kwargs=spec.args, compute=ray.data.ActorPoolStrategy(**pool),
                           batch_size=res.batch_size, batch_format="numpy", **kwargs)
+
+
+def _on_this_node(actor=None):
+    """Ray options (or `actor`'s .options) that hold an actor with run state on the driver's node, with
+    no CPU slot: a node's loss must not lose its state, and the driver's ends the run anyway."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options = dict(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False))
+    return actor.options(**options) if actor is not None else options
 
 
 def init_ray(cfg: CurateConfig, address: str | None) -> bool:
@@ -437,11 +461,12 @@ def _run_stages(pending: list[tuple[str, int]], units: list, cfg: CurateConfig, 
     from tqdm import tqdm
 
     retain = retain or {}
-    items = [pack({"source": {"uri": u, "status": "pending"}, **({"retain": retain[u]} if u in retain else {})})
-             for u, _ in pending]
+    items = [pack({"source": {"uri": u, "status": "pending"}, "order": k,
+                   **({"retain": retain[u]} if u in retain else {})}) for k, (u, _) in enumerate(pending)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     token = f"{os.getpid()}-{time.time_ns()}"
-    for i, spec in enumerate(stages(cfg, out, known, units, pending)):
+    claims = _on_this_node(ray.remote(FirstClaims)).remote()  # its handle ends with this call: so does it
+    for i, spec in enumerate(stages(cfg, out, known, units, pending, claims)):
         ds = _apply(ds, spec, (token, i))
     # on a terminal a live bar (tqdm disables itself elsewhere); off one, the same figures as a log line
     # every progress.log_every_s, from a timer thread (a long source may keep rows from coming for minutes)
@@ -480,10 +505,13 @@ def address_of(cfg: CurateConfig, ray_address: str | None) -> str | None:
 
 
 def _cores(cfg: CurateConfig, slots: float, embedded: bool) -> float:
-    """The cores behind Ray's CPU slots, for the per-core-hour rates: Ray counts slots, and both the
-    embedded Ray and the README's cluster nodes declare `ray.cpus_per_core` of them per core."""
+    """The physical cores behind Ray's CPU slots, for the per-core-hour rates: Ray counts slots, and
+    both the embedded Ray and the README's cluster nodes declare `ray.cpus_per_core` of them per core.
+    The embedded Ray's are this machine's physical cores (not its hardware threads), at most one per slot."""
     if embedded:
-        return float(min(os.cpu_count() or 1, slots))
+        import psutil
+
+        return float(min(psutil.cpu_count(logical=False) or os.cpu_count() or 1, slots))
     return slots / cfg.ray.cpus_per_core
 
 

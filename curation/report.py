@@ -40,7 +40,7 @@ THRESHOLDS = {
     "shake": ("motion", ["max_shake"]),
     "luma_mean": ("exposure", ["min_luma", "max_luma"]),
     "luma_clipped": ("exposure", ["max_clipped"]),
-    "border_area": ("borders", ["min_area"]),
+    "picture_area": ("borders", ["min_area"]),
     "text_area": ("text", ["max_area"]),
 }
 SAMPLE = 20000  # values per histogram series (and captions for the word counts): a uniform sample beyond

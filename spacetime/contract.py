@@ -199,7 +199,7 @@ SCORE_FIELDS: tuple[str, ...] = (
     "motion", "shake", "camera_pan_x", "camera_pan_y", "camera_zoom",  # filters.motion: optical flow
     "sharpness",  # filters.sharpness: variance of the Laplacian
     "luma_mean", "luma_clipped",  # filters.exposure
-    "border_area",  # filters.borders: fraction of the frame cut away as black borders
+    "picture_area",  # filters.borders: fraction of the frame inside black borders (1.0: none; record schema 2)
     "text_area", "text_band",  # filters.text: burned-in text (PP-OCR); band rows (+ bottom, - top)
 )
 SCORES_TYPE = pa.struct([(name, pa.float64()) for name in SCORE_FIELDS])
@@ -215,16 +215,25 @@ def score_columns(scores: dict[str, float] | None) -> dict[str, float | None]:
     return {name: (float(scores[name]) if name in scores else None) for name in SCORE_FIELDS}
 
 
+# Scores renamed since: the old name -> the new one, read from older outputs (spacetime.record too).
+RENAMED_SCORES = {"border_area": "picture_area"}  # schema 1 named the share KEPT inside the bars so
+
+
+def upgrade_scores(scores: dict[str, float]) -> dict[str, float]:
+    """Scores of an older output under today's names."""
+    return {RENAMED_SCORES.get(k, k): v for k, v in scores.items()}
+
+
 def scores_of(value) -> dict[str, float]:
     """A manifest row's `scores` -> {name: value} of the measured ones; reads the struct, and the JSON
-    string that outputs written before typed scores hold."""
+    string that outputs written before typed scores hold, under today's names (RENAMED_SCORES)."""
     import json
 
     if value is None:
         return {}
     if isinstance(value, str):
-        return json.loads(value or "{}")
-    return {k: v for k, v in value.items() if v is not None}
+        return upgrade_scores(json.loads(value or "{}"))
+    return upgrade_scores({k: v for k, v in value.items() if v is not None})
 
 
 # The captioner's structured fields besides the dense caption (the clips manifest's `caption_fields`).

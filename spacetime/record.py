@@ -4,7 +4,7 @@ The curation writer builds it field by field, `spacetime caption` rewrites its c
 reader (the trainer's loader, captioner fine-tuning, recaption, caption upsampling examples, tests)
 parses it with `ClipRecord.from_json`. Nothing else knows its keys.
 
-    {"schema_version": 1, "clip_id": "3f0c…",                     # = the sample key
+    {"schema_version": 2, "clip_id": "3f0c…",                     # = the sample key
      "source": {"uri", "digest", "digest_kind"},                    # sha256 | size-etag
      "span": {"start_frame", "end_frame", "start_time", "end_time", "start_pts", "end_pts"},
      "fps", "width", "height", "num_frames", "duration", "rotation", "crop", "bucket",
@@ -16,7 +16,9 @@ parses it with `ClipRecord.from_json`. Nothing else knows its keys.
 Frames are decoded-frame indices of the source (`end_frame` exclusive); times are seconds from the
 source's first frame; PTS are in the source stream's time base. `width`/`height` are the stored
 clip's (upright, cropped). A record of a newer schema than this code reads is refused with an
-error that says so; unknown keys are errors, never silently dropped.
+error that says so; unknown keys are errors, never silently dropped. An older schema is read under
+today's names (schema 1's score `border_area` is `picture_area`: the share of the frame inside black
+bars, as it always was; its name read as the share cut away).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spacetime.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions still read: 1 named scores["picture_area"] `border_area` (spacetime.contract.RENAMED_SCORES).
+READS_VERSIONS = (1, 2)
 
 
 class RecordError(UserError, ValueError):
@@ -76,7 +80,7 @@ CAPTION_FIELDS: tuple[str, ...] = ("subjects", "actions", "scene", "camera_motio
 
 
 class ClipRecord(_Record):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     clip_id: str
     source: SourceRef
     span: Span
@@ -120,11 +124,16 @@ class ClipRecord(_Record):
         if not isinstance(tree, dict):
             raise RecordError(f"{where}: expected a JSON object, got {type(tree).__name__}")
         version = tree.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READS_VERSIONS:
             hint = ("written by a newer spacetime; upgrade to read it" if isinstance(version, int)
                     and version > SCHEMA_VERSION else "not a spacetime clip record (or a pre-release one); "
                     "rewrite the dataset with `spacetime curate`")
-            raise RecordError(f"{where}: schema_version {version!r}, this spacetime reads {SCHEMA_VERSION}: {hint}")
+            raise RecordError(f"{where}: schema_version {version!r}, this spacetime reads "
+                              f"{', '.join(map(str, READS_VERSIONS))}: {hint}")
+        if version < SCHEMA_VERSION:  # an older record: today's names (its bytes on disk stay as they are)
+            from spacetime.contract import upgrade_scores
+
+            tree = dict(tree, schema_version=SCHEMA_VERSION, scores=upgrade_scores(tree.get("scores") or {}))
         try:
             return cls.model_validate(tree)
         except ValidationError as err:

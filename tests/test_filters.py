@@ -65,7 +65,7 @@ def test_default_thresholds_separate_labelled_clips(filtered):
 def test_every_clip_is_scored_kept_or_not(filtered):
     for uri, clip in filtered["clips"].items():
         scores = contract.scores_of(clip["scores"])
-        for key in ("border_area", "luma_mean", "luma_clipped", "sharpness", "motion", "shake", "aesthetic"):
+        for key in ("picture_area", "luma_mean", "luma_clipped", "sharpness", "motion", "shake", "aesthetic"):
             assert key in scores, (uri, key)
         assert 1.0 <= scores["aesthetic"] <= 10.0
 

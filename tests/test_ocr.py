@@ -159,3 +159,16 @@ def test_text_at_top_and_bottom_has_no_band_and_edge_cases(engine, footage, clea
     scored = score_text(engine, frames, recognize=False, max_frames=3)
     assert scored["frames"] == 3 and scored["text_area"] > MAX_AREA and scored["band"] is None
     assert score_text(engine, clean["bigbuckbunny.mp4"][:0])["text_area"] == 0.0
+
+
+def test_detection_stops_once_no_text_can_persist(engine, footage, clean, subs):
+    """On clean frames detection stops as soon as no cell can reach `persist` (persist 0.5 of 8 frames:
+    after 5 frames without a box; bikes.mp4 has a stray box on a road marking), with no text found, as
+    an exhaustive pass finds none; subtitled frames are scored in full."""
+    frames = clean["bikes.mp4"][:8]
+    scored = score_text(engine, frames, recognize=False)
+    assert 5 <= scored["frames"] < 8 and scored["text_area"] == 0.0 and scored["band"] is None
+    every = score_text(engine, frames, recognize=False, persist=1 / 8)  # one frame's text would do: all 8 run
+    assert every["frames"] == 8
+    subtitled = score_text(engine, subs["bikes.mp4"][0][:8], recognize=False)
+    assert subtitled["frames"] == 8 and subtitled["text_area"] > MAX_AREA

@@ -38,7 +38,7 @@ def test_caption_fields_are_the_stored_caption_fields():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda t: t.update(schema_version=2), "schema_version 2, this spacetime reads 1: written by a newer"),
+    (lambda t: t.update(schema_version=3), "schema_version 3, this spacetime reads 1, 2: written by a newer"),
     (lambda t: t.pop("schema_version"), "schema_version None"),
     (lambda t: t.update(caption_fields={"short": "x"}), "caption_fields: Extra inputs are not permitted"),
     (lambda t: t["caption"].update(shrot="typo"), "caption.shrot: Extra inputs are not permitted"),
@@ -57,3 +57,21 @@ def test_not_json_is_a_record_error():
         ClipRecord.from_json(b"\xff\x00", where="x.json")
     with pytest.raises(RecordError, match="expected a JSON object"):
         ClipRecord.from_json(b"[1, 2]", where="x.json")
+
+
+def test_a_schema_1_record_and_manifest_read_under_todays_score_names():
+    """Schema 1 named the share of the frame kept inside black bars `border_area` (which reads as the
+    share cut away); schema 2 calls it `picture_area`. Older records and manifests read as schema 2."""
+    import pyarrow as pa
+
+    from spacetime import contract
+
+    tree = json.loads(full_record().to_json())
+    tree.update(schema_version=1, scores={"border_area": 0.82, "motion": 0.02})
+    old = ClipRecord.from_json(json.dumps(tree))
+    assert old.schema_version == SCHEMA_VERSION == 2 and old.scores == {"picture_area": 0.82, "motion": 0.02}
+    assert "border_area" not in contract.SCORE_FIELDS and "picture_area" in contract.SCORE_FIELDS
+    legacy = pa.array([{"border_area": 0.82, "motion": None}], pa.struct([("border_area", pa.float64()),
+                                                                          ("motion", pa.float64())]))
+    assert contract.scores_of(legacy.to_pylist()[0]) == {"picture_area": 0.82}
+    assert contract.scores_of('{"border_area": 1.0}') == {"picture_area": 1.0}

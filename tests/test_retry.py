@@ -198,7 +198,9 @@ def test_retry_failed_after_a_model_upgrade_gives_the_output_of_a_run_without_th
 
     for rel, key in ((contract.CLIPS_MANIFEST, "clip_id"), (contract.SOURCES_MANIFEST, "uri")):
         got, want = manifest_rows(out, rel, key), manifest_rows(reference, rel, key)
-        assert got == want, [k for k in set(got) | set(want) if got.get(k) != want.get(k)][:5]
+        differ = {k: {f: (got.get(k, {}).get(f), want.get(k, {}).get(f)) for f in {*got.get(k, {}), *want.get(k, {})}
+                      if got.get(k, {}).get(f) != want.get(k, {}).get(f)} for k in {*got, *want} if got.get(k) != want.get(k)}
+        assert got == want, list(differ.items())[:5]
     recovered = [c for c in manifest_rows(out, contract.CLIPS_MANIFEST, "clip_id").values()
                  if c["source_uri"].startswith(str(more)) and c["status"] == "kept"]
     assert {os.path.basename(c["source_uri"]) for c in recovered} == {"moving.mp4", "late.mp4"}
