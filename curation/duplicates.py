@@ -2,8 +2,8 @@
 URI), BEFORE the expensive stages (aesthetic, caption, extract), so no work goes to a clip the output
 discards. Why and how the gate orders them: curation.dedup, "Ordering the decisions".
 
-A source whose content digest equals that of a source before it (an earlier dataset version, or a
-smaller URI) is a `duplicate` and adds no clip (`mark_duplicate`); a candidate clip close to one that
+A source whose content (its coded pictures: `dedup_key`) equals that of a source before it (an
+earlier dataset version, or a smaller URI) is a `duplicate` and adds no clip (`mark_duplicate`); a candidate clip close to one that
 survived an earlier unit, or to a better one of its own unit, is rejected as a near-duplicate
 (`NearDuplicates`, on curation.dedup's fingerprints and index). `DedupGate` is the pipeline stage that
 decides both, a unit at a time, and records each unit's decisions (OUT/.work/dedup/<unit>.json) before
@@ -22,12 +22,18 @@ from curation.stage import DEFERRED, left_for_rerun
 log = logging.getLogger(__name__)
 
 
+def dedup_key(source: dict) -> str | None:
+    """What makes two sources duplicates: the digest of their coded pictures where the probe took it
+    (probe.stream_digest: a remux is a duplicate), else the digest of their bytes."""
+    return source.get("stream_digest") or source.get("digest")
+
+
 def registers(source: dict) -> bool:
     """A source whose digest later sources with the same bytes are duplicates of: every source that
     was probed (it has a digest) and is not a duplicate itself, whatever its later fate. The same
     bytes fare the same, so a copy of a source that failed its analysis would fail it too: it is a
     duplicate, not decoded again. (A deferred source has no record: the rerun decides it.)"""
-    return bool(source.get("digest")) and source["status"] not in ("duplicate", DEFERRED)
+    return bool(dedup_key(source)) and source["status"] not in ("duplicate", DEFERRED)
 
 
 def mark_duplicate(record: dict, first: dict[str, str]) -> None:
@@ -38,11 +44,12 @@ def mark_duplicate(record: dict, first: dict[str, str]) -> None:
     appears twice."""
     source = record["source"]
     if source["status"] == "duplicate":  # the probe found it in an earlier version: name the original
-        source["duplicate_of"] = source.get("duplicate_of") or first[source["digest"]]
+        source["duplicate_of"] = (source.get("duplicate_of") or first.get(dedup_key(source))
+                                  or first[source["digest"]])
         return
     if not registers(source):
         return
-    original = first.setdefault(source["digest"], source["uri"])
+    original = first.setdefault(dedup_key(source), source["uri"])
     if source["status"] != "ok":  # failed after its probe: the first of its bytes all the same
         return
     if original != source["uri"]:
@@ -251,7 +258,7 @@ class DedupGate:
             record = {"source": dict(source), "clips": []}
             mark_duplicate(record, first)
             if record["source"]["status"] == "duplicate":  # the probe's claim may name a later original
-                duplicates[source["uri"]] = first.get(source.get("digest"), record["source"]["duplicate_of"])
+                duplicates[source["uri"]] = first.get(dedup_key(source), record["source"]["duplicate_of"])
         near, survivors = self.near.decide([c for c in candidates if c["source_uri"] not in duplicates])
         added = {d: u for d, u in first.items() if d not in self.first}
         return {"duplicates": duplicates, "first": added, "near": near, "survivors": survivors, "missing": []}

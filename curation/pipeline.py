@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.caption import Caption
-from curation.duplicates import DedupGate, FirstClaims
+from curation.duplicates import DedupGate, FirstClaims, dedup_key
 from curation.filters import Aesthetic, Borders, Exposure, Fingerprint, Motion, Sharpness, Text
 from curation.settings import AnalyzeConfig, CurateConfig, ExtractConfig, ProbeConfig, SplitConfig
 from curation.stage import RETAINED, Stage, defer, fail, pack, unpack
@@ -62,9 +62,13 @@ class Probe(Stage):
         super().__init__(cfg)
         self.s3, self.claims = s3, claims
         self.known: set[str] = set()
-        if known:  # one column of the last version's manifest: ~100 bytes a source, per probe actor
-            table = pq.read_table(out.path(known), columns=["digest", "status"], filesystem=out.fs)
-            self.known = {d for d, st in zip(*(table.column(c).to_pylist() for c in ("digest", "status"))) if st == "ok"}
+        if known:  # two columns of the last version's manifest: ~150 bytes a source, per probe actor
+            names = pq.read_schema(out.path(known), filesystem=out.fs).names
+            columns = ["status", "digest"] + (["stream_digest"] if "stream_digest" in names else [])
+            table = pq.read_table(out.path(known), columns=columns, filesystem=out.fs)
+            status = table.column("status").to_pylist()
+            for name in columns[1:]:
+                self.known |= {d for d, st in zip(table.column(name).to_pylist(), status) if st == "ok" and d}
 
     def __call__(self, row: dict) -> dict:
         from curation.probe import ProbeError, probe
@@ -74,7 +78,8 @@ class Probe(Stage):
         uri = meta["source"]["uri"]
         try:  # a storage hiccup is retried; what persists leaves the source for the rerun
             meta["source"] = retry(lambda: probe(uri, self.cfg, self.s3), f"{uri}: probe")
-            if meta["source"]["digest"] in self.known and "retain" not in meta:  # (a retry may know itself)
+            if {meta["source"]["digest"], dedup_key(meta["source"])} & self.known and "retain" not in meta:
+                # (a retry may know itself)
                 meta["source"]["status"] = "duplicate"  # of an earlier version's source (named by the gate)
             elif self.claims is not None and "order" in meta:
                 self._claim(meta["source"], meta["order"])
@@ -90,7 +95,7 @@ class Probe(Stage):
         import ray
 
         try:
-            original = ray.get(self.claims.claim.remote(source["digest"], order, source["uri"]), timeout=60)
+            original = ray.get(self.claims.claim.remote(dedup_key(source), order, source["uri"]), timeout=60)
         except Exception as err:  # only work is lost: the dedup gate decides it all the same
             log.warning("%s: the digest claim failed (%s); the dedup gate decides", source["uri"], describe(err))
             return

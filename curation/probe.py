@@ -51,6 +51,25 @@ def _looks_like_text(uri: str, s3: S3Config) -> bool:
         return False
 
 
+def stream_digest(uri: str, s3: S3Config, rotation: int) -> str:
+    """sha256 of the first video stream's coded pictures: codec, extradata, size, rotation, then every
+    packet's payload in decode order. Two files with the same value decode to the same frames (a
+    remux: another container or metadata, the same packets), whatever their bytes. A demux, no decode."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with av.open(open_uri(uri, s3), metadata_errors="ignore") as container:
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        h.update(f"{ctx.name}:{ctx.width}x{ctx.height}:{rotation}:".encode())
+        h.update(bytes(ctx.extradata or b""))
+        for packet in container.demux(stream):
+            if packet.size:
+                h.update(packet.size.to_bytes(8, "little"))
+                h.update(bytes(packet))
+    return h.hexdigest()
+
+
 def probe(uri: str, cfg: ProbeConfig, s3: S3Config) -> dict:
     """Probe `uri`. Returns the sources.parquet fields; raises ProbeError with a readable reason."""
     digest, digest_kind, size = digest_source(uri, s3)
@@ -111,4 +130,6 @@ def probe(uri: str, cfg: ProbeConfig, s3: S3Config) -> dict:
             rotation=rotation, fps=float(rate), vfr=vfr, duration=duration, pix_fmt=ctx.format.name if ctx.format else None,
             has_audio=bool(container.streams.audio), is_image=is_image, time_base=str(stream.time_base),
         )
+    if cfg.stream_digest:
+        info["stream_digest"] = stream_digest(uri, s3, rotation)
     return info

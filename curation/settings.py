@@ -40,6 +40,10 @@ class ProbeConfig(StrictModel):
     max_pixels: int = 8192 * 8192  # a header claiming more is refused before any decode
     max_duration: float = 6 * 3600.0  # seconds
     vfr_packets: int = 240  # packets inspected for variable frame rate
+    # A digest of the video stream's packets (codec, extradata, rotation, every payload): a remux of a
+    # source (another container, other metadata, the same coded pictures) is a duplicate of it, found
+    # at probe. One demux of the file (no decode); off: duplicates are byte-identical files only.
+    stream_digest: bool = True
     resources: TaskResources = Field(default_factory=TaskResources)
 
 

@@ -172,7 +172,8 @@ SOURCES_SCHEMA = pa.schema([
     ("digest", pa.string()),
     ("digest_kind", pa.string()),  # sha256 (content) | size-etag (remote, see curation.sources)
     ("size_bytes", pa.int64()),
-    ("status", pa.string()),  # ok | failed | duplicate (same content digest as `duplicate_of`)
+    ("stream_digest", pa.string()),  # sha256 of the coded pictures (curation.probe.stream_digest), or null
+    ("status", pa.string()),  # ok | failed | duplicate (same content, or coded pictures, as `duplicate_of`)
     ("error", pa.string()),
     ("duplicate_of", pa.string()),  # the URI of the source with the same content, processed once
     ("container", pa.string()),

@@ -48,8 +48,14 @@ def curated(tmp_path_factory, ray_local):
     bad = tm.make_bad_inputs(root / "bad")
     listing = root / "bad-list.txt"  # a text file listing URIs is an input too
     listing.write_text("# bad inputs\n" + "\n".join(str(p) for p in bad.values()) + "\n")
-    (root / "zdup").mkdir()  # byte-identical to good/bikes.mp4, listed after it
+    (root / "zdup").mkdir()  # byte-identical to good/bikes.mp4, listed after it; and a remux of it
     shutil.copyfile(root / "good" / "bikes.mp4", root / "zdup" / "bikes_copy.mp4")
+    with av.open(str(root / "good" / "bikes.mp4")) as src, av.open(str(root / "zdup" / "bikes_remux.mkv"), "w") as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
     out = root / "out"
     summary = run_curation([str(root / "good"), str(listing), str(root / "zdup")], str(out), tiny_config())
     return {"root": root, "out": out, "truth": truth, "bad": bad, "summary": summary,
@@ -214,7 +220,10 @@ def test_a_duplicate_source_is_recorded_once_and_no_key_repeats(curated):
     assert copy["status"] == "duplicate" and copy["duplicate_of"] == original["uri"] and original["status"] == "ok"
     assert copy["digest"] == original["digest"] and copy["num_clips"] == 0
     assert not [c for c in curated["clips"] if c["source_uri"] == copy["uri"]]
-    assert curated["summary"]["sources"]["duplicate"] == 1
+    remux = _source(curated, "bikes_remux.mkv")  # other bytes, the same coded pictures
+    assert remux["status"] == "duplicate" and remux["duplicate_of"] == original["uri"]
+    assert remux["digest"] != original["digest"] and remux["stream_digest"] == original["stream_digest"]
+    assert curated["summary"]["sources"]["duplicate"] == 2
     shards = sorted({str(curated["out"] / r["shard"]) for r in curated["index"]})
     keys = [s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False)]
     assert len(keys) == len(set(keys)) == len(curated["index"])
@@ -259,8 +268,9 @@ def test_manifest_accounts_for_everything(curated):
     assert processed["kept"] == summary["clips"]["kept"]
     assert summary["cores"] == 2 and rates["clips_per_second"] > 0
     assert rates["video_hours_per_core_hour"] == pytest.approx(rates["video_hours_per_wall_hour"] / 2, rel=0.01)
+    # the video this run decoded: ok sources and the duplicates found after their analysis (not at probe)
     assert processed["video_seconds"] == pytest.approx(sum(s["duration"] or 0 for s in curated["sources"].values()
-                                                           if s["status"] in ("ok", "duplicate")))
+                                                           if s["status"] == "ok" or s["num_frames"] is not None))
     assert not (curated["out"] / contract.WORK_DIR / "clips").exists()
     # one row group per published file, not one per work unit of 4 sources (this run has several)
     assert len(curated["sources"]) > 2 * tiny_config().write.unit_sources

@@ -68,3 +68,27 @@ def test_every_field_is_read_before_the_source_is_closed(monkeypatch):
     monkeypatch.setattr(probe_module.av, "open", lambda *a, **k: _WatchedContainer(real_open(*a, **k)))
     watched = probe_module.probe(path, cfg.probe, S3Config())
     assert watched == plain and plain["status"] == "ok" and plain["time_base"] not in (None, "None")
+
+
+def test_a_remux_has_the_stream_digest_of_its_source_and_a_reencode_does_not(tmp_path):
+    """The stream digest is of the coded pictures: a remux into another container (other bytes, other
+    file digest) shares it, so it is a duplicate at probe; a re-encode (other pictures) or the same
+    pictures under another rotation does not. probe.stream_digest false leaves it out."""
+    src = tm.real_footage("bikes.mp4")
+    remux = tmp_path / "bikes.mkv"
+    with av.open(str(src)) as inp, av.open(str(remux), "w") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    reencoded = tmp_path / "bikes_crf30.mp4"
+    tm.transcode(src, reencoded, "libx264", "yuv420p", {"crf": "30"})
+    cfg = CurateConfig().probe
+    got = {p.name: probe_module.probe(str(p), cfg, S3Config()) for p in (src, remux, reencoded)}
+    assert got["bikes.mp4"]["digest"] != got["bikes.mkv"]["digest"]
+    assert got["bikes.mp4"]["stream_digest"] == got["bikes.mkv"]["stream_digest"]
+    assert got["bikes_crf30.mp4"]["stream_digest"] != got["bikes.mp4"]["stream_digest"]
+    assert probe_module.stream_digest(str(src), S3Config(), 90) != got["bikes.mp4"]["stream_digest"]
+    assert "stream_digest" not in probe_module.probe(str(src), cfg.model_copy(update={"stream_digest": False}),
+                                                     S3Config())
