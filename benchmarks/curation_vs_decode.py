@@ -68,20 +68,15 @@ def make_set(folder: Path, hd_seconds: float) -> list[Path]:
 
 def remux_copies(files: list[Path], copies: int) -> list[Path]:
     """`copies - 1` more copies of every file: the same packets remuxed with a `copy` tag, so each
-    is a distinct source (its own digest) with the same frames. A bigger set shows the throughput
-    once the fixed costs (Ray start-up, the last unit, the report) are spread."""
+    is a distinct file (its own digest) with the same coded pictures: duplicates the probe finds
+    (probe.stream_digest), as re-uploads are. With `--set probe.stream_digest=false` they go through
+    every stage up to the near-duplicate gate instead: a bigger set of work, where the fixed costs
+    (Ray start-up, the last unit, the report) are spread."""
     out = list(files)
     for k in range(1, copies):
         for path in files:
             dst = path.with_name(f"{path.stem}_copy{k}{path.suffix}")
-            with av.open(str(path)) as src, av.open(str(dst), "w") as sink:
-                sink.metadata["comment"] = f"copy {k}"
-                stream = src.streams.video[0]
-                ostream = sink.add_stream_from_template(stream)
-                for packet in src.demux(stream):
-                    if packet.dts is not None:
-                        packet.stream = ostream
-                        sink.mux(packet)
+            tm.remux(path, dst, comment=f"copy {k}")
             out.append(dst)
     return sorted(out)
 

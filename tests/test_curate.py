@@ -50,12 +50,7 @@ def curated(tmp_path_factory, ray_local):
     listing.write_text("# bad inputs\n" + "\n".join(str(p) for p in bad.values()) + "\n")
     (root / "zdup").mkdir()  # byte-identical to good/bikes.mp4, listed after it; and a remux of it
     shutil.copyfile(root / "good" / "bikes.mp4", root / "zdup" / "bikes_copy.mp4")
-    with av.open(str(root / "good" / "bikes.mp4")) as src, av.open(str(root / "zdup" / "bikes_remux.mkv"), "w") as dst:
-        stream = dst.add_stream_from_template(src.streams.video[0])
-        for packet in src.demux(src.streams.video[0]):
-            if packet.dts is not None:
-                packet.stream = stream
-                dst.mux(packet)
+    tm.remux(root / "good" / "bikes.mp4", root / "zdup" / "bikes_remux.mkv")
     out = root / "out"
     summary = run_curation([str(root / "good"), str(listing), str(root / "zdup")], str(out), tiny_config())
     return {"root": root, "out": out, "truth": truth, "bad": bad, "summary": summary,

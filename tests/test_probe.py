@@ -76,12 +76,7 @@ def test_a_remux_has_the_stream_digest_of_its_source_and_a_reencode_does_not(tmp
     pictures under another rotation does not. probe.stream_digest false leaves it out."""
     src = tm.real_footage("bikes.mp4")
     remux = tmp_path / "bikes.mkv"
-    with av.open(str(src)) as inp, av.open(str(remux), "w") as out:
-        stream = out.add_stream_from_template(inp.streams.video[0])
-        for packet in inp.demux(inp.streams.video[0]):
-            if packet.dts is not None:
-                packet.stream = stream
-                out.mux(packet)
+    tm.remux(src, remux)
     reencoded = tmp_path / "bikes_crf30.mp4"
     tm.transcode(src, reencoded, "libx264", "yuv420p", {"crf": "30"})
     cfg = CurateConfig().probe

@@ -455,6 +455,19 @@ def make_multishot(
     )
 
 
+def remux(src: str | os.PathLike, dst: str | os.PathLike, comment: str | None = None) -> None:
+    """The video packets of ``src`` in another container (``dst``'s extension picks it), unchanged: a
+    file with other bytes and the same coded pictures. ``comment`` is written as container metadata."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        if comment is not None:
+            out.metadata["comment"] = comment
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+
+
 def transcode(
     src: str | os.PathLike,
     dst: str | os.PathLike,
