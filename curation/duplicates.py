@@ -14,12 +14,9 @@ the records hold (`apply_near_duplicates`, `mark_duplicate` for outputs made bef
 from __future__ import annotations
 
 import json
-import logging
 import time
 
 from curation.stage import DEFERRED, left_for_rerun
-
-log = logging.getLogger(__name__)
 
 
 def dedup_key(source: dict) -> str | None:
