@@ -22,6 +22,12 @@ from curation.stage import left_for_rerun
 log = logging.getLogger(__name__)
 
 
+def final_source(metas: list[dict]) -> dict:
+    """A complete source's fields as its rows hold them: the final segment's row has the totals
+    (num_frames, cuts) the analysis adds last."""
+    return next((m["source"] for m in metas if m.get("final")), metas[0]["source"])
+
+
 class Arrivals:
     """Which sources have all their rows: a source is complete when the rows of each of its segments,
     up to its final segment, have arrived (every row says how many rows its segment has). Used by the
@@ -82,7 +88,7 @@ class CompletionTracker:
             self.left[uri] = why
             log.warning("%s: left for the rerun: %s", uri, why)
             return False
-        source = next((r["source"] for r in rows if r.get("final")), rows[0]["source"])
+        source = final_source(rows)
         failed = next((r["source"] for r in rows if r["source"]["status"] == "failed"), None)
         if failed is not None:  # a stage may fail a source on any of its segments, not only the final one
             source = dict(source, status="failed", error=failed.get("error"))

@@ -233,8 +233,9 @@ class DedupGate:
         return any(left_for_rerun(m) for m, _ in self.rows.get(entry, []))
 
     def _source(self, entry) -> dict:
-        rows = self.rows.get(entry, [])
-        return next((m["source"] for m, _ in rows if m.get("final")), rows[0][0]["source"])
+        from curation.completion import final_source
+
+        return final_source([m for m, _ in self.rows.get(entry, [])])
 
     def _candidates(self, entries: list) -> list[dict]:
         return [m["clip"] for e in entries for m, _ in self.rows.get(e, [])
