@@ -418,7 +418,8 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
 
     Each segment: start_frame, end_frame (exclusive), pts (per frame), keyframes, diff, luma,
     sampled_idx + sampled (npy bytes of upright RGB frames), start/end_transition. The last one has
-    final=True and the source totals: num_frames, cuts, decode_errors.
+    final=True and the source totals: num_frames, cuts, decode_errors (packets whose decode raised;
+    curation.extract trusts a copy of a source's packets without decoding it only when this is 0).
     """
     rotation = source["rotation"]
     fps = Fraction(source["fps"]).limit_denominator(1001000)
@@ -457,6 +458,7 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
         seg, seg_index = nxt, seg_index + 1
         return row
 
+    errors: list = []
     container = av.open(open_uri(source["uri"], s3), metadata_errors="ignore")
     with container:
         stream = container.streams.video[0]
@@ -467,7 +469,7 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
             stream.codec_context.options = {"skip_loop_filter": "all"}
         size = analysis_size(stream.codec_context.width, stream.codec_context.height, cfg.height)
         last_pts = None
-        for frame in decode_all(container, stream):
+        for frame in decode_all(container, stream, errors):
             index += 1
             pts = frame.pts if frame.pts is not None else (last_pts + 1 if last_pts is not None else 0)
             last_pts = pts
@@ -508,5 +510,5 @@ def analyze(source: dict, cfg: AnalyzeConfig, s3: S3Config, window_frames: int) 
             cuts.append(found)
             yield close(found[0], found, min(_next_start(found), total))
     last = close(total, None, total)
-    last.update(final=True, num_frames=total, cuts=[list(c) for c in sorted(cuts)])
+    last.update(final=True, num_frames=total, cuts=[list(c) for c in sorted(cuts)], decode_errors=len(errors))
     yield last

@@ -187,7 +187,7 @@ class DedupGate:
                 out += self._decide_late()
                 decisions = self._decide(n, entries, todo)
             for e in todo:
-                out += [apply_decisions(meta, sampled, decisions) for meta, sampled in self.rows.pop(e, [])]
+                out += self._release(e, decisions)
             self.arrived.difference_update(todo)
             self.next += 1
         if self.next == len(self.units):
@@ -223,11 +223,24 @@ class DedupGate:
             decisions = merge_decisions(self.run.dedup(n), extra, entries)
             self.run.store.write(self.run.dedup_path(n), json.dumps(decisions, sort_keys=True))
             for e in entries:
-                out += [apply_decisions(meta, sampled, decisions) for meta, sampled in self.rows.pop(e, [])]
+                out += self._release(e, decisions)
         for _, e in self.late:  # deferred again: on for the tracker, undecided
-            out += self.rows.pop(e, [])
+            out += self._release(e, None)
         self.late = []
         return out
+
+    def _release(self, entry, decisions: dict | None) -> list[tuple[dict, bytes]]:
+        """The entry's rows, leaving the gate: each row's source with the analysis' count of damaged
+        packets, which only the final row had (every row is here: curation.extract trusts a copy of
+        the source's packets without decoding it only when that count is 0), and the unit's decisions
+        applied if it was decided."""
+        from curation.completion import final_source
+
+        rows = self.rows.pop(entry, [])
+        damaged = final_source([m for m, _ in rows]).get("decode_errors") if rows else None
+        for meta, _ in rows:
+            meta["source"]["decode_errors"] = damaged
+        return [apply_decisions(m, s, decisions) for m, s in rows] if decisions is not None else rows
 
     def _deferred(self, entry) -> bool:
         return any(left_for_rerun(m) for m, _ in self.rows.get(entry, []))

@@ -3,7 +3,8 @@
 - Copy (`copy`): the span's packets, when they decode to exactly its frames and the clip needs no
   rotation or crop. H.264 spans that do not start on a keyframe (or end inside a B-frame group) are
   copied from their first keyframe on, and only the frames around that run are re-encoded
-  (`partial`; see copy_span). The result is always checked with a strict decode.
+  (`partial`; see copy_span). The result is checked (see `_verified`): by its container alone when
+  that proves it, else by a strict decode.
 - Otherwise re-encode the whole span (`reencode`: extract.codec, CRF/preset from config) with a fixed
   thread count, so the same clip always gives the same bytes. Pixels are rotated upright (display
   matrix applied) and the crop box (borders filter) applied; no resize. yuv420p needs even sizes: an
@@ -40,6 +41,50 @@ def _count_frames_strict(path: Path) -> int:
             return sum(1 for _ in c.decode(stream))
     except av.error.FFmpegError:
         return -1
+
+
+# --- verifying a copy without decoding it --------------------------------------------------------
+# A copy is the source's own packets from a keyframe on, in decode order. If the analysis decoded every
+# packet of the source without an error (source["decode_errors"] == 0: curation.analyze counts them), and
+# the file demuxes to exactly the planned packets (the same payloads, in the same order, with the same
+# relative timestamps, the first a keyframe: an MP4 sync sample, a random access point), it decodes to
+# the span's frames as the source did: no decode is needed to know it. What the container cannot prove
+# is still decoded: a source with damaged packets (the damage may fall in the span), a container whose
+# keyframe flags are not sync samples, and a `partial` copy (its joins to the re-encoded edges).
+PROVING_CONTAINERS = ("mov", "mp4")  # PyAV format names are lists: "mov,mp4,m4a,3gp,3g2,mj2"
+
+
+def proves_copies(source: dict) -> bool:
+    """Whether a copy of `source`'s packets may be verified by its container alone (see above)."""
+    return source.get("decode_errors") == 0 and \
+        any(name in PROVING_CONTAINERS for name in str(source.get("container") or "").split(","))
+
+
+def _signature(packets: list[av.Packet]) -> list[tuple]:
+    """What a file holding `packets` must demux to: payload, keyframe flag, PTS and DTS relative to
+    the first packet's DTS (a muxer may move all timestamps by one offset)."""
+    base = packets[0].dts if packets and packets[0].dts is not None else 0
+    return [(bytes(p), bool(p.is_keyframe), p.pts - base, None if p.dts is None else p.dts - base) for p in packets]
+
+
+def _demuxes_to(path: Path, signature: list[tuple]) -> bool:
+    """Whether the file at `path` holds exactly the packets of `signature`, the first a keyframe. A
+    demux: no decode."""
+    if not signature or not signature[0][1]:
+        return False
+    try:
+        with av.open(str(path)) as c:
+            return _signature([p for p in c.demux(c.streams.video[0]) if p.size]) == signature
+    except av.error.FFmpegError:
+        return False
+
+
+def _verified(out: Path, signature: list[tuple] | None, frames: int) -> bool:
+    """The copy at `out` shows at least `frames` frames: proven by its container when `signature` is
+    given (a copy that proves_copies), else counted by a strict decode."""
+    if signature is not None:
+        return _demuxes_to(out, signature)
+    return _count_frames_strict(out) >= frames
 
 
 # --- copy, re-encoding only the edges ----------------------------------------------------------
@@ -127,9 +172,10 @@ def _packets_through_span(src, stream, clip: dict) -> list[av.Packet]:
     return packets
 
 
-def _mux_shifted(out: Path, stream, packets: list[av.Packet], offset: int, extradata: bytes | None = None) -> None:
+def _mux_shifted(out: Path, stream, packets: list[av.Packet], offset: int, extradata: bytes | None = None) -> list[tuple]:
     """`packets` into an MP4 at `out`, their timestamps moved back by `offset`, in the source
-    stream's format (with `extradata` instead of its own, if given)."""
+    stream's format (with `extradata` instead of its own, if given). Returns their _signature."""
+    signature = _signature(packets)
     with av.open(str(out), "w", format="mp4") as dst:
         ostream = dst.add_stream_from_template(stream)
         if extradata is not None:
@@ -140,6 +186,7 @@ def _mux_shifted(out: Path, stream, packets: list[av.Packet], offset: int, extra
                 packet.dts -= offset
             packet.stream = ostream
             dst.mux(packet)
+    return signature
 
 
 def _copy_plan(src, stream, clip: dict) -> tuple[list[int], list[av.Packet]] | None:
@@ -187,10 +234,11 @@ def _encode_edge(src, stream, first_pts: int, last_pts: int, sps_id: int, cfg: E
     return packets, bytes(enc.extradata)
 
 
-def copy_span(uri: str, s3: S3Config, clip: dict, cfg: ExtractConfig, out: Path) -> str | None:
+def copy_span(uri: str, s3: S3Config, clip: dict, cfg: ExtractConfig, out: Path, proven: bool = False) -> str | None:
     """Copy the span's packets, re-encoding only its edges (see above). Returns "copy" (nothing
-    re-encoded) or "partial" once the result decodes strictly to exactly the span's frames; None
-    when this cannot give a valid clip (the caller re-encodes it whole)."""
+    re-encoded) or "partial" once the result is verified to show exactly the span's frames (`proven`:
+    a "copy" by its container, see proves_copies; else by a strict decode); None when this cannot
+    give a valid clip (the caller re-encodes it whole)."""
     with av.open(open_uri(uri, s3), metadata_errors="ignore") as src:
         stream = src.streams.video[0]
         stream.thread_type = "AUTO"
@@ -224,19 +272,21 @@ def copy_span(uri: str, s3: S3Config, clip: dict, cfg: ExtractConfig, out: Path)
             data.time_base, data.is_keyframe = stream.time_base, packet.is_keyframe
             return data
 
-        _mux_shifted(out, stream, [for_mp4(p) for p in encoded[0]] + run + [for_mp4(p) for p in encoded[1]],
-                     clip["start_pts"], extradata)
-    if _count_frames_strict(out) != clip["num_frames"]:
-        return None
-    return "partial" if head or tail else "copy"
+        signature = _mux_shifted(out, stream, [for_mp4(p) for p in encoded[0]] + run + [for_mp4(p) for p in encoded[1]],
+                                 clip["start_pts"], extradata)
+    partial = bool(head or tail)
+    if proven and not partial:  # the run shows exactly the span (_copy_plan): the container proves the rest
+        return "copy" if _verified(out, signature, clip["num_frames"]) else None
+    return ("partial" if partial else "copy") if _count_frames_strict(out) == clip["num_frames"] else None
 
 
-def copy_from_keyframe(uri: str, s3: S3Config, clip: dict, out: Path) -> int | None:
+def copy_from_keyframe(uri: str, s3: S3Config, clip: dict, out: Path, proven: bool = False) -> int | None:
     """extract.copy_only: the packets in decode order from the keyframe at or before the span's start
     up to the first whose DTS is past the span (by then every frame of the span is in), less an open
     GOP's leading pictures (shown before that keyframe). The file shows the frames from the keyframe
     to the span start, the span, then possibly a few reference frames past its end. Returns how many
-    come before the span (skip_frames), after a strict decode check; None when no valid copy exists."""
+    come before the span (skip_frames), once verified (by the container when `proven`, see
+    proves_copies; else by a strict decode); None when no valid copy exists."""
     with av.open(open_uri(uri, s3), metadata_errors="ignore") as src:
         stream = src.streams.video[0]
         run: list[av.Packet] = []
@@ -253,8 +303,8 @@ def copy_from_keyframe(uri: str, s3: S3Config, clip: dict, out: Path) -> int | N
         if sum(1 for p in run if _in_span(p.pts, clip)) != clip["num_frames"]:
             return None
         skip = sum(1 for p in run if p.pts < clip["start_pts"])
-        _mux_shifted(out, stream, run, first)
-    return skip if _count_frames_strict(out) >= skip + clip["num_frames"] else None
+        signature = _mux_shifted(out, stream, run, first)
+    return skip if _verified(out, signature if proven else None, skip + clip["num_frames"]) else None
 
 
 def x264_options(cfg: ExtractConfig) -> dict[str, str]:
@@ -345,16 +395,17 @@ def extract_clip(clip: dict, source: dict, cfg: ExtractConfig, s3: S3Config, sto
     with store.writing(rel, unique=True) as tmp:  # a duplicate source may extract the same clip at once
         copyable = not clip["rotation"] and crop is None and source["codec"] in COPYABLE_CODECS \
             and not source.get("is_image")
+        proven = proves_copies(source)
         if cfg.copy_only and copyable:
             try:
-                found = copy_from_keyframe(source["uri"], s3, clip, tmp)
+                found = copy_from_keyframe(source["uri"], s3, clip, tmp, proven)
             except (av.error.FFmpegError, ValueError):
                 found = None
             if found is not None:
                 mode, skip = "copy_only", found
         if mode is None and cfg.stream_copy and copyable:
             try:
-                mode = copy_span(source["uri"], s3, clip, cfg, tmp)
+                mode = copy_span(source["uri"], s3, clip, cfg, tmp, proven)
             except (av.error.FFmpegError, ValueError):  # e.g. DTS the muxer refuses: re-encode instead
                 mode = None
         if mode is None:

@@ -130,7 +130,8 @@ class Analyze(Stage):
                 sampled = seg.pop("sampled")
                 seg_index = seg["seg_index"] + 1
                 if seg["final"]:
-                    source.update(num_frames=seg.pop("num_frames"), cuts=seg.pop("cuts"))
+                    source.update(num_frames=seg.pop("num_frames"), cuts=seg.pop("cuts"),
+                                  decode_errors=seg.pop("decode_errors"))
                 # Each row carries only its own seconds (the writer sums them over rows): the
                 # upstream stages' on the first segment, this segment's analysis on each.
                 out = dict(meta, seg_index=seg["seg_index"], final=seg["final"], segment=seg, source=source,

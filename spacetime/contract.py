@@ -185,6 +185,7 @@ SOURCES_SCHEMA = pa.schema([
     ("vfr", pa.bool_()),
     ("duration", pa.float64()),
     ("num_frames", pa.int64()),  # decoded frames
+    ("decode_errors", pa.int64()),  # packets whose decode failed (damage): their frames are not in num_frames
     ("pix_fmt", pa.string()),
     ("has_audio", pa.bool_()),
     ("cuts", pa.list_(pa.list_(pa.int64()))),  # [start_frame, end_frame) of each transition

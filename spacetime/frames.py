@@ -32,9 +32,10 @@ def upright(frame: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(frame, k=(rotation // 90) % 4)) if rotation else frame
 
 
-def decode_all(container, stream) -> Iterator:
+def decode_all(container, stream, errors: list | None = None) -> Iterator:
     """Decode every frame of a PyAV `stream`, surviving corrupt packets: `container.decode()` stops
-    at the first bad packet, so packets are demuxed and each decoded in its own try/except."""
+    at the first bad packet, so packets are demuxed and each decoded in its own try/except. Each
+    packet whose decode raised is appended to `errors` (its PTS), if given."""
     import av
 
     for packet in container.demux(stream):
@@ -42,3 +43,5 @@ def decode_all(container, stream) -> Iterator:
             yield from packet.decode()
         except av.error.FFmpegError as err:
             log.debug("skipping undecodable packet at pts %s: %s", packet.pts, err)
+            if errors is not None:
+                errors.append(packet.pts)

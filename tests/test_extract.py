@@ -37,11 +37,11 @@ def _frames(path, fmt="rgb24"):
             stream.codec_context.name, float(stream.average_rate)
 
 
-def _extract(path, a, b, tmp_path, name, **cfg):
+def _extract(path, a, b, tmp_path, name, source=None, **cfg):
     pts, frames, keys, codec, fps = _frames(path)
     clip = dict(start_pts=pts[a], end_pts=pts[b] if b < len(pts) else None, num_frames=b - a, fps=fps,
                 rotation=0, crop=None)
-    source = {"uri": str(path), "codec": codec}
+    source = dict({"uri": str(path), "codec": codec}, **(source or {}))
     fields = extract_clip(clip, source, ExtractConfig(crf=20, **cfg), source_s3(), Store(str(tmp_path)), name)
     got = _frames(tmp_path / name)
     return fields, frames[a:b], got, keys
@@ -170,3 +170,78 @@ def test_the_strict_check_counts_every_frame_and_fails_damaged_packets(media, tm
         start = int(len(data) * at)
         (tmp_path / "damaged.mp4").write_bytes(data[:start] + bytes(2000) + data[start + 2000:])
         assert _count_frames_strict(tmp_path / "damaged.mp4") == -1, at
+
+
+CLEAN_MP4 = {"decode_errors": 0, "container": "mov,mp4,m4a,3gp,3g2,mj2"}  # what the probe and analysis record
+
+
+@pytest.fixture
+def strict_decodes(monkeypatch):
+    """Counts the strict decodes extract_clip runs (the real function still runs)."""
+    import curation.extract as extract
+
+    calls, real = [], extract._count_frames_strict
+    monkeypatch.setattr(extract, "_count_frames_strict", lambda path: calls.append(path) or real(path))
+    return calls
+
+
+@pytest.mark.parametrize("codec", ["h264", "hevc"])
+def test_a_copy_of_a_clean_source_is_proven_by_its_container_not_decoded(media, tmp_path, strict_decodes, codec):
+    """The analysis decoded every packet of the source without an error: a copy that demuxes to
+    exactly the planned packets needs no decode, and is still bit-identical."""
+    fields, reference, (_, got, _, _, _), _ = _extract(media[codec], 0, GOP, tmp_path, "a.mp4", source=CLEAN_MP4)
+    assert fields["extract_mode"] == "copy" and _errors(reference, got) == [0.0] * GOP
+    assert strict_decodes == []
+    fields = _extract(media["h264"], 20, 119, tmp_path, "b.mp4", source=CLEAN_MP4, copy_only=True)[0]
+    assert fields["extract_mode"] == "copy_only" and fields["skip_frames"] == 20 and strict_decodes == []
+    # what the container cannot prove is decoded: the joins of a partial copy, and a source not known clean
+    assert _extract(media["h264"], 20, 119, tmp_path, "c.mp4", source=CLEAN_MP4)[0]["extract_mode"] == "partial"
+    assert len(strict_decodes) == 1
+    for unknown in ({"container": CLEAN_MP4["container"]}, dict(CLEAN_MP4, container="matroska,webm")):
+        assert _extract(media[codec], 0, GOP, tmp_path, "d.mp4", source=unknown)[0]["extract_mode"] == "copy"
+    assert len(strict_decodes) == 3
+
+
+def test_the_container_proof_is_a_proof_of_the_packets(media, tmp_path):
+    """A file that does not demux to the planned packets (one payload byte changed, one packet
+    missing, or not starting on a keyframe) is not proven."""
+    from curation.extract import _demuxes_to, _signature
+
+    _extract(media["h264"], 0, GOP, tmp_path, "a.mp4", source=CLEAN_MP4)
+    with av.open(str(tmp_path / "a.mp4")) as c:
+        packets = [p for p in c.demux(c.streams.video[0]) if p.size]
+        signature = _signature(packets)
+        assert _demuxes_to(tmp_path / "a.mp4", signature)
+        assert not _demuxes_to(tmp_path / "a.mp4", signature[:-1])
+        assert not _demuxes_to(tmp_path / "a.mp4", signature[1:])  # starts on a B-frame, the keyframe gone
+        changed = [(bytes([signature[3][0][0] ^ 1]) + signature[3][0][1:],) + signature[3][1:]]
+        assert not _demuxes_to(tmp_path / "a.mp4", signature[:3] + changed + signature[4:])
+
+
+def test_a_damaged_source_is_decoded_and_its_damaged_clip_fails(media, tmp_path, strict_decodes):
+    """Packets of the first GOP damaged: the analysis counts the damage, so a copy of that span is
+    decoded, fails the strict check, and the clip fails as it did before the container proof (never
+    a damaged copy in a shard). Told falsely that the source is clean, the container would pass it:
+    the analysis' count is what the proof rests on."""
+    from curation.analyze import analyze
+    from curation.probe import probe
+    from curation.settings import AnalyzeConfig, ProbeConfig
+
+    data = media["h264"].read_bytes()
+    with av.open(str(media["h264"])) as c:
+        at = [p.pos for p in c.demux(c.streams.video[0]) if p.size][10]
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(data[:at] + bytes(2000) + data[at + 2000:])
+    source = probe(str(damaged), ProbeConfig(), source_s3())
+    final = list(analyze(source, AnalyzeConfig(detector="content"), source_s3(), 10 * GOP))[-1]
+    assert final["decode_errors"] > 0
+    truth = dict(container=source["container"], decode_errors=final["decode_errors"])
+    clip_pts = _frames(media["h264"])[0]
+    clip = dict(start_pts=clip_pts[0], end_pts=clip_pts[GOP], num_frames=GOP, fps=25.0, rotation=0, crop=None)
+    with pytest.raises(RuntimeError, match="decoded"):
+        extract_clip(clip, dict(truth, uri=str(damaged), codec="h264"), ExtractConfig(), source_s3(),
+                     Store(str(tmp_path)), "damaged_clip.mp4")
+    assert strict_decodes  # the copy was decoded, and refused
+    lied = extract_clip(clip, dict(truth, uri=str(damaged), codec="h264", decode_errors=0), ExtractConfig(),
+                        source_s3(), Store(str(tmp_path)), "lied.mp4")
+    assert lied["extract_mode"] == "copy"
