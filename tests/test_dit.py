@@ -143,3 +143,75 @@ def test_tiny_dit_overfits_a_handful_of_latent_clips():
     assert to_clips.argmin(dim=1).tolist() == [0, 1, 2, 3]
     ratio = to_clips.diagonal() / (samples - noise).flatten(1).norm(dim=1)
     assert ratio.max() < 0.6, ratio
+
+
+# ------------------------------------------------------------------------------ packed sequences
+# Samples of the shapes a native-resolution batch holds: vertical, square, 4:3, 16:9, an image, and
+# one whose latent sides are not a multiple of the patch (its last patches are padded, as unpacked).
+PACKED_SHAPES = [(3, 8, 4), (2, 6, 6), (3, 6, 8), (2, 4, 8), (1, 6, 4), (2, 5, 7)]
+
+
+def _packed_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = [torch.randn(4, *shape, generator=g) for shape in PACKED_SHAPES]
+    text = torch.randn(len(x0), 5, 16, generator=g)
+    mask = torch.ones(len(x0), 5, dtype=torch.bool)
+    for i in range(len(x0)):
+        mask[i, 1 + i % 4:] = False  # every caption its own length
+    return x0, text, mask
+
+
+def test_a_packed_batch_is_the_same_samples_one_by_one():
+    """Loss and every parameter's gradient of one packed sequence equal those of its samples run one
+    at a time (a batch of 1 each), with the same noise and timesteps: positions, modulation, text and
+    attention all stay within each sample."""
+    from training.flow import flow_loss_packed
+
+    torch.manual_seed(0)
+    model = _perturbed(DiT(TINY, in_channels=4, text_dim=16))
+    x0, text, mask = _packed_inputs()
+    tokens = [s[0] * -(-s[1] // 2) * -(-s[2] // 2) for s in PACKED_SHAPES]
+    cfg = FlowConfig(shift_base=2.0, shift_base_tokens=16)  # a shift that differs by sample size
+
+    losses = flow_loss_packed(model, x0, text, mask, tokens, cfg, torch.Generator().manual_seed(7))
+    losses.mean().backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    g, one_by_one = torch.Generator().manual_seed(7), []
+    for i, x in enumerate(x0):
+        one_by_one.append(flow_loss(model, x[None], text[i:i + 1], mask[i:i + 1], tokens[i], cfg, g)[0])
+    torch.stack(one_by_one).mean().backward()
+    torch.testing.assert_close(losses, torch.stack(one_by_one), rtol=1e-5, atol=1e-6)
+    assert len(set(round(float(v), 4) for v in losses.detach())) == len(x0)  # not one value repeated
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(packed[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert p.grad.abs().sum() > 0, name
+
+    # and no token attends across samples: changing one sample changes no other sample's output
+    with torch.no_grad():
+        t = torch.rand(len(x0), generator=torch.Generator().manual_seed(3))
+        before = model(x0, t, text, mask)
+        x0[2] = x0[2] + 1.0
+        after = model(x0, t, text, mask)
+    for i, (a, b) in enumerate(zip(before, after)):
+        assert a.shape == x0[i].shape
+        assert torch.equal(a, b) != (i == 2), i
+
+
+def test_flex_attention_masks_give_the_per_sample_attention():
+    """The GPU path (flex_attention with block masks: self-attention block-diagonal, cross-attention to
+    the sample's own valid text) computes what the per-sample path does. Forward only: flex_attention
+    has no CPU backward; a GPU session runs the compiled one (benchmarks/gpu_session.sh)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _perturbed(DiT(TINY, in_channels=4, text_dim=16))
+    x0, text, mask = _packed_inputs()
+    t = torch.rand(len(x0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile": eager, slow, exact
+        loop = model(x0, t, text, mask, attention="loop")
+        flex = model(x0, t, text, mask, attention="flex")
+    for a, b in zip(loop, flex):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

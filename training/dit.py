@@ -12,6 +12,16 @@ self-attention (QK-norm, rotary) -> cross-attention to the text tokens (masked) 
 adaLN-Zero modulation (shift, scale, gate) from the timestep embedding; the final layer is adaLN +
 linear, zero-initialised, as in facebookresearch/DiT.
 
+Packed sequences (NaViT's Patch n' Pack, `loader.packing`): given a LIST of latents of any sizes,
+    v = model([x_1, ..., x_S], t, text, text_mask)   # x_i [C, T_i, H_i, W_i], t [S], text [S, L, D]
+the samples' tokens are concatenated into ONE sequence [1, sum N_i, D] (`Packing` describes where
+each lies). Each token keeps its own sample's 3D rotary positions, timestep modulation (adaLN, computed
+per sample, then given to its tokens) and captions (cross-attention to its own sample's text only);
+self-attention is block-diagonal: no token attends across samples (`Packing.self_attention`:
+flex_attention with a block mask on GPU, one SDPA per sample elsewhere). So a packed batch computes
+what the same samples do one by one (tests/test_dit.py checks loss and gradients), with no padding
+between them. Returns the list of velocities [C, T_i, H_i, W_i].
+
 The model does not know how it is parallelised: training/parallel.py shards, checkpoints and
 compiles `model.blocks` from outside. For context parallelism it sets `model.context` (a
 training.parallel.ContextParallel: the token axis is sharded after the patch embedding and gathered
@@ -122,6 +132,99 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
+# ---------------------------------------------------------------------------------- packing
+def _flex():
+    """flex_attention and create_block_mask (imported on first use: GPU runs only)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    return flex_attention, create_block_mask
+
+
+class Packing:
+    """Where the samples of a packed sequence lie: sample i holds tokens [offsets[i], offsets[i+1]).
+
+    `lengths` may end with a sample-less segment (the padding a context-parallel group adds): it
+    attends only to itself, and its outputs are dropped. `seg` [n] is the sample of each token this
+    process holds (all of them, or a context-parallel rank's share: `shard`), for the per-token
+    gathers of modulation and text; a padding token maps to the last sample (its output is dropped).
+    `impl`: "auto" (flex_attention on CUDA, per-sample SDPA elsewhere), "flex" or "loop"."""
+
+    def __init__(self, lengths: list[int], samples: int, device, impl: str = "auto"):
+        self.lengths, self.samples, self.impl = list(lengths), samples, impl
+        ids = torch.arange(len(self.lengths), device=device).clamp(max=samples - 1)
+        self.seg = torch.repeat_interleave(ids, torch.tensor(self.lengths, device=device))
+        self._masks: dict = {}
+
+    @classmethod
+    def of(cls, lengths: list[int], device, impl: str = "auto") -> "Packing":
+        return cls(lengths, len(lengths), device, impl)
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    def padded(self, total: int) -> "Packing":
+        """The same samples in a sequence of `total` >= self.total tokens (a padding segment at the end)."""
+        extra = total - self.total
+        return Packing(self.lengths + ([extra] if extra else []), self.samples, self.seg.device, self.impl)
+
+    def shard(self, seg: torch.Tensor) -> "Packing":
+        """This layout, holding only the tokens whose samples `seg` names (a context-parallel share)."""
+        local = Packing(self.lengths, self.samples, seg.device, self.impl)
+        local.seg = seg
+        return local
+
+    def _flex(self, device) -> bool:
+        return self.impl == "flex" or (self.impl == "auto" and device.type == "cuda")
+
+    def per_token(self, x: torch.Tensor) -> torch.Tensor:
+        """[S, ...] per sample -> [1, n, ...] per token of this process."""
+        return x.index_select(0, self.seg)[None]
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Block-diagonal attention over the WHOLE sequence: q, k, v [1, heads, total, hd]."""
+        if not self._flex(q.device):
+            parts = zip(*(x.split(self.lengths, dim=2) for x in (q, k, v)))
+            return torch.cat([F.scaled_dot_product_attention(a, b, c) for a, b, c in parts], dim=2)
+        flex, make = _flex()
+        key = ("self", q.device)
+        if key not in self._masks:
+            doc = torch.repeat_interleave(torch.arange(len(self.lengths), device=q.device),
+                                          torch.tensor(self.lengths, device=q.device))
+            self._masks[key] = make(lambda b, h, qi, ki: doc[qi] == doc[ki], None, None, self.total, self.total,
+                                    device=q.device)
+        return flex(q, k, v, block_mask=self._masks[key])
+
+    def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each token of q [1, heads, n, hd] (this process's) attends to its own sample's text: k, v
+        [S, heads, L, hd], mask [S, L] (True: a token to attend to)."""
+        s, _, length, _ = k.shape
+        if not self._flex(q.device):  # tokens are grouped by sample, in order
+            samples, counts = torch.unique_consecutive(self.seg, return_counts=True)
+            parts = q.split(counts.tolist(), dim=2)
+            return torch.cat([F.scaled_dot_product_attention(part, k[i:i + 1], v[i:i + 1], attn_mask=mask[i, None, None, None])
+                              for i, part in zip(samples.tolist(), parts)], dim=2)
+        flex, make = _flex()
+        seg, valid = self.seg, mask.reshape(-1)
+        block = make(lambda b, h, qi, ki: (seg[qi] == ki // length) & valid[ki], None, None, q.shape[2], s * length,
+                     device=q.device)
+        flat = [x.transpose(0, 1).reshape(1, x.shape[1], s * length, -1) for x in (k, v)]  # [1, heads, S*L, hd]
+        return flex(q, *flat, block_mask=block)
+
+
+def pack_tokens(xs: list[torch.Tensor], patch: tuple[int, int, int]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Latents [C, T_i, H_i, W_i] -> (their tokens, concatenated: [1, sum N_i, C*pt*ph*pw], each grid)."""
+    tokens, grids = zip(*(patchify(x[None], patch) for x in xs))
+    return torch.cat(tokens, dim=1), list(grids)
+
+
+def unpack_tokens(out: torch.Tensor, grids: list, patch: tuple[int, int, int], channels: int,
+                  sizes: list) -> list[torch.Tensor]:
+    """[1, sum N_i, C*pt*ph*pw] -> [C, T_i, H_i, W_i] per sample (cropped to its size)."""
+    parts = out.split([math.prod(g) for g in grids], dim=1)
+    return [unpatchify(p, g, patch, channels, size)[0] for p, g, size in zip(parts, grids, sizes)]
+
+
 # ------------------------------------------------------------------------------------ modules
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> [B, hidden]: sinusoidal features of 1000 t, then an MLP."""
@@ -138,6 +241,11 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Packing | None = None) -> torch.Tensor:
+    """Self-attention of [B, heads, N, hd] q, k, v: plain SDPA, or block-diagonal over a packed sequence."""
+    return F.scaled_dot_product_attention(q, k, v) if pack is None else pack.self_attention(q, k, v)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -146,13 +254,13 @@ class SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.eps) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
-        self.attend = F.scaled_dot_product_attention  # replaced under context parallelism
+        self.attend = attention  # replaced under context parallelism
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pack: Packing | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # each [B, heads, N, hd]
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        out = self.attend(q, k, v)  # [B, heads, N, hd]
+        out = self.attend(q, k, v) if pack is None else self.attend(q, k, v, pack=pack)  # [B, heads, N, hd]
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -166,11 +274,15 @@ class CrossAttention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.eps) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, pack: Packing | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.q_norm(self.q(x).view(b, n, self.heads, -1).transpose(1, 2))  # [B, heads, N, hd]
-        k, v = self.kv(text).view(b, text.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # [B, heads, L, hd]
-        out = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=mask[:, None, None, :])
+        s = text.shape[0]  # B, or the S samples of a packed sequence
+        k, v = self.kv(text).view(s, text.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # [B|S, heads, L, hd]
+        if pack is None:
+            out = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=mask[:, None, None, :])
+        else:
+            out = pack.cross_attention(q, self.k_norm(k), v, mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -196,10 +308,13 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(cfg.hidden, cfg.mlp_hidden)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 6 * cfg.hidden))
 
-    def forward(self, x, c, text, mask, rope):  # x [B, N, D], c [B, D], text [B, L, D], mask [B, L]
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)[:, None].chunk(6, dim=-1)  # [B, 1, D]
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
-        x = x + self.cross(self.norm2(x), text, mask)
+    def forward(self, x, c, text, mask, rope, pack: Packing | None = None):
+        # x [B, N, D], c [B, D], text [B, L, D], mask [B, L]; packed: B = 1, c, text and mask per sample [S, ...]
+        mod = self.modulation(c)
+        mod = mod[:, None] if pack is None else pack.per_token(mod)  # [B, 1, 6D] or [1, N, 6D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, pack)
+        x = x + self.cross(self.norm2(x), text, mask, pack)
         return x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
 
 
@@ -210,8 +325,9 @@ class FinalLayer(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 2 * cfg.hidden))
         self.linear = nn.Linear(cfg.hidden, out)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.modulation(c)[:, None].chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, pack: Packing | None = None) -> torch.Tensor:
+        mod = self.modulation(c)
+        shift, scale = (mod[:, None] if pack is None else pack.per_token(mod)).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))  # [B, N, C*pt*ph*pw]
 
 
@@ -245,26 +361,42 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor], t: torch.Tensor, text: torch.Tensor,
+                text_mask: torch.Tensor, attention: str = "auto") -> torch.Tensor | list[torch.Tensor]:
         """x [B, C, T, H, W], t [B] (noise level in [0, 1]), text [B, L, text_dim], text_mask [B, L] bool
-        -> velocity [B, C, T, H, W]."""
-        size = x.shape[2:]
-        tokens, grid = patchify(x, self.cfg.patch)  # [B, N, C*pt*ph*pw]
+        -> velocity [B, C, T, H, W]. Packed (module docstring): x a list of S latents [C, T_i, H_i, W_i]
+        of any sizes, t [S], text [S, L, text_dim], text_mask [S, L] -> a list of S velocities.
+        `attention`: a packed sequence's implementation (Packing.impl)."""
+        packed = isinstance(x, (list, tuple))
+        if packed:
+            tokens, grids = pack_tokens(x, self.cfg.patch)  # [1, sum N_i, C*pt*ph*pw]
+            pack = Packing.of([math.prod(g) for g in grids], x[0].device, attention)
+            rope = tuple(torch.cat(parts) for parts in zip(*(rope_3d(g, self.cfg.axis_dims(), self.cfg.rope_theta,
+                                                                       x[0].device) for g in grids)))
+        else:
+            size = x.shape[2:]
+            tokens, grid = patchify(x, self.cfg.patch)  # [B, N, C*pt*ph*pw]
+            pack = None
+            rope = rope_3d(grid, self.cfg.axis_dims(), self.cfg.rope_theta, x.device)  # ([N, hd/2], [N, hd/2])
         h = self.x_embed(tokens)  # [B, N, D]
         c = self.t_embed(t)  # [B, D]
         ctx = self.text_embed(text)  # [B, L, D]
         # a caption with no valid token (none should reach here: T5 always emits </s>) would make
         # softmax over nothing NaN; let such rows attend to every (zeroed) position instead
         mask = text_mask.bool() | ~text_mask.bool().any(dim=1, keepdim=True)
-        rope = rope_3d(grid, self.cfg.axis_dims(), self.cfg.rope_theta, x.device)  # ([N, hd/2], [N, hd/2])
         if self.context is not None:  # this rank's share of the tokens (and of their positions)
             self.context.begin(h.shape[1])
             h, rope = self.context.shard(h), tuple(self.context.shard(r, dim=0) for r in rope)
+            if pack is not None:  # attention sees the whole padded sequence, per-token gathers the share
+                pack = pack.padded(self.context.padded)
+                pack = pack.shard(self.context.shard(pack.seg[:, None], dim=0)[:, 0])
         for block in self.blocks:
-            h = block(h, c, ctx, mask, rope)
-        out = self.final(h, c)  # [B, N, C*pt*ph*pw]
+            h = block(h, c, ctx, mask, rope, pack)
+        out = self.final(h, c, pack)  # [B, N, C*pt*ph*pw]
         if self.context is not None:
             out = self.context.gather(out)
+        if packed:
+            return unpack_tokens(out, grids, self.cfg.patch, self.in_channels, [xi.shape[1:] for xi in x])
         return unpatchify(out, grid, self.cfg.patch, self.in_channels, size)  # [B, C, T, H, W]
 
 

@@ -81,6 +81,22 @@ def flow_loss(model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tens
     return (pred.float() - (noise - x0).float()).square().flatten(1).mean(1)
 
 
+def flow_loss_packed(model, x0: list[torch.Tensor], text: torch.Tensor, text_mask: torch.Tensor,
+                     tokens: list[int], cfg: FlowConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """flow_loss of S clean latents of any sizes, x0[i] [C, T_i, H_i, W_i], as ONE packed sequence
+    (training.dit, "Packed sequences"): each sample draws its noise and its timestep (shifted for its
+    own `tokens[i]`) in turn, with the same generator calls as flow_loss on that sample alone, so
+    the result is the samples' losses one by one. Returns the per-sample losses [S] (float32)."""
+    noise, t = [], []
+    for x, n in zip(x0, tokens):
+        noise.append(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+        t.append(sample_timesteps(1, n, cfg, generator, x.device))
+    t = torch.cat(t)
+    xt = [interpolate(x[None], e[None], ti[None])[0] for x, e, ti in zip(x0, noise, t)]
+    pred = model(xt, t, text, text_mask)
+    return torch.stack([(p.float() - (e - x).float()).square().mean() for p, e, x in zip(pred, noise, x0)])
+
+
 # ------------------------------------------------------------------------------------ sampling
 def sampling_times(steps: int, tokens: int, cfg: FlowConfig, device=None) -> torch.Tensor:
     """[steps + 1] times from 1 down to 0, shifted for `tokens` (the same shift as in training)."""

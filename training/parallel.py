@@ -186,8 +186,10 @@ class ContextParallel:
         full = _Gather.apply(x.transpose(0, 1), self.group, self.size).transpose(0, 1)
         return full[:, : self.length]
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Self-attention over the whole sequence from local [B, heads, n_local, hd] q, k, v."""
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack=None) -> torch.Tensor:
+        """Self-attention over the whole sequence from local [B, heads, n_local, hd] q, k, v. `pack`
+        (a training.dit.Packing of the whole padded sequence): block-diagonal over its samples, the
+        padding a segment of its own."""
         import torch.nn.functional as F
 
         b, h, n, hd = q.shape
@@ -199,10 +201,13 @@ class ContextParallel:
             x = _AllToAll.apply(x, self.group)  # [size (sequence chunk), B, h/size, n, hd]
             return x.permute(1, 2, 0, 3, 4).reshape(b, h // self.size, self.size * n, hd)
 
-        mask = None
-        if self.padded != self.length:
-            mask = (torch.arange(self.padded, device=q.device) < self.length)[None]  # [1, keys]: padding masked
-        out = F.scaled_dot_product_attention(to_heads(q), to_heads(k), to_heads(v), attn_mask=mask)
+        if pack is not None:
+            out = pack.self_attention(to_heads(q), to_heads(k), to_heads(v))
+        else:
+            mask = None
+            if self.padded != self.length:
+                mask = (torch.arange(self.padded, device=q.device) < self.length)[None]  # [1, keys]: padding masked
+            out = F.scaled_dot_product_attention(to_heads(q), to_heads(k), to_heads(v), attn_mask=mask)
         out = out.reshape(b, h // self.size, self.size, n, hd).permute(2, 0, 1, 3, 4)  # [size, B, h/size, n, hd]
         out = _AllToAll.apply(out, self.group)  # [size (head group), B, h/size, n, hd]
         return out.transpose(0, 1).reshape(b, h, n, hd)
