@@ -36,10 +36,23 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x0, text, mask
 
 
-def loss_and_grads(model: DiT) -> tuple[float, dict[str, torch.Tensor]]:
+# A packed sequence: samples of other sizes, 12 + 27 + 4 = 43 tokens (padded to 44 on 2 ranks), the
+# middle sample split across the ranks.
+PACKED = [(1, 3, 4), (3, 3, 3), (1, 2, 2)]
+
+
+def loss_and_grads(model: DiT, packed: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
     """The flow loss of a fixed batch (noise and timesteps from a fixed generator) and its gradients."""
+    from training.flow import flow_loss_packed
+
     x0, text, mask = _inputs()
-    loss = flow_loss(model, x0, text, mask, 27, FlowConfig(), torch.Generator().manual_seed(2)).mean()
+    if packed:
+        g = torch.Generator().manual_seed(3)
+        x0 = [torch.randn(4, *shape, generator=g) for shape in PACKED]
+        text, mask = torch.cat([text, text[:1]]), torch.cat([mask, mask[1:]])
+        loss = flow_loss_packed(model, x0, text, mask, [27] * 3, FlowConfig(), torch.Generator().manual_seed(2)).mean()
+    else:
+        loss = flow_loss(model, x0, text, mask, 27, FlowConfig(), torch.Generator().manual_seed(2)).mean()
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -53,7 +66,7 @@ def _model() -> DiT:
     return model
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, packed: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -61,7 +74,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         group = dist.new_group(list(range(world)))
         model = _model()
         apply_context_parallel(model, Dist(rank, world, 0, torch.device("cpu"), False, world, group))
-        loss, grads = loss_and_grads(model)
+        loss, grads = loss_and_grads(model, packed)
         for g in grads.values():  # what DDP / FSDP2 do: the mean over the world
             dist.all_reduce(g)
             g /= world
@@ -70,10 +83,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_give_the_loss_and_gradients_of_one(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+def test_two_ranks_give_the_loss_and_gradients_of_one(tmp_path, packed):
+    """Also for a packed sequence of samples of other sizes (loader.packing): the sample boundaries hold
+    across the ranks' shares (Ulysses gathers the whole sequence per head group)."""
     torch.set_num_threads(1)
-    loss, grads = loss_and_grads(_model())
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    loss, grads = loss_and_grads(_model(), packed)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), packed), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["loss"] == pytest.approx(loss, rel=1e-6)
