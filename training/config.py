@@ -30,6 +30,17 @@ class LoaderConfig(StrictModel):
     vae_spatial: int = Field(8, gt=0)
     patch: tuple[int, int, int] = (1, 2, 2)  # (t, h, w) latent patch of the DiT
 
+    # Native resolution (NaViT's Patch n' Pack; training.data.packing): every clip at its own size,
+    # packed into sequences of token_budget tokens per rank (first-fit-decreasing over `pack_window`
+    # samples), instead of resized to its bucket's size and batched with its bucket. A sample keeps
+    # its aspect ratio and size (rounded down to vae_spatial x patch), its frames are its frame tier
+    # (at most max_frames) rounded down to the VAE's temporal grid; only a sample above
+    # max_tokens_per_sample (default token_budget) is scaled down, never up. Bucket weights do not apply.
+    packing: bool = False
+    max_tokens_per_sample: int | None = Field(None, gt=0)
+    max_frames: int | None = Field(None, gt=0)
+    pack_window: int = Field(256, gt=0)  # samples the packer looks ahead over
+
     # Sampling, stated in tokens. A bucket's weight multiplies its natural token mass (its samples x
     # tokens per sample) in an epoch; keys are fnmatch patterns on bucket names, the LAST matching
     # one wins ({"*_1f": 0.5} halves the image tokens; {"*": 0, "16x9_*": 1} keeps 16x9 only).
@@ -69,4 +80,7 @@ class LoaderConfig(StrictModel):
             raise ValueError(f"patch {self.patch}: every size must be > 0")
         if any(w < 0 for w in self.bucket_weights.values()):
             raise ValueError("bucket_weights must be >= 0")
+        if self.max_tokens_per_sample and self.max_tokens_per_sample > self.token_budget:
+            raise ValueError(f"max_tokens_per_sample {self.max_tokens_per_sample} > token_budget {self.token_budget}: "
+                             "a sample must fit one packed sequence")
         return self

@@ -190,12 +190,32 @@ class DiTTask(Task):
         return flops_per_token(self.cfg.dit, a["in_channels"], a["text_dim"], tokens, self.cfg.text_encoder.max_length)
 
     def loss(self, forward_model, batch: dict, generator: torch.Generator, amp) -> tuple[torch.Tensor, dict, int]:
+        if isinstance(batch.get("video"), list):  # loader.packing: one sequence of samples of any sizes
+            return self.packed_loss(forward_model, batch, generator, amp)
         x0, text, mask = self.inputs(batch, generator)
         tokens = _patch_tokens(x0.shape, self.patch)  # latent patches per sample
         with amp:
             per_sample = flow_loss(forward_model, x0, text, mask, tokens, self.cfg.flow, generator)
         loss = per_sample.mean()
         return loss, {}, tokens * x0.shape[0]
+
+    def packed_loss(self, forward_model, batch: dict, generator: torch.Generator, amp) -> tuple[torch.Tensor, dict, int]:
+        """A packed batch (training.data.packing): each video encoded at its own size, the DiT run on all
+        of them as one sequence; the loss averaged per sample, then over samples, as unpacked."""
+        from training.flow import flow_loss_packed
+        from training.text_encoder import encode_text
+
+        dev, sample = self.d.device, self.cfg.vae.sample_posterior
+        with torch.no_grad():
+            x0 = [self.vae.encode(v[None].to(dev, self.vae_dtype, non_blocking=True), sample=sample,
+                                  generator=generator).float()[0] for v in batch["video"]]
+        text, mask = encode_text(self.tokenizer, self.text_encoder, batch["caption"], self.cfg.text_encoder.max_length)
+        tokens = [_patch_tokens((1, *x.shape), self.patch) for x in x0]
+        with amp:
+            per_sample = flow_loss_packed(forward_model, x0, text.to(dev).clone(), mask.to(dev).clone(), tokens,
+                                          self.cfg.flow, generator)
+        padding = torch.tensor(float(batch["stats"]["padding"]), device=dev)  # logged: the sequence's unused share
+        return per_sample.mean(), {"padding": padding}, sum(tokens)
 
     def inputs(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(normalised latents x0 [B, C, T', H', W'] float32, text [B, L, D], mask [B, L]) of a batch:
@@ -229,6 +249,8 @@ class VAETask(Task):
         if training_cache(cfg) is not None:
             raise ConfigError(f"loader.data {cfg.loader.data} is a latent cache: `train vae` learns from videos, "
                               "give the curation output")
+        if cfg.loader.packing:
+            raise ConfigError("loader.packing is for `train dit`: the VAE trains on bucketed clips (set loader.packing: false)")
         self.model, ref = build_vae(cfg, run_dir, d, trainable=True)
         self.init_ref = ref if cfg.vae.path else None
         self.perceptual = None

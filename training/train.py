@@ -171,7 +171,7 @@ class _Trainer:
 def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) -> dict:
     from tqdm import tqdm
 
-    from training.data.loader import BucketLoader
+    from training.data.loader import make_loader
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if d.device.type == "cuda":
@@ -181,7 +181,7 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
     cfg = sync_loader(cfg, *task.compression, task.patch)
     _prepare_run_dir(cfg, run_dir, d)
     # a context-parallel group reads one stream; held-out sources are never read for training
-    loader = BucketLoader(cfg.loader, d.dp_rank, d.dp_size, holdout=cfg.eval.fraction)
+    loader = make_loader(cfg.loader, d.dp_rank, d.dp_size, holdout=cfg.eval.fraction)
     valset = ValSet(cfg) if cfg.eval.every or cfg.eval.sample_every else None
     if valset is not None:
         write_heldout(run_dir, valset, d)
@@ -269,7 +269,9 @@ def _plan_memory(kind: str, cfg: TrainConfig, task: Task, loader, d: Dist) -> in
 
 def _flops_per_token(task: Task, batches: list[dict]) -> float | None:
     """Training FLOPs per token over a step's batches (each at its own sequence length)."""
-    counts = [(task.flops(b["stats"]["tokens"] // b["stats"]["samples"]), b["stats"]["tokens"]) for b in batches]
+    # each sample at its own length (a packed batch's samples differ: attention grows with each one's)
+    counts = [(task.flops(n), n) for b in batches
+              for n in b["stats"].get("sample_tokens") or [b["stats"]["tokens"] // b["stats"]["samples"]] * b["stats"]["samples"]]
     if counts[0][0] is None:
         return None
     return sum(f * t for f, t in counts) / sum(t for _, t in counts)

@@ -169,3 +169,63 @@ class BucketDataset(IterableDataset):
         return {**tensors, "caption": [x["caption"] for x in loaded],
                 "clip_id": [x["clip_id"] for x in loaded], "bucket": spec.name,
                 "fps": [x["fps"] for x in loaded], "stats": stats}
+
+
+class PackedDataset(BucketDataset):
+    """One rank's packed sequences from `state` on (loader.packing; training.data.packing): each step,
+    this rank's sequence of samples, each decoded at its own native size. A sample that fails is left
+    out of its sequence (recorded, as in BucketDataset); if all of a sequence's fail, up to
+    `max_substitutes` other samples are tried, so every rank still gets one sequence per step."""
+
+    def __init__(self, samples: Samples, shapes, cfg: LoaderConfig, state: LoaderState, rank: int, world_size: int):
+        super().__init__(samples, [], cfg, state, rank, world_size)
+        self.shapes = shapes
+
+    def __iter__(self) -> Iterator[dict]:
+        from training.data.packing import plan_packed
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        reader = ShardReader(self.cfg.s3)
+        try:
+            for k, step in enumerate(plan_packed(self.shapes.tokens, self.state, self.world_size, self.cfg)):
+                if k % workers == worker:
+                    yield self.batch(step, reader, worker)
+        finally:
+            reader.close()
+
+    def shape(self, i: int) -> BucketSpec:
+        """Sample i's frames and size, in the form `load` takes."""
+        s = self.shapes
+        return BucketSpec(name="packed", frames=int(s.frames[i]), size=(int(s.width[i]), int(s.height[i])),
+                          tokens=int(s.tokens[i]), batch=1, members=np.zeros(0, np.int64), length=0)
+
+    def _one(self, i: int, epoch: int, reader: ShardReader, errors: list) -> tuple[dict, torch.Tensor] | None:
+        shape = self.shape(i)
+        frames = np.empty((3, shape.frames, shape.size[1], shape.size[0]), np.uint8)
+        x = self._try(i, shape, epoch, reader, errors, frames)
+        return None if x is None else (dict(x, tokens=shape.tokens), self.to_tensor(frames))
+
+    def batch(self, step, reader: ShardReader, worker: int = 0) -> dict:
+        t0 = time.perf_counter()
+        errors: list[dict] = []
+        mine = step.sequences[self.rank]
+        loaded = [x for i in mine if (x := self._one(int(i), step.epoch, reader, errors)) is not None]
+        if not loaded:
+            rng = np.random.default_rng([step.after.seed, step.epoch, step.step, self.rank, 1])
+            for i in [int(i) for i in rng.permutation(len(self.samples)) if int(i) not in set(mine)][: self.cfg.max_substitutes]:
+                if (x := self._one(i, step.epoch, reader, errors)) is not None:
+                    loaded = [x]
+                    break
+            else:
+                raise RuntimeError(f"packed step {step.step} (epoch {step.epoch}): no sample of the sequence nor "
+                                   f"{self.cfg.max_substitutes} substitutes decoded; last: {errors[-1]}")
+        tokens = [x["tokens"] for x, _ in loaded]
+        stats = {"epoch": step.epoch, "step": step.step, "bucket": "packed", "samples": len(loaded),
+                 "tokens": sum(tokens), "sample_tokens": tokens, "padding": 1.0 - sum(tokens) / self.cfg.token_budget,
+                 "worker": worker, "cropped_fraction": float(np.mean([x["cropped"] for x, _ in loaded])),
+                 "corrupt": len(errors), "errors": errors, "decode_s": time.perf_counter() - t0,
+                 "_state": asdict(step.after)}
+        return {"video": [v for _, v in loaded], "caption": [x["caption"] for x, _ in loaded],
+                "clip_id": [x["clip_id"] for x, _ in loaded], "bucket": "packed",
+                "fps": [x["fps"] for x, _ in loaded], "stats": stats}

@@ -30,6 +30,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -54,8 +55,11 @@ class LoaderStats:
     corrupt: int = 0
     errors: list[dict] = field(default_factory=list)  # the most recent 100
 
+    padding: float = 0.0  # sum of per-step padding fractions (packed sequences)
+
     def add(self, stats: dict) -> None:
         self.steps += 1
+        self.padding += stats.get("padding", 0.0)
         self.wait_s += stats["wait_s"]
         self.decode_s += stats["decode_s"]
         b = stats["bucket"]
@@ -68,7 +72,8 @@ class LoaderStats:
     def as_dict(self) -> dict:
         return {"steps": self.steps, "wait_s": self.wait_s, "decode_s": self.decode_s,
                 "samples": dict(self.samples), "tokens": dict(self.tokens), "corrupt": self.corrupt,
-                "cropped_fraction": {b: self.cropped[b] / n for b, n in self.samples.items() if n}}
+                "cropped_fraction": {b: self.cropped[b] / n for b, n in self.samples.items() if n},
+                "padding": self.padding / self.steps if self.steps else 0.0}
 
 
 class BucketLoader:
@@ -91,16 +96,21 @@ class BucketLoader:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         self.cfg = cfg
         self.samples = read_index(cfg.data, cfg.s3, holdout, "train")
-        self.specs = bucket_specs(self.samples, cfg)
         self.state = LoaderState(seed=cfg.seed)
         self.stats = LoaderStats()
+        self._plan()
+        if self.rank == 0:
+            self._log_plan()
+
+    def _plan(self) -> None:
+        """What the epochs are made of (here: the bucket specs), checked before any worker starts."""
+        cfg = self.cfg
+        self.specs = bucket_specs(self.samples, cfg)
         if not self.steps_per_epoch():
             sizes = ", ".join(f"{r['bucket']}: {r['epoch_samples_planned']} < {self.world_size} x {r['batch_per_rank']}"
                               for r in self.describe())
             raise ValueError(f"{cfg.data}: no bucket fills one global batch ({sizes}); lower token_budget or "
                              "max_batch_size, or add data")
-        if self.rank == 0:
-            self._log_plan()
 
     # ---- plan information
     def describe(self) -> list[dict]:
@@ -197,3 +207,62 @@ class BucketLoader:
                      "corrupt so far %d", stats["step"], stats["epoch"], stats["bucket"], stats["samples"],
                      stats["tokens"], stats["wait_s"], stats["decode_s"], stats["cropped_fraction"],
                      self.stats.corrupt)
+
+
+class PackedLoader(BucketLoader):
+    """`loader.packing`: every clip at its native size, packed into one sequence of at most
+    token_budget tokens per rank and step (training.data.packing). The same interface, state and
+    resume rules as BucketLoader; a batch holds LISTS of per-sample tensors:
+        batch["video"]    # list of S float32 [3, T_i, H_i, W_i] (the dtype of loader.dtype)
+        batch["caption"], batch["clip_id"], batch["fps"]   # lists of S
+        batch["bucket"]   # "packed"
+        batch["stats"]    # as BucketLoader's, plus padding (the sequence's unused share of token_budget)
+                          # and sample_tokens (each sample's)
+    """
+
+    def _plan(self) -> None:
+        from training.data.packing import epoch_sequences, native_shapes
+
+        if self.samples.cached:
+            raise ValueError(f"{self.cfg.data}: loader.packing with a latent cache is not supported yet (the "
+                             "cache holds bucket-size latents): train from the curation output, or set "
+                             "loader.packing: false")
+        if self.cfg.bucket_weights or self.cfg.image_token_fraction is not None:
+            log.warning("loader.packing: bucket_weights and image_token_fraction do not apply (every sample "
+                        "once per epoch)")
+        from training.data.index import BucketSpec
+
+        # one pseudo-bucket for the GPU memory planner (training.memory): a full sequence, as one sample
+        # (an upper bound: block-diagonal attention costs less than one sample of that length)
+        self.specs = [BucketSpec(name="packed", frames=0, size=(0, 0), tokens=self.cfg.token_budget, batch=1,
+                                 members=np.arange(len(self.samples)), length=len(self.samples))]
+        self.shapes = native_shapes(self.samples, self.cfg)
+        self.sequences = len(epoch_sequences(self.shapes.tokens, self.cfg.seed, 0, self.cfg.token_budget,
+                                             self.cfg.pack_window))
+
+    def describe(self) -> list[dict]:
+        """One row: samples, sequences and steps per epoch (at this world size), tokens, padding."""
+        tokens = int(self.shapes.tokens.sum())
+        budget = self.sequences * self.cfg.token_budget
+        return [{"bucket": "packed", "samples": len(self.samples), "sequences_per_epoch": self.sequences,
+                 "steps_per_epoch": self.sequences // self.world_size, "tokens_per_epoch": tokens,
+                 "padding": 1.0 - tokens / budget if budget else 0.0, "token_share": 1.0}]
+
+    def steps_per_epoch(self) -> int:
+        return max(1, self.sequences // self.world_size)
+
+    def _log_plan(self) -> None:
+        row = self.describe()[0]
+        log.info("packed: %(samples)d samples at native size, %(sequences_per_epoch)d sequences per epoch "
+                 "(%(steps_per_epoch)d steps), %(tokens_per_epoch)d tokens, padding %(padding).4f", row)
+
+    def dataset(self):
+        from training.data.dataset import PackedDataset
+
+        return PackedDataset(self.samples, self.shapes, self.cfg, self.state, self.rank, self.world_size)
+
+
+def make_loader(cfg: LoaderConfig, rank: int | None = None, world_size: int | None = None,
+                holdout: float = 0.0) -> BucketLoader:
+    """The loader `cfg` asks for: PackedLoader with loader.packing, else BucketLoader."""
+    return (PackedLoader if cfg.packing else BucketLoader)(cfg, rank, world_size, holdout)
