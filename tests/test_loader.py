@@ -413,3 +413,66 @@ def test_reads_shards_from_s3(curated, s3_server):
     remote = run_steps(BucketLoader(remote_cfg), steps=4, keep_video=True)
     assert [r["ids"] for r in remote] == [r["ids"] for r in local]
     assert all(torch.equal(a["video"], b["video"]) for a, b in zip(local, remote))
+
+
+# ----------------------------------------------------------------------- packed (native resolution)
+def run_packed(loader, steps: int) -> list[dict]:
+    out = []
+    for batch in loader:
+        out.append({"epoch": batch["stats"]["epoch"], "step": batch["stats"]["step"], "ids": batch["clip_id"],
+                    "videos": batch["video"], "stats": batch["stats"], "captions": batch["caption"]})
+        if len(out) == steps:
+            break
+    return out
+
+
+def test_packing_keeps_every_clip_at_its_native_size_and_drops_none(curated):
+    """loader.packing on the real curation output (4:3 clips, a wide one, a rotated portrait, images):
+    every clip of an epoch once, each at its own size up to the 16-px rounding, upright, its frames
+    on the VAE's grid; sequences within the token budget."""
+    from training.data.loader import PackedLoader, make_loader
+    from training.data.packing import native_shape
+
+    cfg = loader_cfg([curated["out"]], packing=True, token_budget=4800)
+    loader = make_loader(cfg)
+    assert isinstance(loader, PackedLoader)
+    index = {r["clip_id"]: r for r in curated["index"]}
+    steps = run_packed(loader, loader.steps_per_epoch())
+    seen = [i for s in steps for i in s["ids"]]
+    assert sorted(seen) == sorted(index) and len(seen) == len(set(seen))  # none dropped, none twice
+    for s in steps:
+        assert s["stats"]["tokens"] == sum(s["stats"]["sample_tokens"]) <= 4800
+        assert s["stats"]["padding"] == pytest.approx(1 - s["stats"]["tokens"] / 4800)
+        for clip_id, video in zip(s["ids"], s["videos"]):
+            row = index[clip_id]
+            tier = contract.Bucket.parse(row["bucket"]).frames
+            frames, w, h, _ = native_shape(row["width"], row["height"], row["num_frames"], tier, cfg)
+            assert tuple(video.shape) == (3, frames, h, w), clip_id
+            assert row["width"] - 16 < w <= row["width"] and row["height"] - 16 < h <= row["height"]  # native
+            assert (frames == 1) == (tier == 1) and (frames - 1) % 4 == 0
+    portrait = index[curated["by_source"]["portrait"]["clip_id"]]
+    assert portrait["height"] > portrait["width"]  # upright, as stored: trained upright at its size
+
+    # the wide clip (352x240, a multiple of 16): its own pixels, no resize, no crop
+    wide = curated["by_source"]["wide"]
+    video = next(v for s in steps for i, v in zip(s["ids"], s["videos"]) if i == wide["clip_id"])
+    got, native = to_uint8(video), native_frames(curated["out"], wide, video.shape[1])
+    assert got.shape == native.shape and np.abs(got - native).mean() < 1.0
+
+
+def test_packed_resume_is_exact_and_the_order_is_the_plans(curated):
+    from training.data.loader import make_loader
+
+    cfg = loader_cfg([curated["out"]], packing=True, token_budget=4800, seed=5)
+    straight = run_packed(make_loader(cfg), 8)
+    assert straight[-1]["epoch"] >= 1  # crosses an epoch end
+    first = make_loader(cfg)
+    head = run_packed(first, 3)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = make_loader(cfg.model_copy(update={"num_workers": 0}))  # another worker count
+    resumed.load_state_dict(state)
+    tail = run_packed(resumed, 5)
+    key = lambda recs: [(r["epoch"], r["step"], r["ids"], r["captions"]) for r in recs]
+    assert key(head + tail) == key(straight)
+    for a, b in zip(head + tail, straight):
+        assert all(torch.equal(x, y) for x, y in zip(a["videos"], b["videos"]))

@@ -23,26 +23,29 @@ CAPTIONS = ["a red texture drifting right", "green stripes sliding down", "a blu
             "yellow blocks rising up", "a purple field panning diagonally", "orange dots at rest"]
 
 
-def make_dataset(out: Path, videos: int = 4, images: int = 2, frames: int = 17, fps: int = 8) -> Path:
+def make_dataset(out: Path, videos: int = 4, images: int = 2, frames: int = 17, fps: int = 8,
+                 sizes: list[tuple[int, int]] | None = None) -> Path:
     """Write OUT/shards/<bucket>/*.tar, OUT/shards/index.parquet and OUT/manifest/sources.parquet (each
-    clip its own source, of digest test-<i>); returns OUT."""
+    clip its own source, of digest test-<i>); returns OUT. `sizes`: (width, height) of clip i is
+    sizes[i % len(sizes)] (mixed shapes, for native-resolution packing); default all SIZE."""
     out = Path(out)
     media = out / "media"
     rows, by_bucket = [], {}
     velocities = [(1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (0, 0)]
     for i in range(videos + images):
         n = frames if i < videos else 1
+        size = sizes[i % len(sizes)] if sizes else SIZE
         path = media / f"clip{i}.mp4"
-        encode(path, disc_frames(n, velocities[i % len(velocities)], seed=i), fps)
+        encode(path, disc_frames(n, velocities[i % len(velocities)], seed=i, size=size), fps)
         key = contract.clip_id(f"test-{i}", 0, n)
-        bucket = contract.bucket_for(*SIZE, n).name
+        bucket = contract.bucket_for(*size, n).name
         caption = CAPTIONS[i % len(CAPTIONS)]
         record = ClipRecord(clip_id=key, source=SourceRef(uri=str(path), digest=f"test-{i}", digest_kind="sha256"),
                             span=Span(start_frame=0, end_frame=n, start_time=0.0, end_time=n / fps),
-                            fps=float(fps), width=SIZE[0], height=SIZE[1], num_frames=n, duration=n / fps,
+                            fps=float(fps), width=size[0], height=size[1], num_frames=n, duration=n / fps,
                             bucket=bucket, caption=Caption(dense=caption, short=caption.split()[-1]))
         by_bucket.setdefault(bucket, []).append((path.read_bytes(), record))
-        rows.append({"key": key, "clip_id": key, "source_uri": str(path), "width": SIZE[0], "height": SIZE[1],
+        rows.append({"key": key, "clip_id": key, "source_uri": str(path), "width": size[0], "height": size[1],
                      "num_frames": n, "fps": float(fps), "duration": n / fps, "bucket": bucket, "has_caption": True})
     shard_of = {}
     for bucket, samples in by_bucket.items():
@@ -59,10 +62,10 @@ def make_dataset(out: Path, videos: int = 4, images: int = 2, frames: int = 17, 
     return out
 
 
-def disc_frames(n: int, velocity: tuple[int, int], seed: int) -> np.ndarray:
+def disc_frames(n: int, velocity: tuple[int, int], seed: int, size: tuple[int, int] = SIZE) -> np.ndarray:
     """[n, H, W, 3] uint8: a disc of a random colour moving by `velocity` px/frame over a gradient."""
     rng = np.random.default_rng(seed)
-    w, h = SIZE
+    w, h = size
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     c0, c1, disc = rng.uniform(30, 220, (3, 3))
     background = c0 + (c1 - c0) * (x + y)[..., None] / (w + h)  # [H, W, 3]
@@ -78,7 +81,7 @@ def encode(path: Path, frames: np.ndarray, fps: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps, options={"crf": "12"})
-        stream.width, stream.height, stream.pix_fmt = SIZE[0], SIZE[1], "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 container.mux(packet)
