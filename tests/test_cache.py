@@ -326,3 +326,51 @@ def test_a_step_from_the_cache_waits_for_nothing_on_the_device(straight, tiny_mo
                                           "log.progress=false", "log.every=100", "checkpoint.every=100"])
     assert train.run_train("dit", cfg, straight, tmp_path / "run", 3)["step"] == 3
     assert not probe.found, "\n".join(probe.found[:3])
+
+
+# ------------------------------------------------------------------ native sizes (loader.packing)
+def test_a_packed_cache_holds_native_sizes_and_trains_like_the_raw_shards(env, tmp_path):
+    """`train cache --set loader.packing=true` on clips of mixed shapes: each entry at its clip's native
+    size (training.data.packing), and packed DiT steps from that cache give the losses and weights of
+    packed steps from the raw shards."""
+    from tests.test_train import MIXED
+    from training.config import LoaderConfig
+    from training.data.packing import native_shape
+
+    loader = LoaderConfig(token_budget=64, patch=(1, 1, 1))  # tiny.yaml's budget; its DiT's patch, 8x VAE
+    data = make_dataset(tmp_path / "mixed", videos=6, images=3, sizes=MIXED)
+    cache = tmp_path / "cache"
+    run(cache_cmd(data, cache, "loader.packing=true"), env)
+    manifest = json.loads((cache / contract.CACHE_MANIFEST).read_text())
+    assert manifest["key"]["frames"]["native"] == {"max_tokens_per_sample": 64, "max_frames": None}
+    index = pq.read_table(cache / contract.CACHE_INDEX).to_pylist()
+    sizes = set()
+    for row in index:
+        with tarfile.open(cache / row["shard"]) as tar:
+            entry = contract.CacheEntry.model_validate_json(tar.extractfile(f"{row['key']}.json").read())
+            latent = npy_load(tar.extractfile(f"{row['key']}.{contract.LATENT_EXT}").read())
+        frames, w, h, _ = native_shape(row["width"], row["height"], row["num_frames"],
+                                       contract.Bucket.parse(row["bucket"]).frames, loader)
+        assert (entry.size, entry.frames) == ((w, h), frames)
+        assert latent.shape[2:] == (1 + (frames - 1) // 4, h // 8, w // 8)
+        sizes.add(entry.size)
+    assert len(sizes) >= len(MIXED)  # the images keep their size; the clips above 64 tokens are scaled down
+
+    sets = ["loader.packing=true", "vae.sample_posterior=true", "loader.caption_dropout=0.2", "log.every=1",
+            "checkpoint.every=6"]
+    flags = [x for s in sets for x in ("--set", s)]
+    runs = {name: tmp_path / name for name in ("raw", "cached")}
+    for name, source in (("raw", data), ("cached", cache)):
+        run([*spacetime("dit", "--data", str(source), "--output", str(runs[name]), "--max-steps", "6"), *flags], env)
+    lines = {k: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()] for k, p in runs.items()}
+    losses = {k: [r["loss"] for r in rs] for k, rs in lines.items()}
+    assert len(losses["raw"]) == 6 and len(set(round(x, 3) for x in losses["raw"])) > 3
+    np.testing.assert_allclose(losses["cached"], losses["raw"], rtol=1e-5)
+    assert [r["padding"] for r in lines["cached"]] == [r["padding"] for r in lines["raw"]]
+    raw, cached = (load_file(latest_checkpoint(p) / "model.safetensors") for p in runs.values())
+    for k in raw:
+        torch.testing.assert_close(cached[k], raw[k], rtol=1e-4, atol=1e-5)
+    # a bucketed run refuses the packed cache (its key says how the frames were sized)
+    proc = run([*spacetime("dit", "--data", str(cache), "--output", str(tmp_path / "bucketed"), "--max-steps", "1")],
+               env, ok=False)
+    assert proc.returncode != 0 and "frames.native" in proc.stderr

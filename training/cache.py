@@ -8,7 +8,8 @@ text encoder in its step.
 What is cached, per clip of the curation index (layout: spacetime.contract, "latent cache"):
 - the VAE posterior (mean and log-variance, UNnormalised, float32) of exactly the frames the loader
   would hand the trainer: the bucket's size and frame tier, `loader.target_fps` stride,
-  `loader.interpolation` (training.data.decode). Training draws z = mean + exp(logvar / 2) * eps
+  `loader.interpolation` (training.data.decode); with `loader.packing`, each clip's native size and
+  frames instead (training.data.packing), for packed training from the cache. Training draws z = mean + exp(logvar / 2) * eps
   from its own generator when `vae.sample_posterior` is set, then normalises with the VAE the config
   names, so sampling stays exact and per step;
 - the text encoder's output for the dense caption, the short caption and (once) the empty caption,
@@ -35,6 +36,7 @@ the summary, and left out of the cache; the rest of the run continues.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -140,7 +142,17 @@ def cache_key(cfg: TrainConfig, vae_fp: str, text_fp: str, text_dim: int, device
             "vae": {"fingerprint": vae_fp, "dtype": _resolved_dtype(cfg.vae.dtype, device)},
             "text_encoder": {"fingerprint": text_fp, "max_length": cfg.text_encoder.max_length,
                              "dtype": _resolved_dtype(cfg.text_encoder.dtype, device), "dim": text_dim},
-            "frames": {"target_fps": cfg.loader.target_fps, "interpolation": cfg.loader.interpolation}}
+            "frames": frames_key(cfg)}
+
+
+def frames_key(cfg: TrainConfig) -> dict:
+    """How an entry's frames are sampled: the stride and resampling, and with loader.packing the
+    limits that fix each clip's native size (training.data.packing); a bucketed cache's key is as it was."""
+    key = {"target_fps": cfg.loader.target_fps, "interpolation": cfg.loader.interpolation}
+    if cfg.loader.packing:
+        key["native"] = {"max_tokens_per_sample": cfg.loader.max_tokens_per_sample or cfg.loader.token_budget,
+                         "max_frames": cfg.loader.max_frames}
+    return key
 
 
 def key_digest(key: dict) -> str:
@@ -204,7 +216,7 @@ def check_training_cache(manifest: dict, cfg: TrainConfig, vae: torch.nn.Module,
     now = {"vae": {"fingerprint": vae_fingerprint(vae)},
            "text_encoder": {"fingerprint": text_encoder_fingerprint(cfg.text_encoder.path),
                             "max_length": cfg.text_encoder.max_length},
-           "frames": {"target_fps": cfg.loader.target_fps, "interpolation": cfg.loader.interpolation}}
+           "frames": frames_key(cfg)}
     mine = {"vae": {"fingerprint": built["vae"]["fingerprint"]},
             "text_encoder": {k: built["text_encoder"][k] for k in ("fingerprint", "max_length")},
             "frames": built["frames"]}
@@ -239,6 +251,10 @@ class _Builder:
         if self.samples.cached:
             raise ConfigError(f"{cfg.loader.data}: already a latent cache; give the curation output")
         self.specs = {s.name: s for s in bucket_specs(self.samples, cfg.loader)}
+        if cfg.loader.packing:  # each clip at its native size (training.data.packing)
+            from training.data.packing import native_shapes
+
+            self.native = native_shapes(self.samples, cfg.loader)
         self.key = cache_key(cfg, self.vae_fp, text_encoder_fingerprint(cfg.text_encoder.path), self.text_dim,
                              d.device)
         self.digest = key_digest(self.key)
@@ -259,6 +275,9 @@ class _Builder:
     def latent(self, i: int, reader: contract.ShardReader) -> tuple[np.ndarray, contract.CacheEntry]:
         s = self.samples
         spec = self.specs[s.bucket[i]]
+        if self.cfg.loader.packing:
+            n = self.native
+            spec = dataclasses.replace(spec, frames=int(n.frames[i]), size=(int(n.width[i]), int(n.height[i])))
         parts = reader.read(s.shard[i], s.key[i])
         record = contract.read_record(parts, where=s.shard[i])
         frames, cropped, stride = sample_frames(parts, record, float(s.fps[i]), int(s.num_frames[i]), spec.frames,

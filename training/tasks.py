@@ -190,7 +190,7 @@ class DiTTask(Task):
         return flops_per_token(self.cfg.dit, a["in_channels"], a["text_dim"], tokens, self.cfg.text_encoder.max_length)
 
     def loss(self, forward_model, batch: dict, generator: torch.Generator, amp) -> tuple[torch.Tensor, dict, int]:
-        if isinstance(batch.get("video"), list):  # loader.packing: one sequence of samples of any sizes
+        if isinstance(batch.get("video", batch.get("latent")), list):  # loader.packing: samples of any sizes
             return self.packed_loss(forward_model, batch, generator, amp)
         x0, text, mask = self.inputs(batch, generator)
         tokens = _patch_tokens(x0.shape, self.patch)  # latent patches per sample
@@ -206,10 +206,16 @@ class DiTTask(Task):
         from training.text_encoder import encode_text
 
         dev, sample = self.d.device, self.cfg.vae.sample_posterior
-        with torch.no_grad():
-            x0 = [self.vae.encode(v[None].to(dev, self.vae_dtype, non_blocking=True), sample=sample,
-                                  generator=generator).float()[0] for v in batch["video"]]
-        text, mask = encode_text(self.tokenizer, self.text_encoder, batch["caption"], self.cfg.text_encoder.max_length)
+        if "latent" in batch:  # a latent cache built with loader.packing: native-size posteriors
+            x0 = [self.vae.latent(p[None, 0].to(dev), p[None, 1].to(dev), sample=sample, generator=generator).float()[0]
+                  for p in batch["latent"]]
+            text, mask = batch["text"], batch["text_mask"]
+        else:
+            with torch.no_grad():
+                x0 = [self.vae.encode(v[None].to(dev, self.vae_dtype, non_blocking=True), sample=sample,
+                                      generator=generator).float()[0] for v in batch["video"]]
+            text, mask = encode_text(self.tokenizer, self.text_encoder, batch["caption"],
+                                     self.cfg.text_encoder.max_length)
         tokens = [_patch_tokens((1, *x.shape), self.patch) for x in x0]
         with amp:
             per_sample = flow_loss_packed(forward_model, x0, text.to(dev).clone(), mask.to(dev).clone(), tokens,

@@ -201,7 +201,12 @@ class PackedDataset(BucketDataset):
                           tokens=int(s.tokens[i]), batch=1, members=np.zeros(0, np.int64), length=0)
 
     def _one(self, i: int, epoch: int, reader: ShardReader, errors: list) -> tuple[dict, torch.Tensor] | None:
+        """Sample i: (its fields, its video [3, T, H, W]) or, from a latent cache, (its fields with text and
+        mask, its posterior [2, C, T', H', W']); None if it failed (recorded in `errors`)."""
         shape = self.shape(i)
+        if self.samples.cached:
+            x = self._try(i, shape, epoch, reader, errors, None)
+            return None if x is None else (dict(x, tokens=shape.tokens), torch.from_numpy(x.pop("latent")))
         frames = np.empty((3, shape.frames, shape.size[1], shape.size[0]), np.uint8)
         x = self._try(i, shape, epoch, reader, errors, frames)
         return None if x is None else (dict(x, tokens=shape.tokens), self.to_tensor(frames))
@@ -226,6 +231,11 @@ class PackedDataset(BucketDataset):
                  "worker": worker, "cropped_fraction": float(np.mean([x["cropped"] for x, _ in loaded])),
                  "corrupt": len(errors), "errors": errors, "decode_s": time.perf_counter() - t0,
                  "_state": asdict(step.after)}
-        return {"video": [v for _, v in loaded], "caption": [x["caption"] for x, _ in loaded],
+        if self.samples.cached:
+            tensors = {"latent": [v for _, v in loaded],
+                       **{k: torch.from_numpy(np.stack([x.pop(k) for x, _ in loaded])) for k in ("text", "text_mask")}}
+        else:
+            tensors = {"video": [v for _, v in loaded]}
+        return {**tensors, "caption": [x["caption"] for x, _ in loaded],
                 "clip_id": [x["clip_id"] for x, _ in loaded], "bucket": "packed",
                 "fps": [x["fps"] for x, _ in loaded], "stats": stats}

@@ -213,7 +213,9 @@ class PackedLoader(BucketLoader):
     """`loader.packing`: every clip at its native size, packed into one sequence of at most
     token_budget tokens per rank and step (training.data.packing). The same interface, state and
     resume rules as BucketLoader; a batch holds LISTS of per-sample tensors:
-        batch["video"]    # list of S float32 [3, T_i, H_i, W_i] (the dtype of loader.dtype)
+        batch["video"]    # list of S float32 [3, T_i, H_i, W_i] (the dtype of loader.dtype); from a latent
+                          # cache built with loader.packing: batch["latent"], a list of S [2, C, T', H', W'],
+                          # and batch["text"] [S, L, D], batch["text_mask"] [S, L]
         batch["caption"], batch["clip_id"], batch["fps"]   # lists of S
         batch["bucket"]   # "packed"
         batch["stats"]    # as BucketLoader's, plus padding (the sequence's unused share of token_budget)
@@ -223,10 +225,6 @@ class PackedLoader(BucketLoader):
     def _plan(self) -> None:
         from training.data.packing import epoch_sequences, native_shapes
 
-        if self.samples.cached:
-            raise ValueError(f"{self.cfg.data}: loader.packing with a latent cache is not supported yet (the "
-                             "cache holds bucket-size latents): train from the curation output, or set "
-                             "loader.packing: false")
         if self.cfg.bucket_weights or self.cfg.image_token_fraction is not None:
             log.warning("loader.packing: bucket_weights and image_token_fraction do not apply (every sample "
                         "once per epoch)")
