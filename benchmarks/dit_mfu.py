@@ -23,6 +23,12 @@ run against torch's FlopCounterMode on one un-checkpointed forward + backward of
 first 2 latent frames (attention through SDPA's math backend, so the counter sees its matmuls). MFU = achieved /
 peak (dense bf16 of the GPU: training.metrics.PEAK_TFLOPS by device name, or --peak-tflops).
 
+--packed also runs the packed step (loader.packing, issue #34) in the same process: samples of mixed
+shapes (vertical, square, the bucket's own, one-frame images) packed into ONE sequence of about the
+bucket's tokens x batch, block-diagonal attention through flex_attention (compiled, block masks),
+and prints both and the ratio of MFU (packed / bucketed; goal >= 0.95). The packed FLOPs count each
+sample at its own length (attention is quadratic per sample, not over the sequence).
+
 On a machine without a GPU it runs small configs on the CPU in fp32 so the script itself is
 exercised; those figures are NOT meaningful MFU and are labelled so.
 """
@@ -39,7 +45,7 @@ import torch
 from spacetime.config import load_config
 from spacetime.contract import Bucket
 from training.dit import DiT, DiTConfig, flops_per_token, num_params
-from training.flow import FlowConfig, flow_loss
+from training.flow import FlowConfig, flow_loss, flow_loss_packed
 from training.metrics import PEAK_TFLOPS, peak_tflops
 from training.parallel import Dist, parallelize
 from training.train_config import ParallelConfig, TrainConfig
@@ -83,8 +89,24 @@ def counted_flops_per_token(model, x0, text, mask, tokens: int) -> float:
     return counter.get_total_flops() / (x0.shape[0] * tokens)
 
 
+def packed_shapes(shape, patch, target: int) -> list[tuple[int, int, int, int]]:
+    """Latent shapes (C, T, H, W) of mixed samples whose tokens add up to at most `target`: in turn a
+    vertical one (the bucket's sides swapped, half its frames), a square one (a quarter of its frames),
+    the bucket's own shape at a quarter of its frames, and a one-frame image, until the next would not fit."""
+    c, t, h, w = shape
+    forms = [(max(1, t // 2), w, h), (max(1, t // 4), h, h), (max(1, t // 4), h, w), (1, h, w)]
+    out, total = [], 0
+    while True:
+        for f in forms:
+            n = math.prod(math.ceil(k / p) for k, p in zip(f, patch))
+            if total + n > target:
+                return out or [(c, *forms[-1])]
+            out.append((c, *f))
+            total += n
+
+
 def measure(name: str, model: torch.nn.Module, args, device, policy, compile_: bool, tokens: int, shape,
-            dit_cfg: DiTConfig, channels: int) -> dict:
+            dit_cfg: DiTConfig, channels: int, packed: bool = False) -> dict:
     cuda = device.type == "cuda"
     units = None
     if policy == "auto":
@@ -110,10 +132,21 @@ def measure(name: str, model: torch.nn.Module, args, device, policy, compile_: b
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     flow = FlowConfig()
+    if packed:  # one sequence of mixed samples, about the bucketed step's tokens
+        shapes = packed_shapes(shape, dit_cfg.patch, tokens * args.batch)
+        x0 = [torch.randn(*sh, device=device) for sh in shapes]
+        sizes = [math.prod(math.ceil(k / p) for k, p in zip(sh[1:], dit_cfg.patch)) for sh in shapes]
+        text = torch.randn(len(shapes), args.text_tokens, args.text_dim, device=device)
+        mask = torch.ones(len(shapes), args.text_tokens, dtype=torch.bool, device=device)
+        formula = sum(flops_per_token(dit_cfg, channels, args.text_dim, n, args.text_tokens) * n for n in sizes) / sum(sizes)
+        counted = None
 
     def step() -> None:
         with amp:
-            loss = flow_loss(forward, x0, text, mask, tokens, flow).mean()
+            if packed:
+                loss = flow_loss_packed(forward, x0, text, mask, sizes, flow).mean()
+            else:
+                loss = flow_loss(forward, x0, text, mask, tokens, flow).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -130,10 +163,12 @@ def measure(name: str, model: torch.nn.Module, args, device, policy, compile_: b
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / args.steps
-    tokens_per_s = args.batch * tokens / seconds
+    step_tokens = sum(sizes) if packed else args.batch * tokens
+    tokens_per_s = step_tokens / seconds
     return {"name": name, "params": num_params(model), "recomputed": recomputed, "seconds": seconds,
             "tokens_per_s": tokens_per_s, "tflops": formula * tokens_per_s / 1e12, "formula": formula,
-            "counted": counted, "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+            "counted": counted, "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "samples": len(x0) if packed else args.batch, "step_tokens": step_tokens}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -153,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch.compile each block (default: the config's setting)")
     parser.add_argument("--reference", choices=["none", "wan"], default="none",
                         help="also run diffusers' WanTransformer3DModel at the same shape")
+    parser.add_argument("--packed", action="store_true",
+                        help="also the packed step: mixed samples in one sequence (loader.packing)")
     parser.add_argument("--no-count-flops", dest="count_flops", action="store_false",
                         help="skip the FlopCounterMode check of the FLOP formula")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU")
@@ -181,12 +218,16 @@ def main(argv: list[str] | None = None) -> dict:
     models = {"spacetime DiT": lambda: DiT(dit_cfg, in_channels=channels, text_dim=args.text_dim)}
     if args.reference == "wan":
         models["diffusers Wan"] = lambda: WanAsDiT(dit_cfg, channels, args.text_dim)
+    runs = [(name, build, False) for name, build in models.items()]
+    if args.packed:
+        runs.append(("packed DiT", models["spacetime DiT"], True))
     results = []
-    for name, build in models.items():
+    for name, build, packed in runs:
         torch.manual_seed(0)
         results.append(measure(name, build().to(device), args, device, policy, compile_, tokens, shape, dit_cfg,
-                               channels))
+                               channels, packed))
         if cuda:
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
 
     peak = peak_tflops(args.peak_tflops, device)
@@ -205,7 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
         gib = f"{r['memory_gib']:.1f}" if r["memory_gib"] is not None else "-"
         print(f"{r['name']:15s} {r['params'] / 1e6:7.1f}M {r['recomputed']:9d} {r['seconds'] * 1e3:8.1f} "
               f"{r['tokens_per_s']:10,.0f} {r['tflops']:8.3g} {mfu:>6s} {gib:>6s} {check:>40s}")
-    if len(results) == 2:
+    if args.packed:
+        p, b = results[-1], results[0]
+        print(f"packed: {p['samples']} samples, {p['step_tokens']} tokens in one sequence (bucketed: {b['step_tokens']}); "
+              f"TFLOP/s packed / bucketed: {p['tflops'] / b['tflops']:.3f} (goal >= 0.95 on a GPU)")
+    if args.reference == "wan":
         print(f"tokens/s ours / Wan: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x "
               "(the FLOP formula is ours: Wan's own count differs by its extra norms and projections)")
     if not cuda:

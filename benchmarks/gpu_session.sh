@@ -22,6 +22,9 @@ step() { echo; echo "=== $*"; timeout 240 "$@" 2>&1 | grep -v Warning | tee -a "
 # issue 14: the default training path (dit_xl.yaml: AC auto, compile per block), then the eager baseline
 step python3 benchmarks/dit_mfu.py --steps 8
 step python3 benchmarks/dit_mfu.py --steps 8 --ac off --compile off --no-count-flops
+# issue 34: the packed step (mixed samples in one sequence, flex_attention compiled) beside the bucketed
+# one at the DiT-XL shape, eager (goal: packed MFU >= 0.95x bucketed); compiled blocks in the run above
+step python3 benchmarks/dit_mfu.py --steps 6 --packed --compile off --no-count-flops
 # issue 14: the 1.3B shape against diffusers' Wan at the same shape, both with the config's policy
 step python3 benchmarks/dit_mfu.py --shape wan1.3b --bucket 16x9_360p_128f --reference wan --steps 8
 # issue 14: the cached-latent loader against the trainer's consumption (CPU-side, 16 cores there)

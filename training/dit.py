@@ -133,11 +133,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------------- packing
-def _flex():
-    """flex_attention and create_block_mask (imported on first use: GPU runs only)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+_FLEX: dict = {}
 
-    return flex_attention, create_block_mask
+
+def _flex(device: torch.device | None = None):
+    """(flex_attention, create_block_mask), imported on first use: GPU runs (and tests) only. On CUDA
+    flex_attention is compiled once (eager, it runs a reference that materialises the scores: the
+    forward-only check on CPU in tests/test_dit.py uses that)."""
+    cuda = device is not None and device.type == "cuda"
+    if cuda not in _FLEX:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        _FLEX[cuda] = (torch.compile(flex_attention, dynamic=False) if cuda else flex_attention, create_block_mask)
+    return _FLEX[cuda]
 
 
 class Packing:
@@ -147,13 +155,16 @@ class Packing:
     attends only to itself, and its outputs are dropped. `seg` [n] is the sample of each token this
     process holds (all of them, or a context-parallel rank's share: `shard`), for the per-token
     gathers of modulation and text; a padding token maps to the last sample (its output is dropped).
-    `impl`: "auto" (flex_attention on CUDA, per-sample SDPA elsewhere), "flex" or "loop"."""
+    `impl`: "auto" (flex_attention on CUDA, per-sample SDPA elsewhere), "flex" or "loop".
+    `prepare` builds what attention needs (block masks, or the per-sample runs) once per forward,
+    outside the blocks, so that compiled blocks only read it."""
 
     def __init__(self, lengths: list[int], samples: int, device, impl: str = "auto"):
         self.lengths, self.samples, self.impl = list(lengths), samples, impl
         ids = torch.arange(len(self.lengths), device=device).clamp(max=samples - 1)
         self.seg = torch.repeat_interleave(ids, torch.tensor(self.lengths, device=device))
-        self._masks: dict = {}
+        self.flex = impl == "flex" or (impl == "auto" and torch.device(device).type == "cuda")
+        self.self_mask = self.cross_mask = self.runs = None
 
     @classmethod
     def of(cls, lengths: list[int], device, impl: str = "auto") -> "Packing":
@@ -174,8 +185,22 @@ class Packing:
         local.seg = seg
         return local
 
-    def _flex(self, device) -> bool:
-        return self.impl == "flex" or (self.impl == "auto" and device.type == "cuda")
+    def prepare(self, text_mask: torch.Tensor) -> "Packing":
+        """Build the attention masks (flex) or the per-sample runs of this process's tokens (loop)
+        for text of mask [S, L]."""
+        samples, counts = torch.unique_consecutive(self.seg, return_counts=True)
+        self.runs = (samples.tolist(), counts.tolist())
+        if self.flex:
+            _, make = _flex()
+            device, (s, length) = self.seg.device, text_mask.shape
+            doc = torch.repeat_interleave(torch.arange(len(self.lengths), device=device),
+                                          torch.tensor(self.lengths, device=device))
+            self.self_mask = make(lambda b, h, qi, ki: doc[qi] == doc[ki], None, None, self.total, self.total,
+                                  device=device)
+            seg, valid = self.seg, text_mask.reshape(-1)
+            self.cross_mask = make(lambda b, h, qi, ki: (seg[qi] == ki // length) & valid[ki], None, None,
+                                   len(seg), s * length, device=device)
+        return self
 
     def per_token(self, x: torch.Tensor) -> torch.Tensor:
         """[S, ...] per sample -> [1, n, ...] per token of this process."""
@@ -183,33 +208,21 @@ class Packing:
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Block-diagonal attention over the WHOLE sequence: q, k, v [1, heads, total, hd]."""
-        if not self._flex(q.device):
+        if not self.flex:
             parts = zip(*(x.split(self.lengths, dim=2) for x in (q, k, v)))
             return torch.cat([F.scaled_dot_product_attention(a, b, c) for a, b, c in parts], dim=2)
-        flex, make = _flex()
-        key = ("self", q.device)
-        if key not in self._masks:
-            doc = torch.repeat_interleave(torch.arange(len(self.lengths), device=q.device),
-                                          torch.tensor(self.lengths, device=q.device))
-            self._masks[key] = make(lambda b, h, qi, ki: doc[qi] == doc[ki], None, None, self.total, self.total,
-                                    device=q.device)
-        return flex(q, k, v, block_mask=self._masks[key])
+        return _flex(q.device)[0](q, k, v, block_mask=self.self_mask)
 
     def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Each token of q [1, heads, n, hd] (this process's) attends to its own sample's text: k, v
         [S, heads, L, hd], mask [S, L] (True: a token to attend to)."""
-        s, _, length, _ = k.shape
-        if not self._flex(q.device):  # tokens are grouped by sample, in order
-            samples, counts = torch.unique_consecutive(self.seg, return_counts=True)
-            parts = q.split(counts.tolist(), dim=2)
+        if not self.flex:  # tokens are grouped by sample, in order
+            samples, counts = self.runs
             return torch.cat([F.scaled_dot_product_attention(part, k[i:i + 1], v[i:i + 1], attn_mask=mask[i, None, None, None])
-                              for i, part in zip(samples.tolist(), parts)], dim=2)
-        flex, make = _flex()
-        seg, valid = self.seg, mask.reshape(-1)
-        block = make(lambda b, h, qi, ki: (seg[qi] == ki // length) & valid[ki], None, None, q.shape[2], s * length,
-                     device=q.device)
-        flat = [x.transpose(0, 1).reshape(1, x.shape[1], s * length, -1) for x in (k, v)]  # [1, heads, S*L, hd]
-        return flex(q, *flat, block_mask=block)
+                              for i, part in zip(samples, q.split(counts, dim=2))], dim=2)
+        s, heads, length, _ = k.shape
+        flat = [x.transpose(0, 1).reshape(1, heads, s * length, -1) for x in (k, v)]  # [1, heads, S*L, hd]
+        return _flex(q.device)[0](q, *flat, block_mask=self.cross_mask)
 
 
 def pack_tokens(xs: list[torch.Tensor], patch: tuple[int, int, int]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
@@ -390,6 +403,8 @@ class DiT(nn.Module):
             if pack is not None:  # attention sees the whole padded sequence, per-token gathers the share
                 pack = pack.padded(self.context.padded)
                 pack = pack.shard(self.context.shard(pack.seg[:, None], dim=0)[:, 0])
+        if pack is not None:
+            pack.prepare(mask)
         for block in self.blocks:
             h = block(h, c, ctx, mask, rope, pack)
         out = self.final(h, c, pack)  # [B, N, C*pt*ph*pw]
