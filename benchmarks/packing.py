@@ -11,9 +11,9 @@ epoch at the same token budget per rank:
 - samples dropped per epoch (the bucketed plan drops each bucket's incomplete tail);
 - resize error: mean |native area - trained area| / native area over the samples (bucketed: the
   bucket's target size; packed: the native size rounded to the VAE x patch grid);
-and trains the tiny DiT (configs/train/tiny.yaml with 1x2x2 patches: its untrained VAE, tiny T5) for
---steps steps with each loader, printing tokens/s (mean over the steps after the first two) and the
-ratio packed / bucketed. Figures only, no assertions. The GPU side (flex_attention, compiled, at the
+then builds each loader's latent cache of the data (configs/train/tiny.yaml: its untrained VAE and tiny
+T5) and trains a small DiT (--hidden, depth 4, 1x2x2 patches) from it for --steps steps with each
+loader, printing tokens/s (mean over the steps after the first two) and the ratio packed / bucketed. Figures only, no assertions. The GPU side (flex_attention, compiled, at the
 DiT-XL shape) is in benchmarks/gpu_session.sh.
 """
 
@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -89,27 +90,52 @@ def plan_figures(data: str, budget: int, patch: tuple[int, int, int]) -> dict:
     out["packed"] = {"steps": len(seqs), "padding_mean": float(np.mean(pad)), "padding_max": float(np.max(pad)),
                      "padding_all_but_last": float(np.mean(pad[:-1])) if len(pad) > 1 else float(pad[0]),
                      "dropped": len(samples) - len(set(placed)),
+                     "padding_50x": _padding(np.tile(shapes.tokens, 50), budget, cfg.pack_window),
                      "resize_error": float(np.mean(np.abs(native_area - shapes.width * shapes.height) / native_area))}
     return out
 
 
-def train_rate(data: str, run: Path, packing: bool, steps: int, budget: int) -> dict:
-    """tokens/s of `steps` DiT steps (mean of the records after the first two)."""
+def _padding(tokens: np.ndarray, budget: int, window: int) -> float:
+    """Padding tokens / sequence tokens of one epoch of samples of these token counts."""
+    from training.data.packing import epoch_sequences
+
+    seqs = epoch_sequences(tokens, 0, 0, budget, window)
+    return float(1 - tokens.sum() / (len(seqs) * budget))
+
+
+def train_config(packing: bool, budget: int, hidden: int):
     from spacetime.config import load_config
-    from training.train import run_train
     from training.train_config import TrainConfig
 
-    sets = ["log.progress=false", "log.every=1", f"checkpoint.every={steps}", "checkpoint.keep=1",
-            f"loader.token_budget={budget}", "loader.max_batch_size=null", "dit.patch=[1,2,2]",
+    sets = ["log.progress=false", "log.every=1", "checkpoint.keep=1", f"loader.token_budget={budget}",
+            "loader.max_batch_size=null", "dit.patch=[1,2,2]", f"dit.hidden={hidden}", "dit.depth=4",
             "loader.num_workers=1", f"loader.packing={str(packing).lower()}"]
-    cfg = load_config(TrainConfig, ROOT / "configs/train/tiny.yaml", sets)
+    return load_config(TrainConfig, ROOT / "configs/train/tiny.yaml", sets)
+
+
+def build_cache(data: str, out: Path, packing: bool, budget: int, hidden: int) -> str:
+    """The latent cache of `data` for the bucketed or the packed loader (training.cache)."""
+    from training.cache import build_cache as build
+
+    build(train_config(packing, budget, hidden), [data], str(out))
+    return str(out)
+
+
+def train_rate(data: str, run: Path, packing: bool, steps: int, budget: int, hidden: int) -> dict:
+    """tokens/s of `steps` DiT steps (mean of the records after the first two)."""
+    from training.train import run_train
+
+    cfg = train_config(packing, budget, hidden)
+    cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"every": steps})})
+    shutil.rmtree(run, ignore_errors=True)  # a fresh run, not a resume of an earlier one
     t0 = time.perf_counter()
     run_train("dit", cfg, data, run, max_steps=steps)
     wall = time.perf_counter() - t0
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][2:]
     tokens = sum(r["tokens_per_s"] * r["step_s"] for r in records)
     seconds = sum(r["step_s"] for r in records)
-    return {"tokens_per_s": tokens / seconds, "step_s": seconds / len(records), "wall_s": wall,
+    flops = sum(r["tflops_per_device"] * r["step_s"] for r in records)
+    return {"tokens_per_s": tokens / seconds, "tflops": flops / seconds, "step_s": seconds / len(records), "wall_s": wall,
             "padding": float(np.mean([r.get("padding", 0.0) for r in records]))}
 
 
@@ -117,8 +143,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="a curation output to measure (default: generate and curate one)")
     parser.add_argument("--steps", type=int, default=12, help="training steps per loader")
-    parser.add_argument("--budget", type=int, default=4096, help="loader.token_budget (tokens per rank and step)")
-    parser.add_argument("--per-shape", type=int, default=3, help="clips generated per shape")
+    parser.add_argument("--budget", type=int, default=16384, help="loader.token_budget (tokens per rank and step)")
+    parser.add_argument("--per-shape", type=int, default=6, help="clips generated per shape")
+    parser.add_argument("--hidden", type=int, default=256, help="DiT width for the training comparison")
     parser.add_argument("--work", help="scratch folder (default: a temp folder)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -148,12 +175,22 @@ def main() -> None:
         f = figures[name]
         print(f"{name:10} {f['steps']:>6} {f['padding_mean']:>13.4f} {f['padding_max']:>11.4f} {f['dropped']:>8} "
               f"{f['resize_error']:>13.4f}")
-    print(f"packed padding without the epoch's last sequence: {figures['packed']['padding_all_but_last']:.4f}")
-    rates = {name: train_rate(data, work / f"run_{name}", name == "packed", args.steps, args.budget)
-             for name in ("bucketed", "packed")}
+    print(f"packed padding without the epoch's last sequence: {figures['packed']['padding_all_but_last']:.4f}; "
+          f"of all tokens of an epoch of 50x these samples (the same shapes): {figures['packed']['padding_50x']:.4f}")
+    # DiT steps from latent caches (the VAE and text encoder out of the step, as a real run does), each
+    # loader's own cache of the same data; the untrained tiny VAE's encode would otherwise be most of it
+    caches = {name: build_cache(data, work / f"cache_{name}_{args.budget}", name == "packed", args.budget, args.hidden)
+              for name in ("bucketed", "packed")}
+    rates = {name: train_rate(caches[name], work / f"run_{name}", name == "packed", args.steps, args.budget,
+                              args.hidden) for name in ("bucketed", "packed")}
+    print(f"DiT hidden {args.hidden}, depth 4, from latent caches, {args.steps} steps each:")
     for name, r in rates.items():
-        print(f"train {name:8} tokens/s {r['tokens_per_s']:9.0f}  step {r['step_s']:.3f} s  padding {r['padding']:.4f}")
-    print(f"packed / bucketed tokens/s: {rates['packed']['tokens_per_s'] / rates['bucketed']['tokens_per_s']:.3f}")
+        print(f"train {name:8} tokens/s {r['tokens_per_s']:9.0f}  model TFLOP/s {r['tflops']:.4f}  step {r['step_s']:.3f} s  "
+              f"padding {r['padding']:.4f}")
+    p, b = rates["packed"], rates["bucketed"]
+    print(f"packed / bucketed: tokens/s {p['tokens_per_s'] / b['tokens_per_s']:.3f}, model FLOP/s "
+          f"{p['tflops'] / b['tflops']:.3f} (a native-size sample is longer than its bucket's resize, so each of "
+          "its tokens attends to more: FLOP/s compares the implementations, tokens/s the training data)")
 
 
 if __name__ == "__main__":
