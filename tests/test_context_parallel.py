@@ -107,13 +107,20 @@ def test_a_context_that_does_not_divide_the_heads_is_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-packed"])
 def test_torchrun_with_context_2_trains_like_one_process(tmp_path, tiny_models, mode):
-    data = make_dataset(tmp_path / "data")
+    """fsdp-packed: loader.packing on clips of mixed shapes, each packed sequence's tokens split over
+    the 2 ranks of the group."""
+    from tests.test_train import MIXED
+
+    packed = mode.endswith("-packed")
+    mode = mode.removesuffix("-packed")
+    data = make_dataset(tmp_path / "data", **(dict(videos=6, images=3, sizes=MIXED) if packed else {}))
     env = {**os.environ, "SPACETIME_TINY_MODELS": tiny_models["root"], "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     args = ["-m", "spacetime", "train", "dit", "--config", str(CONFIGS / "train/tiny.yaml"), "--data", str(data),
-            "--max-steps", "6", "--set", "log.progress=false", "--set", "log.every=1", "--set", "checkpoint.every=6"]
+            "--max-steps", "6", "--set", "log.progress=false", "--set", "log.every=1", "--set", "checkpoint.every=6",
+            *(["--set", "loader.packing=true"] if packed else [])]
     runs = {"one": [sys.executable, *args], "cp2": [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
         "--master-port", str(free_port()), *args[1:], "--set", "parallel.context=2", "--set", f"parallel.mode={mode}"]}
@@ -132,6 +139,8 @@ def test_torchrun_with_context_2_trains_like_one_process(tmp_path, tiny_models, 
         torch.testing.assert_close(cp2[k], one[k], rtol=1e-4, atol=1e-6)
     # one group of 2 ranks reads ONE batch stream: the same samples per step as the single process
     assert [r.get("tokens_per_s", 0) > 0 for r in records["cp2"]] == [True] * 6
+    if packed:
+        assert [r["padding"] for r in records["cp2"]] == [r["padding"] for r in records["one"]]
 
 
 def model_weights(ckpt) -> dict:
