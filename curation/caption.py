@@ -9,7 +9,9 @@ Per candidate clip:
     ok      clip["caption"] = dense caption, clip["caption_fields"] = {subjects, actions, scene,
             camera_motion, shot_type, lighting, style, on_screen_text, dense, short},
             clip["caption_provenance"] = {model, model_digest, adapter, prompt_version, prompt_hash,
-            sampling, seed, request: {id, seed, temperature, attempt, qa_notes}, ...}
+            sampling, seed, request: {id, seed, temperature, attempt, qa_notes}, ...},
+            clip["grounding"] = the fields checked against the clip's measurements (curation.grounding;
+            a contradiction of a field whose policy is `reject` rejects the clip)
     failed  clip["status"] = "failed", clip["reason"] = "caption: <why>" (after one retry): the clip
             stays out of the shards and is listed in manifest/clips.parquet.
     left    the engine could not answer (endpoint unreachable after its retries, engine dead twice,
@@ -40,10 +42,12 @@ log = logging.getLogger(__name__)
 class Caption(BatchStage):
     name = "caption"
 
-    def __init__(self, cfg: CaptionConfig, captioner: Captioner | None = None):
+    def __init__(self, cfg: CaptionConfig, captioner: Captioner | None = None, grounding=None):
         """`cfg`: the `caption` section. `captioner`: share an already loaded engine (tests,
-        notebooks); by default each actor loads its own, once."""
+        notebooks); by default each actor loads its own, once. `grounding`: the `grounding` section
+        (curation.grounding): each caption's checkable fields against the clip's measurements."""
         super().__init__(cfg)
+        self.grounding = grounding
         self.owns_captioner = captioner is None
         self.captioner = captioner or Captioner(cfg)
         self.restart_lock = asyncio.Lock()
@@ -114,8 +118,9 @@ class Caption(BatchStage):
                 clip.update(status="failed", reason=f"caption: frames unusable: {err}")
         return tasks
 
-    @staticmethod
-    def _apply(metas: list[dict], results: dict[str, CaptionResult]) -> None:
+    def _apply(self, metas: list[dict], results: dict[str, CaptionResult]) -> None:
+        from curation.grounding import apply_policy, ground
+
         for meta in metas:
             clip = meta["clip"]
             result = results.get(clip["clip_id"])
@@ -124,6 +129,9 @@ class Caption(BatchStage):
             if result.ok:
                 clip.update(caption=result.caption, caption_fields=result.fields,
                             caption_provenance=result.provenance)
+                if self.grounding is not None and self.grounding.enabled:
+                    apply_policy(clip, ground(result.fields, result.caption, clip.get("scores") or {},
+                                              clip.get("ocr_text"), self.grounding), self.grounding)
             elif result.infra:
                 defer(clip, f"caption: {result.reason}")
             else:

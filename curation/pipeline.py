@@ -285,7 +285,8 @@ def stages(cfg: CurateConfig, out: Store, known: str | None = None, units: list 
         # a model stage that is off starts no actors (its model would load for nothing)
         *([StageSpec(Aesthetic, "map_batches", dict(cfg=f.aesthetic))] if f.aesthetic.enabled else []),
         *([gate] if by_aesthetic else []),
-        *([StageSpec(Caption, "map_batches", dict(cfg=cfg.caption))] if cfg.caption else []),  # survivors only
+        *([StageSpec(Caption, "map_batches", dict(cfg=cfg.caption, grounding=cfg.grounding))]  # survivors only
+          if cfg.caption else []),
         StageSpec(Extract, "map", dict(cfg=cfg.extract, s3=s3, out=out)),
     ]
 

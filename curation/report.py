@@ -117,6 +117,9 @@ def _card(c: dict, thumbs: set[str], previews: set[str] = frozenset()) -> str:
         notes.append(f"text ({c['scores'].get('text_area', 0.0):.3f} of the frame): {c['ocr_text'][:60]}")
     if c["status"] != "kept" and c.get("reason"):
         notes.append(c["reason"][:120])
+    for check in c.get("grounding") or []:
+        if check["verdict"] == "contradicts":
+            notes.append(f"{check['field']} {check['claim']!r} vs measured {check['measured']}"[:160])
     picture = (f'<img src="thumbs/{thumb}" alt="{html.escape(title)}" loading="eager">' if thumb in thumbs
                else f'<div class="nothumb">{html.escape(_no_thumbnail(c))}</div>')
     caption = c.get("caption") or ""
@@ -216,6 +219,8 @@ class _Digest:
         self.captions, self.caption_words = _Sample(), _Sample()
         self.caption_rows: list[dict] = []
         self.failed_qa: list[dict] = []
+        self.grounding: dict[str, Counter] = defaultdict(Counter)  # field -> verdict counts (curation.grounding)
+        self.contradictions: dict[str, list[dict]] = defaultdict(list)  # field -> its first contradicted clips
 
     def _error(self, where: str, what: str) -> None:
         self.error_count += 1
@@ -232,6 +237,10 @@ class _Digest:
 
     def add_clip(self, c: dict) -> None:
         c["scores"] = contract.scores_of(c["scores"])
+        for check in c.get("grounding") or []:
+            self.grounding[check["field"]][check["verdict"]] += 1
+            if check["verdict"] == "contradicts" and len(self.contradictions[check["field"]]) < 4:
+                self.contradictions[check["field"]].append(c)
         c["duration"] = (c["end_time"] or 0) - (c["start_time"] or 0)
         hours = c["duration"] / 3600
         self.total += 1
@@ -282,7 +291,24 @@ class _Digest:
 
     def shown(self) -> list[dict]:
         """Every clip the page shows a card or a frame of."""
-        return self.kept_sheet + [c for cs in self.sheets.values() for c in cs] + self.caption_rows
+        return (self.kept_sheet + [c for cs in self.sheets.values() for c in cs] + self.caption_rows
+                + [c for cs in self.contradictions.values() for c in cs])
+
+    def grounding_section(self, thumbs: set[str]) -> str:
+        """Per checked field: the verdicts and the contradiction rate (of the clips the measurements
+        could decide), then the first contradicted clips, each card with its frame and the check."""
+        if not self.grounding:
+            return "<p>no caption was checked (captions off, or grounding.enabled false)</p>"
+        rows = []
+        for field in sorted(self.grounding):
+            n = self.grounding[field]
+            decided = n["agrees"] + n["contradicts"]
+            rows.append([field, sum(n.values()), n["agrees"], n["contradicts"], n["unknown"],
+                         f"{n['contradicts'] / decided:.1%}" if decided else "-"])
+        examples = "".join(f"<h3>{html.escape(field)}: contradicted</h3>{_sheet(clips, self.grounding[field]['contradicts'], thumbs)}"
+                           for field, clips in sorted(self.contradictions.items()))
+        return (_table(["field", "checked", "agrees", "contradicts", "unknown", "contradiction rate"], rows)
+                + examples)
 
 
 def _stage_plot(stage_seconds: dict[str, float], report: Path) -> str:
@@ -373,6 +399,9 @@ table.captions td {{ vertical-align: top; font-size: 12px; max-width: 800px; }}
 <h2>Scores and distributions</h2><div class="plots">{"".join(f'<img src="{p}" alt="{p}">' for p in plots)}</div>
 <h2>Buckets</h2>{_table(["bucket", "clips", "hours"], bucket_rows)}
 <h2>Captions</h2>{caption_section}
+<h2>Caption grounding</h2><p>Each checkable caption field against what the pipeline measured
+(curation.grounding): camera motion against the optical flow, on-screen text against the OCR, lighting
+against the mean luma.</p>{d.grounding_section(thumbs)}
 <h2>Kept clips ({d.kept})</h2>{_sheet(d.kept_sheet, d.kept, thumbs, previews)}
 <h2>Rejected clips, by reason</h2>{rejected_sheets or "<p>none</p>"}
 <h2>Errors ({d.error_count})</h2>{errors}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from captioner.config import CaptionConfig
 from spacetime.config import ActorResources, S3Config, StrictModel, TaskResources
@@ -245,6 +245,29 @@ class FiltersConfig(StrictModel):
     aesthetic: AestheticConfig = Field(default_factory=AestheticConfig)
 
 
+class GroundingConfig(StrictModel):
+    """Caption grounding (curation.grounding): each checkable caption field against what the filters
+    measured. Speeds are the motion filter's (frame widths per second), luma the exposure filter's."""
+
+    enabled: bool = True
+    # per field: flag (kept, the check recorded) or reject (a contradiction rejects the clip)
+    policy: dict[Literal["camera_motion", "on_screen_text", "lighting"], Literal["flag", "reject"]] = Field(
+        default_factory=lambda: {"camera_motion": "flag", "on_screen_text": "flag", "lighting": "flag"})
+    still_speed: float = Field(0.015, ge=0.0)  # |global flow| below: the camera is still
+    still_zoom: float = Field(0.01, ge=0.0)
+    moving_speed: float = Field(0.05, gt=0.0)  # |global flow| from: the camera pans / tilts
+    moving_zoom: float = Field(0.03, gt=0.0)
+    min_text_area: float = Field(0.002, ge=0.0)  # persistent text area from which text is on screen
+    dark_luma: float = Field(60.0, ge=0.0, le=255.0)  # mean luma below: a dark clip
+    bright_luma: float = Field(110.0, ge=0.0, le=255.0)  # mean luma from: a bright clip
+
+    @model_validator(mode="after")
+    def _check(self) -> "GroundingConfig":
+        if self.still_speed >= self.moving_speed or self.dark_luma >= self.bright_luma:
+            raise ValueError("grounding: still_speed must be < moving_speed and dark_luma < bright_luma")
+        return self
+
+
 class CurateConfig(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
@@ -255,5 +278,6 @@ class CurateConfig(StrictModel):
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     caption: CaptionConfig | None = None  # None: no captioning stage (shards get empty .txt)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig)  # of the captions, when captioned
     write: WriteConfig = Field(default_factory=WriteConfig)
     progress: ProgressConfig = Field(default_factory=ProgressConfig)

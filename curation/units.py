@@ -67,7 +67,7 @@ def clip_record(clip: dict, source: dict, versions: dict) -> ClipRecord:
         crop=clip.get("crop"), bucket=clip["bucket"], extract_mode=clip.get("extract_mode"),
         skip_frames=clip.get("skip_frames") or 0,
         sampled_idx=clip.get("sampled_idx") or [], scores=clip.get("scores") or {},
-        ocr_text=clip.get("ocr_text"), caption=caption,
+        ocr_text=clip.get("ocr_text"), caption=caption, grounding=clip.get("grounding") or [],
         provenance=versions)
 
 

@@ -245,6 +245,10 @@ CAPTION_FIELDS_TYPE = pa.struct([
     ("style", pa.string()), ("on_screen_text", pa.string()),
 ])
 
+# A caption field checked against the pipeline's measurements (curation.grounding; record `grounding`).
+GROUNDING_TYPE = pa.list_(pa.struct([("field", pa.string()), ("claim", pa.string()), ("measured", pa.string()),
+                                     ("verdict", pa.string())]))
+
 CLIPS_SCHEMA = pa.schema([
     ("clip_id", pa.string()),
     ("source_uri", pa.string()),
@@ -266,6 +270,7 @@ CLIPS_SCHEMA = pa.schema([
     ("ocr_text", pa.string()),  # burned-in text the text filter read
     ("caption", pa.string()),
     ("caption_fields", CAPTION_FIELDS_TYPE),  # the structured caption (null without one)
+    ("grounding", GROUNDING_TYPE),  # its fields checked: agrees | contradicts | unknown (curation.grounding)
     ("shard", pa.string()),
 ])
 
@@ -290,7 +295,7 @@ RECORD_ARROW = pa.struct([
     ("fps", pa.float64()), ("width", pa.int64()), ("height", pa.int64()), ("num_frames", pa.int64()),
     ("duration", pa.float64()), ("rotation", pa.int64()), ("crop", pa.list_(pa.int64())), ("bucket", pa.string()),
     ("extract_mode", pa.string()), ("skip_frames", pa.int64()), ("sampled_idx", pa.list_(pa.int64())),
-    ("scores", SCORES_TYPE), ("ocr_text", pa.string()), ("caption", _CAPTION_ARROW),
+    ("scores", SCORES_TYPE), ("ocr_text", pa.string()), ("caption", _CAPTION_ARROW), ("grounding", GROUNDING_TYPE),
     ("provenance", pa.struct([("spacetime", pa.string()), ("torch", pa.string()), ("av", pa.string())])),
 ])
 SAMPLE_ARROW = pa.schema([(VIDEO_EXT, pa.binary()), (RECORD_EXT, RECORD_ARROW), (CAPTION_EXT, pa.string()),

@@ -4,13 +4,14 @@ The curation writer builds it field by field, `spacetime caption` rewrites its c
 reader (the trainer's loader, captioner fine-tuning, recaption, caption upsampling examples, tests)
 parses it with `ClipRecord.from_json`. Nothing else knows its keys.
 
-    {"schema_version": 2, "clip_id": "3f0c…",                     # = the sample key
+    {"schema_version": 3, "clip_id": "3f0c…",                     # = the sample key
      "source": {"uri", "digest", "digest_kind"},                    # sha256 | size-etag
      "span": {"start_frame", "end_frame", "start_time", "end_time", "start_pts", "end_pts"},
      "fps", "width", "height", "num_frames", "duration", "rotation", "crop", "bucket",
      "extract_mode", "sampled_idx", "scores": {name: float}, "ocr_text",
      "caption": {"dense", "short", "subjects", "actions", "scene", "camera_motion", "shot_type",
                  "lighting", "style", "on_screen_text", "provenance": {...}} | null,
+     "grounding": [{"field", "claim", "measured", "verdict"}],     # schema 3 (curation.grounding)
      "provenance": {package: version}}
 
 Frames are decoded-frame indices of the source (`end_frame` exclusive); times are seconds from the
@@ -30,9 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spacetime.errors import UserError
 
-SCHEMA_VERSION = 2
-# Versions still read: 1 named scores["picture_area"] `border_area` (spacetime.contract.RENAMED_SCORES).
-READS_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+# Versions still read: 1 named scores["picture_area"] `border_area` (spacetime.contract.RENAMED_SCORES);
+# 2 had no `grounding` (read as none).
+READS_VERSIONS = (1, 2, 3)
 
 
 class RecordError(UserError, ValueError):
@@ -79,8 +81,17 @@ CAPTION_FIELDS: tuple[str, ...] = ("subjects", "actions", "scene", "camera_motio
                                    "style", "on_screen_text", "dense", "short")
 
 
+class GroundingCheck(_Record):
+    """One caption field checked against what the pipeline measured (curation.grounding)."""
+
+    field: str  # camera_motion | on_screen_text | lighting
+    claim: str  # what the caption says
+    measured: str  # the measurement it was checked against, e.g. "pan_x 0.21, pan_y 0.01, zoom 0.002"
+    verdict: Literal["agrees", "contradicts", "unknown"]
+
+
 class ClipRecord(_Record):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     clip_id: str
     source: SourceRef
     span: Span
@@ -100,6 +111,7 @@ class ClipRecord(_Record):
     scores: dict[str, float] = Field(default_factory=dict)
     ocr_text: str | None = None  # burned-in text read by the text filter (subtitles, logos), if any
     caption: Caption | None = None
+    grounding: list[GroundingCheck] = Field(default_factory=list)  # the caption's fields checked (schema 3)
     provenance: dict[str, Any] = Field(default_factory=dict)  # versions of the code that made the clip
 
     @property

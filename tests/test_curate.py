@@ -185,6 +185,16 @@ def test_every_written_record_round_trips_through_the_typed_record(curated):
         assert set(row["scores"]) == set(contract.SCORE_FIELDS)  # typed: one column per score
         assert record.extract_mode == row["extract_mode"] and record.provenance["spacetime"]
         assert record.caption is not None and record.caption.short
+        # the caption's checkable fields, against this clip's own measurements (curation.grounding)
+        assert [g.field for g in record.grounding] == ["camera_motion", "on_screen_text", "lighting"]
+        assert [g.model_dump() for g in record.grounding] == row["grounding"]
+        checks = {g.field: g for g in record.grounding}
+        assert checks["camera_motion"].claim.startswith(record.caption.camera_motion)
+        if "camera_pan_x" in record.scores:  # measured (not on an image: no motion)
+            assert f"pan_x {record.scores['camera_pan_x']:.3g}" in checks["camera_motion"].measured
+        else:
+            assert checks["camera_motion"].measured == "" and checks["camera_motion"].verdict == "unknown"
+        assert checks["lighting"].measured == f"luma_mean {record.scores['luma_mean']:.3g}"
 
 
 def test_loader_yields_the_short_caption_curate_wrote(curated):

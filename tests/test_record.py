@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from spacetime.record import CAPTION_FIELDS, SCHEMA_VERSION, Caption, ClipRecord, RecordError, SourceRef, Span
+from spacetime.record import (CAPTION_FIELDS, SCHEMA_VERSION, Caption, ClipRecord, GroundingCheck, RecordError,
+                              SourceRef, Span)
 
 
 def full_record() -> ClipRecord:
@@ -16,7 +17,9 @@ def full_record() -> ClipRecord:
         scores={"aesthetic": 5.1, "motion": 0.02}, provenance={"spacetime": "0.1.0"},
         caption=Caption(dense="A cyclist rides.", short="cyclist", subjects=["cyclist"], actions=["rides"],
                         scene="road", camera_motion="pan", shot_type="wide", lighting="day", style="real",
-                        on_screen_text="", provenance={"model": "m", "prompt_hash": "h"}))
+                        on_screen_text="", provenance={"model": "m", "prompt_hash": "h"}),
+        grounding=[GroundingCheck(field="camera_motion", claim="pan", measured="pan_x 0.2, pan_y 0, zoom 0",
+                                  verdict="agrees")])
 
 
 def test_round_trip_is_exact_and_deterministic():
@@ -38,7 +41,9 @@ def test_caption_fields_are_the_stored_caption_fields():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda t: t.update(schema_version=3), "schema_version 3, this spacetime reads 1, 2: written by a newer"),
+    (lambda t: t.update(schema_version=4), "schema_version 4, this spacetime reads 1, 2, 3: written by a newer"),
+    (lambda t: t.update(grounding=[{"field": "lighting", "claim": "x", "measured": "y", "verdict": "maybe"}]),
+     "grounding.0.verdict: Input should be 'agrees', 'contradicts' or 'unknown'"),
     (lambda t: t.pop("schema_version"), "schema_version None"),
     (lambda t: t.update(caption_fields={"short": "x"}), "caption_fields: Extra inputs are not permitted"),
     (lambda t: t["caption"].update(shrot="typo"), "caption.shrot: Extra inputs are not permitted"),
@@ -68,8 +73,12 @@ def test_a_schema_1_record_and_manifest_read_under_todays_score_names():
 
     tree = json.loads(full_record().to_json())
     tree.update(schema_version=1, scores={"border_area": 0.82, "motion": 0.02})
+    tree.pop("grounding")  # schemas 1 and 2 had none
     old = ClipRecord.from_json(json.dumps(tree))
-    assert old.schema_version == SCHEMA_VERSION == 2 and old.scores == {"picture_area": 0.82, "motion": 0.02}
+    assert old.schema_version == SCHEMA_VERSION == 3 and old.scores == {"picture_area": 0.82, "motion": 0.02}
+    assert old.grounding == []
+    tree.update(schema_version=2, scores={"picture_area": 0.5})
+    assert ClipRecord.from_json(json.dumps(tree)).grounding == []
     assert "border_area" not in contract.SCORE_FIELDS and "picture_area" in contract.SCORE_FIELDS
     legacy = pa.array([{"border_area": 0.82, "motion": None}], pa.struct([("border_area", pa.float64()),
                                                                           ("motion", pa.float64())]))

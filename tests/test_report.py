@@ -73,3 +73,24 @@ def test_a_card_without_thumbnail_says_why():
     assert 'src="thumbs/k1.jpg"' in kept and 'src="previews/k1.webp"' in kept and "a red kite" in kept
     assert "<b>subjects</b>: kite, beach" in kept and "<b>scene</b>: a beach at dusk" in kept and "actions" not in kept
     assert '<p class="caption">a kite</p>' in kept  # the card line is the short caption
+
+
+def test_the_grounding_section_gives_the_contradiction_rate_per_field_with_examples():
+    def checked(clip_id, camera, lighting):
+        c = clip(clip_id, "kept", None, "a street")
+        c["grounding"] = [
+            {"field": "camera_motion", "claim": "static", "measured": "pan_x 0.2, pan_y 0, zoom 0", "verdict": camera},
+            {"field": "lighting", "claim": "bright daylight", "measured": "luma_mean 35", "verdict": lighting}]
+        return c
+
+    clips = [checked("a", "contradicts", "unknown"), checked("b", "agrees", "unknown"),
+             checked("c", "agrees", "contradicts"), checked("d", "agrees", "agrees"), clip("e", "kept", None)]
+    d = digest(clips)
+    assert d.grounding["camera_motion"] == {"contradicts": 1, "agrees": 3}
+    body = d.grounding_section({"a.jpg"})
+    assert "<td>camera_motion</td><td>4</td><td>3</td><td>1</td><td>0</td><td>25.0%</td>" in body
+    assert "<td>lighting</td><td>4</td><td>1</td><td>1</td><td>2</td><td>50.0%</td>" in body
+    assert 'data-clip="a"' in body and 'src="thumbs/a.jpg"' in body  # the example beside its frame
+    assert "camera_motion &#x27;static&#x27; vs measured pan_x 0.2" in body
+    assert {"a", "c"} <= {c["clip_id"] for c in d.shown()}  # their thumbnails are looked up
+    assert "no caption was checked" in digest([clip("e", "kept", None)]).grounding_section(set())
