@@ -373,6 +373,23 @@ def test_corrupt_mp4_in_a_shard_is_skipped_and_counted(curated, caplog):
     assert all(broken not in b["ids"] for b in batches)
 
 
+def test_a_corrupt_mp4_is_left_out_of_its_packed_sequence_and_counted(curated, caplog):
+    """loader.packing: the broken clip is left out of its sequence (recorded with its id), every other
+    clip of the epoch is trained once, and every step still has its sequence."""
+    from training.data.loader import make_loader
+
+    data, index = _rewrite(curated, "corrupt_packed", "4x3_240p_32f", broken=1)
+    broken = index[1]["clip_id"]
+    loader = make_loader(loader_cfg([data], packing=True, token_budget=4800, num_workers=1))
+    with caplog.at_level("ERROR", logger="training.data.loader"):
+        steps = run_packed(loader, loader.steps_per_epoch())
+    seen = [i for s in steps for i in s["ids"]]
+    assert sorted(seen) == sorted(r["clip_id"] for r in index if r["clip_id"] != broken)
+    assert sum(s["stats"]["corrupt"] for s in steps) == 1 and all(s["ids"] for s in steps)
+    [error] = [e for s in steps for e in s["stats"]["errors"]]
+    assert error["clip_id"] == broken and f"corrupt sample {broken}" in caplog.text
+
+
 # ------------------------------------------------------------------------------------ planning
 def test_token_weights_and_image_mix(curated):
     cfg = loader_cfg([curated["out"]], image_token_fraction=0.5, bucket_weights={"*_16f": 0.0})
