@@ -73,11 +73,15 @@ class BucketDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         reader = ShardReader(self.cfg.s3)
         try:
-            for k, step in enumerate(plan_steps(self.specs, self.state, self.world_size)):
+            for k, step in enumerate(self.plan()):
                 if k % workers == worker:
                     yield self.batch(step, reader, worker)
         finally:
             reader.close()
+
+    def plan(self) -> Iterator:
+        """Every global step from the state on (training.data.plan)."""
+        return plan_steps(self.specs, self.state, self.world_size)
 
     # ---- one sample
     def load(self, i: int, spec: BucketSpec, epoch: int, reader: ShardReader, out: np.ndarray) -> dict:
@@ -181,18 +185,11 @@ class PackedDataset(BucketDataset):
         super().__init__(samples, [], cfg, state, rank, world_size)
         self.shapes = shapes
 
-    def __iter__(self) -> Iterator[dict]:
+    def plan(self) -> Iterator:
+        """Every global step from the state on (training.data.packing)."""
         from training.data.packing import plan_packed
 
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        reader = ShardReader(self.cfg.s3)
-        try:
-            for k, step in enumerate(plan_packed(self.shapes.tokens, self.state, self.world_size, self.cfg)):
-                if k % workers == worker:
-                    yield self.batch(step, reader, worker)
-        finally:
-            reader.close()
+        return plan_packed(self.shapes.tokens, self.state, self.world_size, self.cfg)
 
     def shape(self, i: int) -> BucketSpec:
         """Sample i's frames and size, in the form `load` takes."""
@@ -218,7 +215,8 @@ class PackedDataset(BucketDataset):
         loaded = [x for i in mine if (x := self._one(int(i), step.epoch, reader, errors)) is not None]
         if not loaded:
             rng = np.random.default_rng([step.after.seed, step.epoch, step.step, self.rank, 1])
-            for i in [int(i) for i in rng.permutation(len(self.samples)) if int(i) not in set(mine)][: self.cfg.max_substitutes]:
+            failed = {int(i) for i in mine}
+            for i in [int(i) for i in rng.permutation(len(self.samples)) if int(i) not in failed][: self.cfg.max_substitutes]:
                 if (x := self._one(i, step.epoch, reader, errors)) is not None:
                     loaded = [x]
                     break
