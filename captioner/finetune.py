@@ -10,7 +10,9 @@ are trained on (the prompt's labels are masked).
 
 Data (`--data`), either
   - a curation output folder: every sample of shards/index.parquet whose <key>.txt is not empty;
-    the target fields are <key>.json's `caption_fields` where present; or
+    the target fields are <key>.json's `caption_fields` where present;
+  - OUT/review, the decisions of `spacetime review OUT`: the kept clips whose captions people edited,
+    with the edited dense/short captions as the target (the other fields from the record); or
   - a JSONL file, one example a line:
       {"video": "clips/a.mp4", "caption": "A dense caption ..."}
       {"shard": "shards/x/x-000000.tar", "key": "<clip_id>", "fields": {<every answer field>}}
@@ -98,7 +100,9 @@ def load_examples(data: Path, cfg: CaptionConfig) -> list[Example]:
 
     data = Path(data)
     examples = []
-    if data.is_dir():
+    if data.is_dir() and not (data / contract.INDEX_PATH).exists() and (data.parent / contract.CLIPS_MANIFEST).exists():
+        examples = reviewed_examples(data, cfg)
+    elif data.is_dir():
         import pyarrow.parquet as pq
 
         index = pq.read_table(data / contract.INDEX_PATH).to_pylist()
@@ -135,6 +139,39 @@ def load_examples(data: Path, cfg: CaptionConfig) -> list[Example]:
             examples.append(Example(row.get("clip_id", default_id), video, fields, span))
     if not examples:
         raise ValueError(f"{data}: no (clip, caption) pairs found")
+    return examples
+
+
+def reviewed_examples(folder: Path, cfg: CaptionConfig) -> list[Example]:
+    """The captions people edited in `spacetime review OUT` (folder OUT/review) as gold examples: each
+    kept clip's record fields, with its dense and short caption as edited. An edited clip that is not
+    in the shards (rejected by the pipeline) has no video to train on: it is left out, and said."""
+    import pyarrow.parquet as pq
+
+    from spacetime import contract, review
+
+    out = folder.parent
+    gold = review.gold_captions(review.review_store(str(folder)))
+    shards = {r["clip_id"]: r["shard"] for r in pq.read_table(out / contract.CLIPS_MANIFEST,
+                                                               columns=["clip_id", "shard"]).to_pylist()}
+    examples, missing = [], []
+    with contract.ShardReader() as reader:
+        for clip_id, edit in sorted(gold.items()):
+            if not shards.get(clip_id):
+                missing.append(clip_id)
+                continue
+            parts = reader.read(str(out / shards[clip_id]), clip_id)
+            record = contract.read_record(parts, where=f"{out / shards[clip_id]}:{clip_id}")
+            dense = edit["dense"] or (record.caption.dense if record.caption else None)
+            if not dense:  # only a short caption was written for an uncaptioned clip
+                dense = edit["short"]
+            fields = (record.caption.model_dump(exclude={"provenance"}) if record.caption and record.caption.short
+                      else placeholder_fields(dense, cfg))
+            fields.update(dense=dense, **({"short": edit["short"]} if edit["short"] else {}))
+            examples.append(Example(clip_id, parts[contract.VIDEO_EXT], fields, (record.skip_frames, record.num_frames)))
+    if missing:
+        log.warning("%s: %d edited clips are not in the shards (rejected clips have no video): left out, e.g. %s",
+                    folder, len(missing), missing[0])
     return examples
 
 

@@ -189,6 +189,7 @@ def _finalize(input_dir: Path, out: Path, index: list[dict], done: dict[str, dic
             fields = {k: v for k, v in (record["fields"] or {}).items() if k != "dense"}
             clip.caption = Caption(**fields, dense=record["caption"], provenance=record["provenance"] or {})
             clip.grounding = []  # the checks were of the old caption (curation.grounding runs in `curate` only)
+            clip.scores = {k: v for k, v in clip.scores.items() if k not in contract.CAPTION_SCORES}  # so were these
             samples.append((sample[contract.VIDEO_EXT], clip))
         if samples:
             contract.write_shard(out / shard, samples)

@@ -1,9 +1,11 @@
 """Threshold calibration of a filter from labelled clips.
 
     spacetime calibrate sharpness --manifest OUT/manifest/clips.parquet --labels labels.csv
+    spacetime calibrate sharpness --labels OUT/review     # the decisions of `spacetime review OUT`
 
 labels.csv has a header and the columns `clip_id,bad`: bad=1 for a clip the filter SHOULD reject,
-0 for one it should keep. The filter rejects a clip when its score is past the threshold (below it
+0 for one it should keep. A review folder gives the same labels: a clip a person rejected is bad,
+one they accepted is good (the latest decision on each). The filter rejects a clip when its score is past the threshold (below it
 for `low` filters, above for `high` ones), so precision = rejected clips that are bad / rejected,
 recall = bad clips rejected / bad clips. Prints precision/recall at thresholds and the threshold
 that reaches the target precision with the most recall, and writes a PR-curve plot.
@@ -30,6 +32,7 @@ FILTERS = {
     "bright": ("luma_mean", "high", "filters.exposure.max_luma"),
     "clipped": ("luma_clipped", "high", "filters.exposure.max_clipped"),
     "borders": ("picture_area", "low", "filters.borders.min_area"),
+    "alignment": ("caption_alignment", "low", "filters.alignment.min_score"),
 }
 
 
@@ -60,16 +63,48 @@ def choose(points: list[Point], target_precision: float) -> Point | None:
     return max(ok, key=lambda p: (p.recall, p.precision)) if ok else None
 
 
-def load(filter_name: str, manifest: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
-    if filter_name not in FILTERS:
-        raise ValueError(f"unknown filter {filter_name!r}; one of {', '.join(FILTERS)}")
-    key = FILTERS[filter_name][0]
-    rows = {r["clip_id"]: contract.scores_of(r["scores"]) for r in pq.read_table(manifest).to_pylist()}
+def is_review(labels: str | Path) -> bool:
+    """A review folder (OUT/review of `spacetime review`, local or s3://), not a CSV file."""
+    return str(labels).startswith("s3://") or Path(labels).is_dir()
+
+
+def read_labels(labels: str | Path) -> list[tuple[str, int]]:
+    """[(clip_id, bad)] from a CSV (clip_id,bad) or from a review folder's accept/reject decisions."""
+    if is_review(labels):
+        from spacetime import review
+
+        decided = review.labels(review.review_store(str(labels)))
+        if not decided:
+            raise ValueError(f"{labels}: no clip accepted or rejected there yet (spacetime review OUT)")
+        return [(cid, int(bad)) for cid, bad in sorted(decided.items())]
     with open(labels, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"clip_id", "bad"} <= set(reader.fieldnames):
             raise ValueError(f"{labels}: expected a header with columns clip_id,bad")
-        labelled = [(r["clip_id"], int(r["bad"])) for r in reader]
+        return [(r["clip_id"], int(r["bad"])) for r in reader]
+
+
+def default_manifest(labels: str | Path) -> str:
+    """OUT/manifest/clips.parquet of the review folder OUT/review."""
+    if not is_review(labels):
+        raise ValueError(f"--manifest is needed with a CSV of labels ({labels})")
+    return f"{str(labels).rstrip('/').rsplit('/', 1)[0]}/{contract.CLIPS_MANIFEST}"
+
+
+def load(filter_name: str, manifest: str | Path | None, labels: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, bad) of the labelled clips. `manifest` None: the one beside a review folder."""
+    import io
+
+    from spacetime.store import Store
+
+    if filter_name not in FILTERS:
+        raise ValueError(f"unknown filter {filter_name!r}; one of {', '.join(FILTERS)}")
+    key = FILTERS[filter_name][0]
+    manifest = str(manifest or default_manifest(labels))
+    folder, name = manifest.rsplit("/", 1) if "/" in manifest else (".", manifest)
+    rows = {r["clip_id"]: contract.scores_of(r["scores"])
+            for r in pq.read_table(io.BytesIO(Store(folder).read_bytes(name))).to_pylist()}
+    labelled = read_labels(labels)
     missing = [c for c, _ in labelled if c not in rows or key not in rows[c]]
     if missing:
         raise ValueError(f"{labels}: {len(missing)} labelled clips have no {key!r} score in {manifest} "
@@ -77,7 +112,7 @@ def load(filter_name: str, manifest: Path, labels: Path) -> tuple[np.ndarray, np
     return np.array([rows[c][key] for c, _ in labelled], float), np.array([b for _, b in labelled], bool)
 
 
-def calibrate(filter_name: str, manifest: Path, labels: Path, target_precision: float, plot: Path | None) -> Point | None:
+def calibrate(filter_name: str, manifest: str | Path | None, labels: str | Path, target_precision: float, plot: Path | None) -> Point | None:
     scores, bad = load(filter_name, manifest, labels)
     key, side, config_key = FILTERS[filter_name]
     points = pr_curve(scores, bad, side)

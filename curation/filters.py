@@ -1,4 +1,5 @@
-"""Quality filters: borders, text, exposure, sharpness, motion, aesthetic. Each is a pipeline stage.
+"""Quality filters: borders, text, exposure, sharpness, motion, aesthetic, and the caption-video
+alignment of captioned clips. Each is a pipeline stage.
 
 Every filter works on the frames the analysis pass sampled (upright RGB, `analyze.sample_height`
 high, `analyze.sample_fps`): no filter decodes the source again. Each records its scores for EVERY
@@ -15,7 +16,7 @@ import numpy as np
 from spacetime.frames import decode_frames, encode_frames
 from curation.stage import DEFERRED, RETAINED, BatchStage, Stage, fail, pack, unpack
 from spacetime.faults import is_infrastructure
-from curation.settings import (AestheticConfig, BordersConfig, DedupConfig, ExposureConfig, MotionConfig,
+from curation.settings import (AestheticConfig, AlignmentConfig, BordersConfig, DedupConfig, ExposureConfig, MotionConfig,
                                SharpnessConfig, TextConfig)
 
 
@@ -253,15 +254,16 @@ class Aesthetic(BatchStage):
     name = "aesthetic"
     only_candidates = False
 
-    def __init__(self, cfg: AestheticConfig):
-        """Only built when `cfg.enabled` (curation.pipeline.stages leaves the stage out otherwise)."""
+    def __init__(self, cfg: AestheticConfig, keep_embedding: bool = False):
+        """Only built when `cfg.enabled` (curation.pipeline.stages leaves the stage out otherwise).
+        `keep_embedding`: leave each candidate's mean frame embedding in the clip (`frame_embedding`)
+        for the alignment stage, which removes it."""
         super().__init__(cfg)
-        from curation.clip_models import load_aesthetic_head, load_clip
-        from spacetime.models import resolve
+        from curation.clip_models import load_aesthetic_head
 
-        self.model, self.preprocess = load_clip(resolve(self.cfg.model), resolve(self.cfg.pretrained),
-                                                resolve(self.cfg.config_dir), device=self.cfg.device)
-        self.head = load_aesthetic_head(resolve(self.cfg.head))
+        self.keep_embedding = keep_embedding
+        self.model, self.preprocess = _load_clip(cfg)
+        self.head = load_aesthetic_head(resolve_model(self.cfg.head))
 
     def process(self, items):
         from curation.clip_models import embed_frames
@@ -280,7 +282,8 @@ class Aesthetic(BatchStage):
         if not picked:
             return
         try:
-            scores = self.head.score(embed_frames(self.model, self.preprocess, picked))
+            embeddings = embed_frames(self.model, self.preprocess, picked)
+            scores = self.head.score(embeddings)
         except Exception as err:
             mine = sorted(set(owners))
             if len(mine) > 1 and not is_infrastructure(err):  # find the clip at fault: each one alone
@@ -300,3 +303,79 @@ class Aesthetic(BatchStage):
             clip["scores"]["aesthetic"] = round(value, 4)
             if value < self.cfg.min_score:
                 reject(clip, "aesthetic", f"{value:.2f} < filters.aesthetic.min_score={self.cfg.min_score}")
+            if self.keep_embedding and clip["status"] == "candidate":
+                clip["frame_embedding"] = mean_embedding(embeddings[owners == k])
+
+
+def resolve_model(ref):
+    from spacetime.models import resolve
+
+    return resolve(ref)
+
+
+def _load_clip(cfg: AestheticConfig):
+    from curation.clip_models import load_clip
+
+    return load_clip(resolve_model(cfg.model), resolve_model(cfg.pretrained), resolve_model(cfg.config_dir),
+                     device=cfg.device)
+
+
+def mean_embedding(rows: np.ndarray) -> list[float]:
+    """The unit-norm mean of L2-normalised frame embeddings [N, D], as a JSON-able list."""
+    mean = np.asarray(rows, np.float64).mean(axis=0)
+    return [round(float(v), 6) for v in mean / max(np.linalg.norm(mean), 1e-12)]
+
+
+class Alignment(BatchStage):
+    """Caption-video alignment (filters.alignment): the cosine similarity of the CLIP text embeddings
+    of the dense and the short caption to the clip's mean frame embedding, by the CLIP configured in
+    filters.aesthetic. The frame embedding is the aesthetic stage's when it ran (`frame_embedding`,
+    removed here from every row); else `cfg.frames` sampled frames are embedded here. Runs after the
+    caption stage, on captioned candidates; an optional threshold per caption rejects the clip."""
+
+    name = "alignment"
+
+    def __init__(self, cfg: AlignmentConfig, clip: AestheticConfig):
+        super().__init__(cfg)
+        import open_clip
+
+        self.model, self.preprocess = _load_clip(clip)
+        self.tokenizer = open_clip.get_tokenizer(resolve_model(clip.model))
+
+    def tidy(self, meta: dict) -> None:
+        """A clip rejected or failed after the aesthetic stage still carries its frame embedding."""
+        (meta.get("clip") or {}).pop("frame_embedding", None)
+
+    def process(self, items):
+        import torch
+        from curation.clip_models import embed_frames
+
+        for meta, sampled in items:
+            clip = meta["clip"]
+            fields = clip.get("caption_fields") or {}
+            if not clip.get("caption"):
+                continue
+            try:
+                image = clip.pop("frame_embedding", None)
+                if image is None:
+                    frames = decode_frames(sampled) if sampled else []
+                    if not len(frames):
+                        continue
+                    picks = np.unique(np.linspace(0, len(frames) - 1, self.cfg.frames).round().astype(int))
+                    image = mean_embedding(embed_frames(self.model, self.preprocess, [frames[j] for j in picks]))
+                texts = [clip["caption"]] + ([fields["short"]] if fields.get("short") else [])
+                with torch.inference_mode():
+                    tokens = self.tokenizer(texts).to(next(self.model.parameters()).device)
+                    text = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu().numpy()
+                sims = text @ np.asarray(image, np.float32)
+            except Exception as err:
+                fail(clip, self.name, err)
+                continue
+            clip["scores"]["caption_alignment"] = round(float(sims[0]), 4)
+            if len(sims) > 1:
+                clip["scores"]["short_caption_alignment"] = round(float(sims[1]), 4)
+            for key, i in (("min_score", 0), ("min_short_score", 1)):
+                floor = getattr(self.cfg, key)
+                if floor is not None and i < len(sims) and sims[i] < floor:
+                    reject(clip, "alignment", f"caption-video similarity {sims[i]:.3f} < filters.alignment.{key}={floor}")
+                    break

@@ -35,7 +35,7 @@ from typing import Any
 
 from curation.caption import Caption
 from curation.duplicates import DedupGate, FirstClaims, dedup_key
-from curation.filters import Aesthetic, Borders, Exposure, Fingerprint, Motion, Sharpness, Text
+from curation.filters import Aesthetic, Alignment, Borders, Exposure, Fingerprint, Motion, Sharpness, Text
 from curation.settings import AnalyzeConfig, CurateConfig, ExtractConfig, ProbeConfig, SplitConfig
 from curation.stage import RETAINED, Stage, defer, fail, pack, unpack
 from spacetime import contract
@@ -271,6 +271,7 @@ def stages(cfg: CurateConfig, out: Store, known: str | None = None, units: list 
     s3, f = cfg.sources.s3, cfg.filters
     gate = StageSpec(DedupGate, "gate", dict(cfg=cfg.dedup, units=units or [], pending=pending or [], store=out))
     by_aesthetic = cfg.dedup.keep == "aesthetic" and f.aesthetic.enabled  # the gate needs that score first
+    aligned = bool(cfg.caption) and f.alignment.enabled  # captions against the aesthetic stage's frame embeddings
     return [
         StageSpec(Probe, "map", dict(cfg=cfg.probe, s3=s3, out=out, known=known, claims=claims)),
         StageSpec(Analyze, "flat_map", dict(cfg=cfg.analyze, s3=s3, max_duration=cfg.split.max_duration)),
@@ -283,10 +284,11 @@ def stages(cfg: CurateConfig, out: Store, known: str | None = None, units: list 
         StageSpec(Fingerprint, "map", dict(cfg=cfg.dedup)),
         *([] if by_aesthetic else [gate]),  # duplicates: decided before any expensive stage
         # a model stage that is off starts no actors (its model would load for nothing)
-        *([StageSpec(Aesthetic, "map_batches", dict(cfg=f.aesthetic))] if f.aesthetic.enabled else []),
+        *([StageSpec(Aesthetic, "map_batches", dict(cfg=f.aesthetic, keep_embedding=aligned))] if f.aesthetic.enabled else []),
         *([gate] if by_aesthetic else []),
         *([StageSpec(Caption, "map_batches", dict(cfg=cfg.caption, grounding=cfg.grounding))]  # survivors only
           if cfg.caption else []),
+        *([StageSpec(Alignment, "map_batches", dict(cfg=f.alignment, clip=f.aesthetic))] if aligned else []),
         StageSpec(Extract, "map", dict(cfg=cfg.extract, s3=s3, out=out)),
     ]
 

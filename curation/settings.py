@@ -236,6 +236,20 @@ class DedupConfig(StrictModel):
     resources: TaskResources = Field(default_factory=TaskResources)
 
 
+class AlignmentConfig(StrictModel):
+    """Caption-video alignment (curation.filters.Alignment): the cosine similarity of the dense and the
+    short caption to the clip's sampled frames, by the CLIP of `filters.aesthetic` (its model, weights
+    and device), recorded as `scores.caption_alignment` and `scores.short_caption_alignment`. The frame
+    embedding is the aesthetic stage's (no frame embedded twice). CLIP reads 77 tokens: a dense caption
+    is judged on its opening. Runs only when captions are on."""
+
+    enabled: bool = True
+    min_score: float | None = Field(None, ge=-1.0, le=1.0)  # reject a caption whose dense similarity is below
+    min_short_score: float | None = Field(None, ge=-1.0, le=1.0)  # the same for the short caption
+    frames: int = Field(4, ge=1)  # sampled frames embedded per clip when the aesthetic stage is off
+    resources: ActorResources = Field(default_factory=lambda: ActorResources(batch_size=16))
+
+
 class FiltersConfig(StrictModel):
     borders: BordersConfig = Field(default_factory=BordersConfig)
     text: TextConfig = Field(default_factory=TextConfig)
@@ -243,6 +257,7 @@ class FiltersConfig(StrictModel):
     sharpness: SharpnessConfig = Field(default_factory=SharpnessConfig)
     motion: MotionConfig = Field(default_factory=MotionConfig)
     aesthetic: AestheticConfig = Field(default_factory=AestheticConfig)
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)  # of the captions, when captioned
 
 
 class GroundingConfig(StrictModel):

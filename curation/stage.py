@@ -100,7 +100,12 @@ class BatchStage(Stage):
         if todo:
             self.process([(metas[i], sampled[i]) for i in todo])
         add_batch_time([metas[i] for i in todo], self.name, t0)
+        for meta in metas:
+            self.tidy(meta)
         return {"meta": [json.dumps(m) for m in metas], "sampled": sampled}
 
     def process(self, items: list[tuple[dict, bytes]]) -> None:
         raise NotImplementedError
+
+    def tidy(self, meta: dict) -> None:
+        """Called on every row of a batch, wanted or not, before it goes on (default: nothing)."""

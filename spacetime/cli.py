@@ -166,6 +166,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    from curation.review import serve
+    from spacetime.config import S3Config
+
+    try:
+        serve(args.output, args.port, args.reviewer, S3Config(endpoint=args.s3_endpoint), args.host)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from curation.report import build_report
 
@@ -262,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train with the same frames and prompt as captioning; writes "
                                     "OUTPUT/merged (serve with vLLM) and OUTPUT/adapter. Rerun to resume.")
     f.add_argument("--data", type=Path, required=True,
-                   help="a curation output folder, or a JSONL of {video|shard+key, caption|fields}")
+                   help="a curation output folder, OUT/review (the captions people edited in `spacetime review`), "
+                        "or a JSONL of {video|shard+key, caption|fields}")
     f.add_argument("--base", required=True, help="base model: Hugging Face id or local path")
     f.add_argument("--output", type=Path, required=True, help="run folder (checkpoints, adapter, merged)")
     _config_args(f, CONFIG_DIR / "caption" / "finetune.yaml")
@@ -272,11 +284,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="precision/recall of a filter's threshold against labelled clips")
     p.add_argument("filter", choices=sorted(FILTERS), help="which filter (score) to calibrate")
-    p.add_argument("--manifest", type=Path, required=True, help="OUT/manifest/clips.parquet of a curation run")
-    p.add_argument("--labels", type=Path, required=True, help="CSV with columns clip_id,bad (1 = should be rejected)")
+    p.add_argument("--manifest", default=None,
+                   help="OUT/manifest/clips.parquet of a curation run (default with --labels OUT/review: OUT's)")
+    p.add_argument("--labels", required=True,
+                   help="CSV with columns clip_id,bad (1 = should be rejected), or OUT/review: the accept/reject "
+                        "decisions of `spacetime review OUT`")
     p.add_argument("--target-precision", type=float, default=0.9)
     p.add_argument("--plot", type=Path, default=Path("pr_curve.png"), help="where to write the PR-curve PNG")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("review", help="a local page to go through the clips of a curation output: accept, "
+                                      "reject, edit captions (decisions in OUT/review/)",
+                       description="Serve the review page on 127.0.0.1. Keys: j/k next/previous, a accept, r reject, "
+                                   "e edit the caption (Ctrl+Enter saves). Each decision is appended to OUT/review/ "
+                                   "at once; `spacetime calibrate FILTER --labels OUT/review` and `spacetime caption "
+                                   "finetune --data OUT/review` read them.")
+    p.add_argument("output", metavar="OUT", help="a `spacetime curate` output: folder or s3://bucket/prefix")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--reviewer", default=None, help="name recorded with each decision (default: your login)")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint of an s3:// OUT (default: $AWS_ENDPOINT_URL)")
+    p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("report", help="(re)build OUT/report/index.html of a curation output")
     p.add_argument("output", metavar="OUT", help="a `spacetime curate` output: folder or s3://bucket/prefix")

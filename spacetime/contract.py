@@ -47,6 +47,7 @@ CAPTION_SUMMARY = "caption_summary.json"
 WORK_DIR = ".work"  # staging and per-source completion records; resumable state of a run
 LOGS_DIR = "logs"  # ray.log: Ray's own messages of the runs (the console keeps ours)
 LEASE_PATH = f"{WORK_DIR}/lease.json"  # the live run's lease on the output (spacetime.lease)
+REVIEW_DIR = "review"  # people's decisions on clips (`spacetime review`): one Parquet file each (spacetime.review)
 
 # Extensions of one sample inside a tar: the clip (native resolution), its record, its dense caption.
 VIDEO_EXT, RECORD_EXT, CAPTION_EXT = "mp4", "json", "txt"
@@ -203,7 +204,9 @@ SCORE_FIELDS: tuple[str, ...] = (
     "luma_mean", "luma_clipped",  # filters.exposure
     "picture_area",  # filters.borders: fraction of the frame inside black borders (1.0: none; record schema 2)
     "text_area", "text_band",  # filters.text: burned-in text (PP-OCR); band rows (+ bottom, - top)
+    "caption_alignment", "short_caption_alignment",  # filters.alignment: CLIP cosine, caption vs frames
 )
+CAPTION_SCORES = ("caption_alignment", "short_caption_alignment")  # of a caption: stale when it is replaced
 SCORES_TYPE = pa.struct([(name, pa.float64()) for name in SCORE_FIELDS])
 
 

@@ -87,6 +87,30 @@ class Page:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         return result["result"].get("value")
 
+    def wait_for(self, condition: str, timeout: float = 30) -> None:
+        """Until the JS expression `condition` is truthy (polled in the page every 50 ms)."""
+        ok = self.evaluate(f"new Promise(done => {{ const t0 = Date.now(); const t = setInterval(() => {{"
+                           f" let v = false; try {{ v = !!({condition}); }} catch (e) {{}}"
+                           f" if (v || Date.now() - t0 > {timeout * 1000}) {{ clearInterval(t); done(v); }} }}, 50); }})")
+        if not ok:
+            raise TimeoutError(f"page never had: {condition}")
+
+    def press(self, key: str, ctrl: bool = False) -> None:
+        """A key typed by the user (DevTools Input events: the page's keydown handlers see a real key)."""
+        text = key if len(key) == 1 and not ctrl else ""
+        code = {"Enter": 13, "Escape": 27}.get(key, ord(key.upper()) if len(key) == 1 else 0)
+        common = dict(key=key, windowsVirtualKeyCode=code, modifiers=2 if ctrl else 0)
+        self.call("Input.dispatchKeyEvent", type="keyDown", text=text, **common)
+        self.call("Input.dispatchKeyEvent", type="keyUp", **common)
+
+    def type_text(self, text: str) -> None:
+        """Text typed into the focused field."""
+        self.call("Input.insertText", text=text)
+
+    def reload(self, timeout: float = 60) -> None:
+        self.call("Page.reload", ignoreCache=True)
+        self._wait_event("Page.loadEventFired", timeout)
+
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
         path.write_bytes(base64.b64decode(data))

@@ -195,6 +195,9 @@ def test_every_written_record_round_trips_through_the_typed_record(curated):
         else:
             assert checks["camera_motion"].measured == "" and checks["camera_motion"].verdict == "unknown"
         assert checks["lighting"].measured == f"luma_mean {record.scores['luma_mean']:.3g}"
+        # the captions against the aesthetic stage's frame embedding (filters.alignment): a cosine
+        for score in contract.CAPTION_SCORES:
+            assert -1.0 <= record.scores[score] <= 1.0
 
 
 def test_loader_yields_the_short_caption_curate_wrote(curated):

@@ -166,3 +166,71 @@ def test_report_loads_in_chromium_with_all_images(filtered, tmp_path):
     for section in ("Funnel", "Buckets", "Errors"):
         assert any(h.startswith(section) for h in headings)
     assert shot.stat().st_size > 10_000
+
+
+def _sampled_rows(n: int) -> list[tuple[dict, bytes]]:
+    """Rows as the filters pass them on: a candidate clip's meta and its sampled frames (real footage,
+    encoded by spacetime.frames), each clip a different stretch of the video."""
+    from spacetime.frames import encode_frames
+
+    with av.open(str(tm.real_footage("bikes.mp4"))) as container:
+        frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(8 * n), container.decode(video=0))]
+    rows = []
+    for k in range(n):
+        clip = {"clip_id": f"c{k}", "status": "candidate", "scores": {},
+                "caption": f"a cyclist {'rides past' if k % 2 else 'waits'} on a city street, filmed in daylight",
+                "caption_fields": {"short": "a cyclist on a street"}}
+        rows.append(({"clip": clip}, encode_frames(frames[8 * k:8 * k + 8:2])))
+    return rows
+
+
+def test_alignment_is_the_clip_cosine_of_caption_and_frames(tiny_models, monkeypatch):
+    """filters.alignment: scores.caption_alignment / short_caption_alignment are the cosine of the CLIP
+    text embedding of each caption to the clip's mean frame embedding, computed here independently
+    with open_clip; the aesthetic stage's kept embedding gives the same numbers as embedding the frames
+    again; a threshold rejects with the score in the reason; no embedding leaves the stage."""
+    import copy
+
+    import open_clip
+    import torch
+
+    from curation.clip_models import load_clip
+    from curation.filters import Aesthetic, Alignment
+    from spacetime.frames import decode_frames
+
+    monkeypatch.setenv("SPACETIME_TINY_MODELS", tiny_models["root"])
+    filters = tiny_config(caption="null").filters
+    rows = _sampled_rows(3)
+    alone = copy.deepcopy(rows)
+    Aesthetic(filters.aesthetic, keep_embedding=True).process(rows)
+    assert all(len(meta["clip"]["frame_embedding"]) == tiny_models["clip"]["embed_dim"] for meta, _ in rows)
+    stage = Alignment(filters.alignment, filters.aesthetic)
+    batch = {"meta": [json.dumps(m) for m, _ in rows], "sampled": [s for _, s in rows]}
+    after = [json.loads(m) for m in stage(batch)["meta"]]
+    assert not any("frame_embedding" in m["clip"] for m in after)
+    stage.process(alone)  # no aesthetic stage: the frames embedded here
+    clip = tiny_models["clip"]
+    model, preprocess = load_clip(clip["model_name"], clip["pretrained"], clip["config_dir"])
+    tokenizer = open_clip.get_tokenizer(clip["model_name"])
+    for meta, (_, sampled), (again, _) in zip(after, rows, alone):
+        c = meta["clip"]
+        from PIL import Image
+
+        with torch.no_grad():
+            frames = decode_frames(sampled)
+            image = model.encode_image(torch.stack([preprocess(Image.fromarray(f)) for f in frames[:4]]))
+            image = torch.nn.functional.normalize(torch.nn.functional.normalize(image, dim=-1).mean(0), dim=0)
+            text = torch.nn.functional.normalize(model.encode_text(tokenizer([c["caption"], "a cyclist on a street"])), dim=-1)
+        want = (text @ image).numpy()
+        assert c["scores"]["caption_alignment"] == pytest.approx(want[0], abs=2e-4)
+        assert c["scores"]["short_caption_alignment"] == pytest.approx(want[1], abs=2e-4)
+        assert again["clip"]["scores"] == pytest.approx({k: v for k, v in c["scores"].items() if k != "aesthetic"}, abs=2e-4)
+        assert c["status"] == "candidate"
+    # a threshold above every score rejects each clip, naming the score and the setting
+    strict = Alignment(filters.alignment.model_copy(update={"min_score": 0.999}), filters.aesthetic)
+    rows = _sampled_rows(1)
+    strict.process(rows)
+    clip = rows[0][0]["clip"]
+    assert clip["status"] == "rejected"
+    assert clip["reason"] == (f"alignment: caption-video similarity {clip['scores']['caption_alignment']:.3f}"
+                              " < filters.alignment.min_score=0.999")
