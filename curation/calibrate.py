@@ -93,8 +93,6 @@ def default_manifest(labels: str | Path) -> str:
 
 def load(filter_name: str, manifest: str | Path | None, labels: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(scores, bad) of the labelled clips. `manifest` None: the one beside a review folder."""
-    import io
-
     from spacetime.store import Store
 
     if filter_name not in FILTERS:
@@ -103,7 +101,7 @@ def load(filter_name: str, manifest: str | Path | None, labels: str | Path) -> t
     manifest = str(manifest or default_manifest(labels))
     folder, name = manifest.rsplit("/", 1) if "/" in manifest else (".", manifest)
     rows = {r["clip_id"]: contract.scores_of(r["scores"])
-            for r in pq.read_table(io.BytesIO(Store(folder).read_bytes(name))).to_pylist()}
+            for r in Store(folder).read_table(name).to_pylist()}
     labelled = read_labels(labels)
     missing = [c for c, _ in labelled if c not in rows or key not in rows[c]]
     if missing:

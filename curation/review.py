@@ -22,14 +22,12 @@ The page's JSON API (what the page itself calls; also for scripts):
 from __future__ import annotations
 
 import getpass
-import io
 import logging
 import threading
 from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-import pyarrow.parquet as pq
 
 from spacetime import contract, review
 from spacetime.config import S3Config, StrictModel
@@ -77,7 +75,7 @@ class Review:
                                     "is this a `spacetime curate` output?")
         self.decisions = review.review_store(self.store.uri_of(contract.REVIEW_DIR), s3)
         self.reviewer = reviewer
-        table = pq.read_table(io.BytesIO(self.store.read_bytes(contract.CLIPS_MANIFEST)))
+        table = self.store.read_table(contract.CLIPS_MANIFEST)
         self.clips = [_clip_view(r) for r in table.to_pylist()]
         self.by_id = {c["clip_id"]: c for c in self.clips}
         self.report = set(self.store.list(f"{contract.REPORT_DIR}/thumbs", ".jpg")) | {

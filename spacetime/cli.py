@@ -167,13 +167,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from curation.review import serve
+    from curation.review import Review, serve
     from spacetime.config import S3Config
 
+    s3 = S3Config(endpoint=args.s3_endpoint)
     try:
-        serve(args.output, args.port, args.reviewer, S3Config(endpoint=args.s3_endpoint), args.host)
-    except FileNotFoundError as err:
+        if args.review_command is None:
+            serve(args.output, args.port, args.reviewer, s3, args.host)
+            return 0
+        from curation import label_studio
+
+        state = Review(args.output, args.reviewer or "label-studio", s3)
+        if args.review_command == "export":
+            result = label_studio.export(state, args.to, args.media_url or f"http://127.0.0.1:{args.port}",
+                                         state.select(status=args.status))
+        else:
+            result = label_studio.import_annotations(state, args.file)
+    except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
+    print(json.dumps(result, indent=1))
     return 0
 
 
@@ -305,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reviewer", default=None, help="name recorded with each decision (default: your login)")
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint of an s3:// OUT (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=cmd_review)
+    rsub = p.add_subparsers(dest="review_command", metavar="[ACTION]", required=False,
+                            help="none: serve the page; export / import: Label Studio tasks and annotations")
+    e = rsub.add_parser("export", help="Label Studio tasks of the clips (and the labeling config, FILE.xml)",
+                        description="Write Label Studio tasks: each clip's video URL (served by `spacetime review OUT`) "
+                                    "and its captions as pre-annotations; the labeling config goes beside them.")
+    e.add_argument("--format", choices=["label-studio"], default="label-studio")
+    e.add_argument("--to", type=Path, required=True, metavar="FILE", help="tasks JSON to write")
+    e.add_argument("--status", default="kept", help="clips to export: kept (default), rejected, failed, flagged, or '' for all")
+    e.add_argument("--media-url", default=None, help="base URL Label Studio loads the videos from "
+                                                     "(default: http://127.0.0.1:PORT, the review page)")
+    i = rsub.add_parser("import", help="append the decisions of a Label Studio JSON export to OUT/review/")
+    i.add_argument("file", type=Path, help="Label Studio's JSON export of a project made with `export`")
+    i.add_argument("--format", choices=["label-studio"], default="label-studio")
 
     p = sub.add_parser("report", help="(re)build OUT/report/index.html of a curation output")
     p.add_argument("output", metavar="OUT", help="a `spacetime curate` output: folder or s3://bucket/prefix")

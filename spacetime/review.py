@@ -70,7 +70,7 @@ def read(store: Store) -> list[dict]:
     rows = []
     for name in store.list("", ".parquet"):
         try:
-            table = pq.read_table(io.BytesIO(store.read_bytes(name)))
+            table = store.read_table(name)
         except Exception as err:
             raise ValueError(f"{store.uri_of(name)}: not a review decision file ({err}); remove it") from None
         missing = set(REVIEW_SCHEMA.names) - set(table.column_names)

@@ -80,11 +80,11 @@ def curated(tmp_path_factory):
 class Server:
     """`spacetime review OUT` as a user starts it, on a free port."""
 
-    def __init__(self, out, reviewer: str):
+    def __init__(self, out, reviewer: str, *extra: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "spacetime", "review", str(out), "--port", str(self.port),
-                                      "--reviewer", reviewer], cwd=ROOT, stdout=subprocess.PIPE,
+                                      "--reviewer", reviewer, *extra], cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 60
         while True:
@@ -141,6 +141,32 @@ def test_api_lists_filters_and_serves_every_clip_with_its_media(out):
         assert not (out / contract.REVIEW_DIR).exists()
     finally:
         server.close()
+
+
+def test_an_s3_output_is_reviewed_in_place(curated, s3_server):
+    """`spacetime review s3://...`: clips, videos and thumbnails read from the bucket; the decision is
+    an object under OUT/review/ there."""
+    import boto3
+
+    from spacetime.config import S3Config
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket="reviewed")
+    for path in curated.rglob("*"):
+        if path.is_file() and not path.relative_to(curated).parts[0].startswith("."):
+            client.upload_file(str(path), "reviewed", f"out/{path.relative_to(curated).as_posix()}")
+    server = Server("s3://reviewed/out", "ann", "--s3-endpoint", s3_server)
+    try:
+        clips = server.get("/api/clips?status=kept")["clips"]
+        assert len(clips) == 2
+        video = urllib.request.urlopen(server.url + clips[0]["media"]["video"], timeout=10).read()
+        assert video[4:8] == b"ftyp"
+        assert urllib.request.urlopen(server.url + clips[0]["media"]["thumb"], timeout=10).read()[:2] == b"\xff\xd8"
+        server.post("/api/decisions", {"clip_id": clips[0]["clip_id"], "verdict": "accept"})
+    finally:
+        server.close()
+    store = review.review_store("s3://reviewed/out/review", S3Config(endpoint=s3_server))
+    assert review.labels(store) == {clips[0]["clip_id"]: False}
 
 
 def test_page_accept_reject_edit_survive_a_reload_in_chromium(out, tmp_path):
@@ -229,3 +255,60 @@ def test_review_labels_calibrate_a_filter_and_edits_finetune_the_captioner(out, 
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["steps"] == 80 and result["train_loss_first"] / result["train_loss_last"] >= 5.0, result
+
+
+def _spacetime(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spacetime", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_label_studio_export_and_import_round_trip(out, tmp_path):
+    """`review OUT export` writes Label Studio tasks (video URL, captions as pre-annotations) and the
+    labeling config; the annotations of Label Studio's JSON export of them come back as decisions,
+    once, and an export of another output is refused."""
+    done = _spacetime("review", str(out), "--port", "9999", "export", "--to", str(tmp_path / "tasks.json"))
+    assert done.returncode == 0, done.stderr
+    tasks = json.loads((tmp_path / "tasks.json").read_text())
+    manifest = {c["clip_id"]: c for c in pq.read_table(out / contract.CLIPS_MANIFEST).to_pylist()}
+    assert len(tasks) == 2 and all(manifest[t["data"]["clip_id"]]["status"] == "kept" for t in tasks)
+    for task in tasks:
+        clip = manifest[task["data"]["clip_id"]]
+        assert task["data"]["video"] == f"http://127.0.0.1:9999/media/{clip['clip_id']}.mp4"
+        [dense, short] = task["predictions"][0]["result"]
+        assert dense["value"]["text"] == [clip["caption"]] and short["value"]["text"] == [clip["caption_fields"]["short"]]
+    config = (tmp_path / "tasks.xml").read_text()
+    assert '<Choices name="verdict"' in config and '<TextArea name="dense"' in config
+
+    # what Label Studio's JSON export of that project holds after two people worked on it
+    first, second = tasks
+    who = {"id": 3, "email": "ann@example.com"}
+    first["annotations"] = [
+        {"id": 11, "completed_by": who, "was_cancelled": False, "created_at": "2026-12-07T10:00:00.100000Z",
+         "updated_at": "2026-12-07T10:00:01.500000Z",
+         "result": [{"from_name": "verdict", "to_name": "video", "type": "choices", "value": {"choices": ["accept"]}},
+                    {"from_name": "dense", "to_name": "video", "type": "textarea",
+                     "value": {"text": ["A grey pattern slides to the right."]}},
+                    {"from_name": "short", "to_name": "video", "type": "textarea",
+                     "value": {"text": [first["data"]["short"]]}}]},  # unchanged: no edit of it
+        {"id": 12, "completed_by": 4, "was_cancelled": True, "created_at": "2026-12-07T10:05:00Z",
+         "result": [{"from_name": "verdict", "to_name": "video", "type": "choices", "value": {"choices": ["reject"]}}]}]
+    second["annotations"] = [
+        {"id": 13, "completed_by": 4, "was_cancelled": False, "created_at": "2026-12-07T10:02:00Z",
+         "result": [{"from_name": "verdict", "to_name": "video", "type": "choices", "value": {"choices": ["reject"]}}]}]
+    (tmp_path / "export.json").write_text(json.dumps(tasks))
+    done = _spacetime("review", str(out), "import", str(tmp_path / "export.json"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"tasks": 2, "decisions": 3, "added": 3, "already_there": 0}
+    again = _spacetime("review", str(out), "import", str(tmp_path / "export.json"))
+    assert json.loads(again.stdout)["added"] == 0
+    store = Store(out / contract.REVIEW_DIR)
+    rows = review.read(store)
+    assert len(rows) == 3 and {r["source"] for r in rows} == {"label-studio"}
+    assert {r["reviewer"] for r in rows} == {"label-studio:ann@example.com", "label-studio:4"}
+    assert review.labels(store) == {first["data"]["clip_id"]: False, second["data"]["clip_id"]: True}
+    assert review.gold_captions(store) == {first["data"]["clip_id"]: {"dense": "A grey pattern slides to the right.",
+                                                                      "short": None}}
+    first["data"]["clip_id"] = "not-in-this-output"
+    (tmp_path / "other.json").write_text(json.dumps([first]))
+    refused = _spacetime("review", str(out), "import", str(tmp_path / "other.json"))
+    assert refused.returncode == 2 and "1 clips are not in" in refused.stderr and "not-in-this-output" in refused.stderr
