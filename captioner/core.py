@@ -37,6 +37,7 @@ ATTEMPTS = 2  # the first answer and one retry
 class ClipTask:
     clip_id: str
     video: ClipVideo
+    facts: str | None = None  # measured facts the caption must agree with (a recaption: curation.grounding)
 
 
 @dataclass
@@ -64,9 +65,12 @@ def caption_request(cfg: CaptionConfig, task: ClipTask, attempt: int = 0) -> Req
     s = cfg.sampling
     temperature = s.temperature if attempt == 0 or s.retry_temperature is None else s.retry_temperature
     text = prompts.caption_instruction(task.clip_id, len(task.video.frames), task.video.duration, cfg.limits)
-    return Request(request_id=f"{task.clip_id}-{attempt}", system=prompts.SYSTEM, text=text,
+    key = task.clip_id
+    if task.facts:  # asked again with the measured facts: its own request id and seed
+        text, key = text + prompts.facts_note(task.facts), f"{task.clip_id}-facts"
+    return Request(request_id=f"{key}-{attempt}", system=prompts.SYSTEM, text=text,
                    schema=json_schema(task.clip_id, cfg.limits), temperature=temperature, top_p=s.top_p,
-                   max_tokens=cfg.max_tokens(), seed=request_seed(s.seed, task.clip_id, attempt), video=task.video)
+                   max_tokens=cfg.max_tokens(), seed=request_seed(s.seed, key, attempt), video=task.video)
 
 
 class Captioner:

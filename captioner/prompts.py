@@ -34,6 +34,14 @@ Answer with one JSON object with these keys, in this order:
 actions in temporal order, scene, camera, lighting and style, in plain present-tense sentences
 - "short": a one-sentence caption of at most {short_chars} characters"""
 
+# Appended to the instruction when a caption is asked again because it contradicted what the pipeline
+# measured (curation.grounding, policy `recaption`); the facts are the clip's, in plain words.
+FACTS_NOTE = """
+
+Measured facts about this clip (from the pipeline's own measurements of the video; your answer must \
+agree with them):
+{facts}"""
+
 UPSAMPLE_SYSTEM = (
     "You rewrite short video prompts into the dense captions a text-to-video model was trained on. "
     "Keep every element of the prompt, add plausible concrete visual detail (appearance, setting, "
@@ -51,6 +59,10 @@ def caption_instruction(clip_id: str, num_frames: int, duration: float, limits: 
         clip_id=clip_id, num_frames=num_frames, duration=duration, max_items=limits.max_items,
         camera_motions=", ".join(CAMERA_MOTIONS), shot_types=", ".join(SHOT_TYPES),
         dense_chars=limits.dense_chars, short_chars=limits.short_chars)
+
+
+def facts_note(facts: str) -> str:
+    return FACTS_NOTE.format(facts=facts.strip())
 
 
 def upsample_instruction(prompt: str, examples: list[str] | None, limits: FieldLimits) -> str:

@@ -22,8 +22,11 @@ Fields and signals (thresholds in `GroundingConfig`, curation/settings.py):
 Each check records the field, the claim, the measurement and a verdict: `agrees`, `contradicts` or
 `unknown`. The clip keeps them (record `grounding`, clips manifest column `grounding`), and the
 report shows the contradiction rate per field with examples. Policy per field (`grounding.policy`):
-`flag` (default: kept, the check recorded) or `reject` (a contradiction rejects the clip with reason
-`grounding: <field> ...`). Re-captioning with the measured facts as context is not built yet.
+`flag` (default: kept, the check recorded), `reject` (a contradiction rejects the clip with reason
+`grounding: <field> ...`) or `recaption`: the caption stage asks the model once more with the measured
+facts of the contradicted fields in the prompt (`facts`), keeps the new caption if it passes QA, and
+checks it again (still contradicted: flagged); the provenance's `recaption` says so, with the facts
+and the first caption.
 """
 
 from __future__ import annotations
@@ -117,7 +120,8 @@ def ground(fields: dict, dense: str, scores: dict, ocr_text: str | None, cfg) ->
 
 
 def apply_policy(clip: dict, checks: list[dict], cfg) -> None:
-    """Record the checks on the clip; a contradiction of a field whose policy is `reject` rejects it."""
+    """Record the checks on the clip; a contradiction of a field whose policy is `reject` rejects it
+    (`recaption` is the caption stage's: what it still contradicts after that is flagged)."""
     clip["grounding"] = checks
     for check in checks:
         if check["verdict"] == "contradicts" and cfg.policy.get(check["field"], "flag") == "reject" \
@@ -126,3 +130,36 @@ def apply_policy(clip: dict, checks: list[dict], cfg) -> None:
             clip["reason"] = (f"grounding: {check['field']} {check['claim']!r} contradicts the measured "
                               f"{check['measured']}")
             return
+
+
+def facts(checks: list[dict], scores: dict, ocr_text: str | None, cfg) -> str:
+    """The measured facts behind the contradicted checks, in plain words for the captioning model
+    (one line per field: the policy `recaption`)."""
+    lines = []
+    for check in checks:
+        if check["verdict"] != "contradicts":
+            continue
+        field = check["field"]
+        if field == "camera_motion":
+            px, py, zoom = (float(scores.get(k, 0.0)) for k in ("camera_pan_x", "camera_pan_y", "camera_zoom"))
+            moves = [f"pans {'left' if px > 0 else 'right'}" if abs(px) >= cfg.moving_speed else "",
+                     f"tilts {'up' if py > 0 else 'down'}" if abs(py) >= cfg.moving_speed else "",
+                     f"zooms {'in' if zoom > 0 else 'out'}" if abs(zoom) >= cfg.moving_zoom else ""]
+            moves = [m for m in moves if m]
+            still = max(abs(px), abs(py)) < cfg.still_speed and abs(zoom) < cfg.still_zoom
+            fact = ("the camera " + " and ".join(moves) if moves else
+                    "the camera is static (no pan, tilt or zoom)" if still else "the camera moves little")
+        elif field == "on_screen_text":
+            read = (ocr_text or "").strip()
+            fact = (f'text stays on screen; it reads "{read[:200]}"' if read and float(scores.get("text_area", 0)) > 0
+                    else "no text stays on screen")
+        else:
+            luma = float(scores.get("luma_mean", 0.0))
+            fact = f"the picture is {'dark' if luma < cfg.dark_luma else 'bright'} (mean luma {luma:.0f} of 255)"
+        lines.append(f"- {field}: {fact}")
+    return "\n".join(lines)
+
+
+def wants_recaption(checks: list[dict], cfg) -> bool:
+    """A field whose policy is `recaption` is contradicted."""
+    return any(c["verdict"] == "contradicts" and cfg.policy.get(c["field"], "flag") == "recaption" for c in checks)

@@ -190,3 +190,63 @@ def test_garbage_answers_are_qa_failures_retried_once(garbage_server, tiny_model
     assert garbage.auth == {"Bearer sk-test-secret"}
     assert "sk-test-secret" not in json.dumps(clip) and "sk-test-secret" not in caplog.text
     assert "sk-test-secret" not in json.dumps(cfg.model_dump())
+
+
+class FactsAware:
+    """Answers `pan` for a clip's first request; asked again with the measured facts in the prompt,
+    answers `static` for the clips in `corrects` (and `pan` again for the others)."""
+
+    def __init__(self, corrects: set[str]):
+        self.corrects, self.prompts, self.auth = corrects, {}, set()
+        self.lock = threading.Lock()
+
+    def respond(self, body: dict) -> tuple[int, dict]:
+        clip_id = body["response_format"]["json_schema"]["schema"]["properties"]["clip_id"]["const"]
+        text = json.dumps(body["messages"])
+        with self.lock:
+            self.prompts.setdefault(clip_id, []).append(text)
+        told = "Measured facts about this clip" in text
+        answer = json.loads(good_answer(clip_id))
+        answer["camera_motion"] = "static" if told and clip_id in self.corrects else "pan"
+        answer["dense"] = f"A cyclist rides down a trail{' in a fixed frame' if told else ''} ({clip_id})."
+        return 200, {"id": "chatcmpl-x", "object": "chat.completion", "created": 0, "model": body["model"],
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": json.dumps(answer)},
+                                  "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}}
+
+
+def test_recaption_policy_asks_again_with_the_measured_facts(garbage_server, tiny_models, monkeypatch):
+    """grounding.policy.camera_motion: recaption. A caption claiming a pan on a camera measured still
+    is asked once more with the facts in the prompt; the new caption replaces it and is checked again
+    (agrees), the provenance keeps the facts and the first caption. A model that insists stays flagged."""
+    from curation.settings import GroundingConfig
+
+    holder, base_url = garbage_server
+    items = clips(2)
+    ids = [c["clip_id"] for c, _ in items]
+    holder["garbage"] = server = FactsAware({ids[0]})
+    monkeypatch.setenv("SPACETIME_TEST_CAPTION_KEY", "sk-test-secret")
+    cfg = openai_config(tiny_models["vlm"]["path"], base_url)
+    rows = [unpack(r) for r in stage_rows(items)]
+    for meta, _ in rows:  # what the motion filter measures on a camera that does not move
+        meta["clip"]["scores"] = {"camera_pan_x": 0.002, "camera_pan_y": -0.001, "camera_zoom": 0.0, "luma_mean": 100.0}
+    grounding = GroundingConfig(policy={"camera_motion": "recaption"})
+    with Captioner(cfg) as captioner:
+        Caption(cfg, captioner=captioner, grounding=grounding).process(rows)
+    fixed, insists = (meta["clip"] for meta, _ in rows)
+    assert [len(server.prompts[i]) for i in ids] == [2, 2]  # asked once more each, no more
+    assert "the camera is static (no pan, tilt or zoom)" in server.prompts[ids[0]][1]
+    assert "Measured facts" not in server.prompts[ids[0]][0]
+    assert fixed["status"] == "candidate" and fixed["caption_fields"]["camera_motion"] == "static"
+    assert fixed["caption"].endswith(f"in a fixed frame ({ids[0]}).")
+    [motion] = [g for g in fixed["grounding"] if g["field"] == "camera_motion"]
+    assert motion["verdict"] == "agrees"
+    prov = fixed["caption_provenance"]
+    assert prov["request"]["id"] == f"{ids[0]}-facts-0"
+    assert prov["recaption"]["contradicted"] == ["camera_motion"]
+    assert prov["recaption"]["first"]["dense"] == f"A cyclist rides down a trail ({ids[0]})."
+    assert prov["recaption"]["facts"] == "- camera_motion: the camera is static (no pan, tilt or zoom)"
+    # still contradicted after the second answer: kept, flagged, and the provenance says it was asked
+    assert insists["status"] == "candidate" and insists["caption_fields"]["camera_motion"] == "pan"
+    assert [g["verdict"] for g in insists["grounding"] if g["field"] == "camera_motion"] == ["contradicts"]
+    assert insists["caption_provenance"]["recaption"]["first"]["dense"] == f"A cyclist rides down a trail ({ids[1]})."

@@ -84,3 +84,58 @@ def test_policies_flag_by_default_and_reject_on_request():
     assert clip["status"] == "rejected" and clip["reason"].startswith("grounding: camera_motion 'static' contradicts")
     with pytest.raises(ValueError):
         GroundingConfig(policy={"style": "reject"})  # a field no signal can check
+
+
+def _sampled(path, every: int = 12, height: int = 224):
+    """Frames as the analysis pass samples them (about 2 fps of a 25 fps video, analyze.sample_height rows high)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        width = round(stream.width * height / stream.height / 2) * 2
+        frames = [f.reformat(width=width, height=height, format="rgb24").to_ndarray()
+                  for i, f in enumerate(container.decode(stream)) if i % every == 0]
+    return np.stack(frames), float(stream.average_rate)
+
+
+def test_the_filters_own_measurements_contradict_false_claims(tmp_path):
+    """The issue's cases on real measurements: the text filter (PP-OCR) on the subtitled sample and the
+    motion filter (optical flow) on a static shot, then fixed caption fields: "no on-screen text" on
+    the subtitles and "pan" on the static shot contradict; the true claims agree."""
+    from curation.filters import Motion, Text
+    from curation.settings import MotionConfig, TextConfig
+    from spacetime.standins import testmedia as tm
+
+    tm.make_subtitled(tmp_path / "subtitled.mp4", "bigbuckbunny.mp4")
+    tm.make_static(tmp_path / "static.mp4", num_frames=50)
+    measured = {}
+    for name in ("subtitled", "static"):
+        frames, fps = _sampled(tmp_path / f"{name}.mp4")
+        clip = {"status": "candidate", "scores": {}, "fps": fps, "sampled_idx": list(range(0, 12 * len(frames), 12)),
+                "width": frames.shape[2], "height": frames.shape[1]}
+        Text(TextConfig()).score(clip, frames, TextConfig())
+        Motion(MotionConfig()).score(clip, frames, MotionConfig())
+        measured[name] = clip
+    sub, static = measured["subtitled"], measured["static"]
+    assert sub["scores"]["text_area"] > CFG.min_text_area and sub.get("ocr_text")
+    assert on_screen_text("", sub["scores"], sub.get("ocr_text"), CFG)["verdict"] == "contradicts"
+    assert on_screen_text(sub["ocr_text"], sub["scores"], sub["ocr_text"], CFG)["verdict"] == "agrees"
+    assert camera_motion("pan", "", static["scores"], CFG)["verdict"] == "contradicts"
+    assert camera_motion("static", "", static["scores"], CFG)["verdict"] == "agrees"
+
+
+def test_facts_say_what_was_measured_for_each_contradicted_field():
+    """The `recaption` policy's context: one plain line per contradicted field, from the measurements."""
+    from curation.grounding import facts, wants_recaption
+
+    scores = {**PAN_RIGHT, "text_area": 0.04, "luma_mean": 30.0}
+    checks = ground({"camera_motion": "static", "on_screen_text": "", "lighting": "bright daylight"}, "A street.",
+                    scores, "SALE TODAY", CFG)
+    assert [c["verdict"] for c in checks] == ["contradicts"] * 3
+    assert facts(checks, scores, "SALE TODAY", CFG).splitlines() == [
+        "- camera_motion: the camera pans right", '- on_screen_text: text stays on screen; it reads "SALE TODAY"',
+        "- lighting: the picture is dark (mean luma 30 of 255)"]
+    assert not wants_recaption(checks, CFG)  # flag by default
+    assert wants_recaption(checks, GroundingConfig(policy={"lighting": "recaption"}))
+    agreeing = ground({"camera_motion": "pan"}, "", scores, None, CFG)
+    assert facts(agreeing, scores, None, CFG) == ""  # only contradicted fields are told
