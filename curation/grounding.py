@@ -18,6 +18,9 @@ Fields and signals (thresholds in `GroundingConfig`, curation/settings.py):
   claimed words none of which the OCR read: contradicts. Without an OCR measurement: unknown.
 - lighting against the exposure filter's mean luma: a bright / daylight claim on a dark clip, or a
   dark / night / dim claim on a bright one, contradicts.
+- shots (the dense caption) against the shot detector: every clip is one shot (the split cuts at each
+  transition found), so a caption that describes a cut ("cuts to", "the scene changes", "several
+  shots", a montage) contradicts.
 
 Each check records the field, the claim, the measurement and a verdict: `agrees`, `contradicts` or
 `unknown`. The clip keeps them (record `grounding`, clips manifest column `grounding`), and the
@@ -34,11 +37,15 @@ from __future__ import annotations
 import re
 
 VERDICTS = ("agrees", "contradicts", "unknown")
-FIELDS = ("camera_motion", "on_screen_text", "lighting")
+FIELDS = ("camera_motion", "on_screen_text", "lighting", "shots")
 
 _PAN_PHRASE = re.compile(r"\bpan(?:s|ning|ned)?\s+(?:to\s+(?:the\s+)?)?(left|right)\b", re.IGNORECASE)
 _BRIGHT = re.compile(r"\b(bright|daylight|sunny|sunlit|sunshine|well[- ]lit|midday|noon|high[- ]key)\b", re.IGNORECASE)
 _DARK = re.compile(r"\b(dark|night|nighttime|dim|dimly|low[- ]light|low[- ]key|shadowy|gloomy|moonlit)\b", re.IGNORECASE)
+# A dense caption that describes an edit: another shot inside the clip.
+_CUT = re.compile(r"\b(cuts?\s+(?:to|away|back)|the\s+(?:scene|shot|view)\s+(?:changes|switches|shifts|cuts)|"
+                  r"(?:switches|transitions?)\s+to\s+(?:a|an|another|the)\s+(?:new\s+|different\s+)?(?:shot|scene|view|angle)|"
+                  r"montage|(?:several|multiple|two|three|a\s+series\s+of)\s+(?:different\s+)?shots)\b", re.IGNORECASE)
 _WORD = re.compile(r"[^\W_]{3,}", re.UNICODE)
 
 
@@ -112,11 +119,21 @@ def lighting(claim: str | None, scores: dict, cfg) -> dict:
     return _check("lighting", claim, {"luma_mean": luma}, verdict)
 
 
+def shots(dense: str) -> dict:
+    """The dense caption's shots against the shot detector's: the split cuts a clip at every transition
+    the detector found, so each clip is one shot. A caption describing a cut or several shots
+    contradicts it; the claim is the phrase that does."""
+    said = _CUT.search(dense or "")
+    return _check("shots", said.group(0) if said else "one shot", {"transitions": 0},
+                  "contradicts" if said else "agrees")
+
+
 def ground(fields: dict, dense: str, scores: dict, ocr_text: str | None, cfg) -> list[dict]:
     """The checks of one captioned clip, one per field of FIELDS (module docstring)."""
     return [camera_motion(fields.get("camera_motion"), dense, scores, cfg),
             on_screen_text(fields.get("on_screen_text"), scores, ocr_text, cfg),
-            lighting(fields.get("lighting"), scores, cfg)]
+            lighting(fields.get("lighting"), scores, cfg),
+            shots(dense)]
 
 
 def apply_policy(clip: dict, checks: list[dict], cfg) -> None:
@@ -153,6 +170,8 @@ def facts(checks: list[dict], scores: dict, ocr_text: str | None, cfg) -> str:
             read = (ocr_text or "").strip()
             fact = (f'text stays on screen; it reads "{read[:200]}"' if read and float(scores.get("text_area", 0)) > 0
                     else "no text stays on screen")
+        elif field == "shots":
+            fact = "the clip is one continuous shot, with no cut"
         else:
             luma = float(scores.get("luma_mean", 0.0))
             fact = f"the picture is {'dark' if luma < cfg.dark_luma else 'bright'} (mean luma {luma:.0f} of 255)"

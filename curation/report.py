@@ -401,7 +401,7 @@ table.captions td {{ vertical-align: top; font-size: 12px; max-width: 800px; }}
 <h2>Captions</h2>{caption_section}
 <h2>Caption grounding</h2><p>Each checkable caption field against what the pipeline measured
 (curation.grounding): camera motion against the optical flow, on-screen text against the OCR, lighting
-against the mean luma.</p>{d.grounding_section(thumbs)}
+against the mean luma, the shots a dense caption describes against the shot detector (one per clip).</p>{d.grounding_section(thumbs)}
 <h2>Kept clips ({d.kept})</h2>{_sheet(d.kept_sheet, d.kept, thumbs, previews)}
 <h2>Rejected clips, by reason</h2>{rejected_sheets or "<p>none</p>"}
 <h2>Errors ({d.error_count})</h2>{errors}

@@ -267,8 +267,9 @@ class GroundingConfig(StrictModel):
     enabled: bool = True
     # per field: flag (kept, the check recorded), reject (a contradiction rejects the clip) or recaption
     # (asked once more with the measured facts; what the new caption still contradicts is flagged)
-    policy: dict[Literal["camera_motion", "on_screen_text", "lighting"], Literal["flag", "reject", "recaption"]] = Field(
-        default_factory=lambda: {"camera_motion": "flag", "on_screen_text": "flag", "lighting": "flag"})
+    policy: dict[Literal["camera_motion", "on_screen_text", "lighting", "shots"],
+                 Literal["flag", "reject", "recaption"]] = Field(
+        default_factory=lambda: {"camera_motion": "flag", "on_screen_text": "flag", "lighting": "flag", "shots": "flag"})
     still_speed: float = Field(0.015, ge=0.0)  # |global flow| below: the camera is still
     still_zoom: float = Field(0.01, ge=0.0)
     moving_speed: float = Field(0.05, gt=0.0)  # |global flow| from: the camera pans / tilts

@@ -84,7 +84,7 @@ CAPTION_FIELDS: tuple[str, ...] = ("subjects", "actions", "scene", "camera_motio
 class GroundingCheck(_Record):
     """One caption field checked against what the pipeline measured (curation.grounding)."""
 
-    field: str  # camera_motion | on_screen_text | lighting
+    field: str  # camera_motion | on_screen_text | lighting | shots (the dense caption)
     claim: str  # what the caption says
     measured: str  # the measurement it was checked against, e.g. "pan_x 0.21, pan_y 0.01, zoom 0.002"
     verdict: Literal["agrees", "contradicts", "unknown"]

@@ -186,7 +186,7 @@ def test_every_written_record_round_trips_through_the_typed_record(curated):
         assert record.extract_mode == row["extract_mode"] and record.provenance["spacetime"]
         assert record.caption is not None and record.caption.short
         # the caption's checkable fields, against this clip's own measurements (curation.grounding)
-        assert [g.field for g in record.grounding] == ["camera_motion", "on_screen_text", "lighting"]
+        assert [g.field for g in record.grounding] == ["camera_motion", "on_screen_text", "lighting", "shots"]
         assert [g.model_dump() for g in record.grounding] == row["grounding"]
         checks = {g.field: g for g in record.grounding}
         assert checks["camera_motion"].claim.startswith(record.caption.camera_motion)

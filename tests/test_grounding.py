@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curation.grounding import apply_policy, camera_motion, ground, lighting, on_screen_text
+from curation.grounding import apply_policy, camera_motion, ground, lighting, on_screen_text, shots
 from curation.settings import GroundingConfig
 
 CFG = GroundingConfig()
@@ -74,8 +74,8 @@ def test_policies_flag_by_default_and_reject_on_request():
     fields = {"camera_motion": "static", "on_screen_text": "", "lighting": "bright daylight"}
     scores = {**PAN_RIGHT, "text_area": 0.0, "luma_mean": 140.0}
     checks = ground(fields, "A street.", scores, None, CFG)
-    assert [c["field"] for c in checks] == ["camera_motion", "on_screen_text", "lighting"]
-    assert [c["verdict"] for c in checks] == ["contradicts", "agrees", "agrees"]
+    assert [c["field"] for c in checks] == ["camera_motion", "on_screen_text", "lighting", "shots"]
+    assert [c["verdict"] for c in checks] == ["contradicts", "agrees", "agrees", "agrees"]
     clip = {"status": "candidate", "reason": None}
     apply_policy(clip, checks, CFG)
     assert clip["status"] == "candidate" and clip["grounding"] == checks  # flagged, kept
@@ -131,7 +131,7 @@ def test_facts_say_what_was_measured_for_each_contradicted_field():
     scores = {**PAN_RIGHT, "text_area": 0.04, "luma_mean": 30.0}
     checks = ground({"camera_motion": "static", "on_screen_text": "", "lighting": "bright daylight"}, "A street.",
                     scores, "SALE TODAY", CFG)
-    assert [c["verdict"] for c in checks] == ["contradicts"] * 3
+    assert [c["verdict"] for c in checks] == ["contradicts"] * 3 + ["agrees"]
     assert facts(checks, scores, "SALE TODAY", CFG).splitlines() == [
         "- camera_motion: the camera pans right", '- on_screen_text: text stays on screen; it reads "SALE TODAY"',
         "- lighting: the picture is dark (mean luma 30 of 255)"]
@@ -139,3 +139,18 @@ def test_facts_say_what_was_measured_for_each_contradicted_field():
     assert wants_recaption(checks, GroundingConfig(policy={"lighting": "recaption"}))
     agreeing = ground({"camera_motion": "pan"}, "", scores, None, CFG)
     assert facts(agreeing, scores, None, CFG) == ""  # only contradicted fields are told
+
+
+@pytest.mark.parametrize("dense, verdict", [
+    ("A cyclist rides down a trail, then the scene cuts to a close-up of the wheel.", "contradicts"),
+    ("A montage of city streets at dusk.", "contradicts"),
+    ("Several shots show a kitchen.", "contradicts"),
+    ("The camera switches to a different angle of the stage.", "contradicts"),
+    ("A cyclist rides down a trail and turns at the bottom.", "agrees"),
+    ("A barber cuts a man's hair.", "agrees"),  # "cuts" that is not an edit
+])
+def test_shots(dense, verdict):
+    """Each clip is one shot (the split cuts at every transition found): a caption describing an edit
+    contradicts the shot detector."""
+    check = shots(dense)
+    assert check["verdict"] == verdict and check["measured"] == "transitions 0"
