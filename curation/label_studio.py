@@ -40,15 +40,15 @@ def _textarea(name: str, text: str) -> dict:
 
 
 def export_tasks(state, media_url: str, clips: list[dict]) -> list[dict]:
-    """Label Studio tasks of `clips` (curation.review.Review views); the captions (as people last
+    """Label Studio tasks of `clips` (curation.review.Review entries); the captions (as people last
     edited them, else the pipeline's) are the pre-annotations a reviewer corrects."""
     tasks = []
-    for n, clip in enumerate(clips, 1):
-        view = state.view(clip)
-        decision = view["decision"] or {}
+    for n, entry in enumerate(clips, 1):
+        clip = state.view(entry)
+        decision = clip["decision"] or {}
         dense = decision.get("dense") or clip.get("caption") or ""
         short = decision.get("short") or (clip.get("caption_fields") or {}).get("short") or ""
-        media = view["media"]
+        media = clip["media"]
         data = {"clip_id": clip["clip_id"], "status": clip["status"], "reason": clip.get("reason") or "",
                 "flags": ", ".join(clip["flags"]), "source_uri": clip["source_uri"], "dense": dense, "short": short,
                 "video": media_url.rstrip("/") + media["video"] if media["video"] else "",

@@ -13,8 +13,8 @@ crash, and several people can review one output. The decisions feed:
 - `spacetime caption finetune --data OUT/review`: the edited captions as gold (clip, caption) pairs.
 
 The page's JSON API (what the page itself calls; also for scripts):
-    GET  /api/clips?status=&flag=&reason=&bucket=&offset=&limit=   {total, clips, facets}
-    GET  /api/clips/{clip_id}
+    GET  /api/clips?status=&flag=&reason=&bucket=&decided=&offset=&limit=   {total, clips, facets}: entries
+    GET  /api/clips/{clip_id}                                          the whole row, media URLs, decision
     POST /api/decisions {clip_id, verdict: accept|reject|edit, dense?, short?}
     GET  /media/{clip_id}.mp4   /thumbs/{clip_id}.jpg   /previews/{clip_id}.webp
 """
@@ -66,7 +66,9 @@ def _clip_view(row: dict) -> dict:
 
 
 class Review:
-    """The clips of one output and its decisions (the app's state; thread-safe)."""
+    """The clips of one output and its decisions (the app's state; thread-safe). The manifest stays an
+    Arrow table; each clip has a small entry (id, status, reason, bucket, flags) for listing and
+    filtering, and its full row is made only when a clip is opened."""
 
     def __init__(self, out: str, reviewer: str, s3: S3Config | None = None):
         self.store = Store(out, s3)
@@ -75,8 +77,13 @@ class Review:
                                     "is this a `spacetime curate` output?")
         self.decisions = review.review_store(self.store.uri_of(contract.REVIEW_DIR), s3)
         self.reviewer = reviewer
-        table = self.store.read_table(contract.CLIPS_MANIFEST)
-        self.clips = [_clip_view(r) for r in table.to_pylist()]
+        self.table = self.store.read_table(contract.CLIPS_MANIFEST)
+        cols = {name: self.table.column(name).to_pylist()
+                for name in ("clip_id", "status", "reason", "bucket", "shard", "grounding")}
+        self.clips = [{"clip_id": cid, "status": status, "reason": reason, "reason_key": reason_key(reason),
+                       "bucket": bucket, "shard": shard, "row": i,
+                       "flags": sorted({g["field"] for g in checks or [] if g["verdict"] == "contradicts"})}
+                      for i, (cid, status, reason, bucket, shard, checks) in enumerate(zip(*cols.values()))]
         self.by_id = {c["clip_id"]: c for c in self.clips}
         self.report = set(self.store.list(f"{contract.REPORT_DIR}/thumbs", ".jpg")) | {
             f"p/{n}" for n in self.store.list(f"{contract.REPORT_DIR}/previews", ".webp")}
@@ -91,11 +98,18 @@ class Review:
                 "preview": f"/previews/{cid}.webp" if f"p/{cid}.webp" in self.report else None,
                 "thumb": f"/thumbs/{cid}.jpg" if f"{cid}.jpg" in self.report else None}
 
+    def decision(self, clip_id: str) -> dict | None:
+        state = self.state.get(clip_id)
+        return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in state.items()} if state else None
+
+    def entry(self, clip: dict) -> dict:
+        """A clip as the list shows it: its entry and the decision on it."""
+        return {**{k: v for k, v in clip.items() if k != "row"}, "decision": self.decision(clip["clip_id"])}
+
     def view(self, clip: dict) -> dict:
-        decision = self.state.get(clip["clip_id"])
-        if decision:
-            decision = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in decision.items()}
-        return {**clip, "media": self.media(clip), "decision": decision}
+        """A clip opened: the whole manifest row, media URLs and the decision on it."""
+        row = _clip_view(self.table.slice(clip["row"], 1).to_pylist()[0])
+        return {**row, "media": self.media(clip), "decision": self.decision(clip["clip_id"])}
 
     def select(self, status: str = "", flag: str = "", reason: str = "", bucket: str = "",
                decided: str = "") -> list[dict]:
@@ -156,8 +170,9 @@ def build_app(out: str, reviewer: str | None = None, s3: S3Config | None = None)
     @app.get("/api/clips")
     def clips(status: str = "", flag: str = "", reason: str = "", bucket: str = "", decided: str = "",
               offset: int = 0, limit: int = 500) -> dict:
+        """A page of the matching clips' entries (GET /api/clips/{clip_id} opens one)."""
         chosen = state.select(status, flag, reason, bucket, decided)
-        return {"total": len(chosen), "clips": [state.view(c) for c in chosen[offset:offset + limit]],
+        return {"total": len(chosen), "offset": offset, "clips": [state.entry(c) for c in chosen[offset:offset + limit]],
                 "facets": state.facets(), "reviewer": state.reviewer, "out": state.store.uri}
 
     @app.get("/api/clips/{clip_id}")

@@ -123,7 +123,11 @@ def test_api_lists_filters_and_serves_every_clip_with_its_media(out):
         assert every["facets"]["reason"] == {"motion": 1}
         [rejected] = server.get("/api/clips?status=rejected")["clips"]
         assert rejected["reason"].startswith("motion:") and server.get("/api/clips?reason=motion")["total"] == 1
-        for clip in every["clips"]:
+        assert all(set(c) == {"clip_id", "status", "reason", "reason_key", "bucket", "shard", "flags", "decision"}
+                   for c in every["clips"])  # the list's entries; a clip's whole row when opened
+        assert [c["clip_id"] for c in server.get("/api/clips?offset=1&limit=1")["clips"]] == [every["clips"][1]["clip_id"]]
+        for entry in every["clips"]:
+            clip = server.get(f"/api/clips/{entry['clip_id']}")
             media = clip["media"]
             assert media["thumb"], clip["clip_id"]  # every sampled clip has its report thumbnail
             if clip["status"] == "kept":
@@ -157,7 +161,7 @@ def test_an_s3_output_is_reviewed_in_place(curated, s3_server):
             client.upload_file(str(path), "reviewed", f"out/{path.relative_to(curated).as_posix()}")
     server = Server("s3://reviewed/out", "ann", "--s3-endpoint", s3_server)
     try:
-        clips = server.get("/api/clips?status=kept")["clips"]
+        clips = [server.get(f"/api/clips/{c['clip_id']}") for c in server.get("/api/clips?status=kept")["clips"]]
         assert len(clips) == 2
         video = urllib.request.urlopen(server.url + clips[0]["media"]["video"], timeout=10).read()
         assert video[4:8] == b"ftyp"
@@ -221,7 +225,7 @@ def test_review_labels_calibrate_a_filter_and_edits_finetune_the_captioner(out, 
 
     server = Server(out, "ann")
     try:
-        clips = server.get("/api/clips")["clips"]
+        clips = [server.get(f"/api/clips/{c['clip_id']}") for c in server.get("/api/clips")["clips"]]
         kept = [c for c in clips if c["status"] == "kept"]
         [static] = [c for c in clips if c["status"] == "rejected"]
         server.post("/api/decisions", {"clip_id": static["clip_id"], "verdict": "reject"})
