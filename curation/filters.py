@@ -335,12 +335,16 @@ class Alignment(BatchStage):
 
     name = "alignment"
 
-    def __init__(self, cfg: AlignmentConfig, clip: AestheticConfig):
+    def __init__(self, cfg: AlignmentConfig, clip: AestheticConfig, embedded: bool = False):
+        """`embedded`: the aesthetic stage leaves every candidate's frame embedding, so only the text
+        tower is kept (the vision tower of ViT-L/14 is ~300M parameters)."""
         super().__init__(cfg)
         import open_clip
 
         self.model, self.preprocess = _load_clip(clip)
         self.tokenizer = open_clip.get_tokenizer(resolve_model(clip.model))
+        if embedded:
+            self.model.visual = None
 
     def tidy(self, meta: dict) -> None:
         """A clip rejected or failed after the aesthetic stage still carries its frame embedding."""
@@ -357,6 +361,8 @@ class Alignment(BatchStage):
                 continue
             try:
                 image = clip.pop("frame_embedding", None)
+                if image is None and self.model.visual is None:
+                    raise ValueError("no frame embedding from the aesthetic stage (filters.aesthetic)")
                 if image is None:
                     frames = decode_frames(sampled) if sampled else []
                     if not len(frames):

@@ -288,7 +288,8 @@ def stages(cfg: CurateConfig, out: Store, known: str | None = None, units: list 
         *([gate] if by_aesthetic else []),
         *([StageSpec(Caption, "map_batches", dict(cfg=cfg.caption, grounding=cfg.grounding))]  # survivors only
           if cfg.caption else []),
-        *([StageSpec(Alignment, "map_batches", dict(cfg=f.alignment, clip=f.aesthetic))] if aligned else []),
+        *([StageSpec(Alignment, "map_batches", dict(cfg=f.alignment, clip=f.aesthetic,
+                                                          embedded=f.aesthetic.enabled))] if aligned else []),
         StageSpec(Extract, "map", dict(cfg=cfg.extract, s3=s3, out=out)),
     ]
 

@@ -204,10 +204,12 @@ def test_alignment_is_the_clip_cosine_of_caption_and_frames(tiny_models, monkeyp
     alone = copy.deepcopy(rows)
     Aesthetic(filters.aesthetic, keep_embedding=True).process(rows)
     assert all(len(meta["clip"]["frame_embedding"]) == tiny_models["clip"]["embed_dim"] for meta, _ in rows)
-    stage = Alignment(filters.alignment, filters.aesthetic)
+    text_only = Alignment(filters.alignment, filters.aesthetic, embedded=True)
+    assert text_only.model.visual is None  # the aesthetic stage embeds the frames: only the text tower
     batch = {"meta": [json.dumps(m) for m, _ in rows], "sampled": [s for _, s in rows]}
-    after = [json.loads(m) for m in stage(batch)["meta"]]
+    after = [json.loads(m) for m in text_only(batch)["meta"]]
     assert not any("frame_embedding" in m["clip"] for m in after)
+    stage = Alignment(filters.alignment, filters.aesthetic)
     stage.process(alone)  # no aesthetic stage: the frames embedded here
     clip = tiny_models["clip"]
     model, preprocess = load_clip(clip["model_name"], clip["pretrained"], clip["config_dir"])
@@ -234,3 +236,6 @@ def test_alignment_is_the_clip_cosine_of_caption_and_frames(tiny_models, monkeyp
     assert clip["status"] == "rejected"
     assert clip["reason"] == (f"alignment: caption-video similarity {clip['scores']['caption_alignment']:.3f}"
                               " < filters.alignment.min_score=0.999")
+    rows = _sampled_rows(1)  # a text-only stage given a clip without the aesthetic stage's embedding
+    text_only.process(rows)
+    assert rows[0][0]["clip"]["status"] == "failed" and "no frame embedding from the aesthetic stage" in rows[0][0]["clip"]["reason"]
