@@ -17,8 +17,6 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from spacetime import review
-
 LABEL_CONFIG = """<View>
   <Header value="$clip_id ($status) $reason"/>
   <Video name="video" value="$video"/>
@@ -132,11 +130,8 @@ def import_annotations(state, path: Path) -> dict:
     for d in found:
         if key(d) in seen:
             continue
-        clip = state.by_id[d["clip_id"]]
-        state.rows.append(review.append(state.decisions, d["clip_id"], d["verdict"], d["reviewer"], dense=d["dense"],
-                                        short=d["short"], status=clip["status"], reason=clip["reason"],
-                                        source="label-studio", time=d["time"]))
+        state.record(d["clip_id"], d["verdict"], d["reviewer"], d["dense"], d["short"], source="label-studio",
+                     time=d["time"])
         seen.add(key(d))
         added += 1
-    state.state = review.current(state.rows)
     return {"tasks": len(tasks), "decisions": len(found), "added": added, "already_there": len(found) - added}

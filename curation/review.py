@@ -137,15 +137,23 @@ class Review:
                 "reason": dict(Counter(c["reason_key"] for c in self.clips if c["reason_key"])),
                 "bucket": dict(Counter(c["bucket"] for c in self.clips if c["bucket"]))}
 
-    def decide(self, clip_id: str, verdict: str, dense: str | None = None, short: str | None = None) -> dict:
+    def record(self, clip_id: str, verdict: str, reviewer: str, dense: str | None = None, short: str | None = None,
+               source: str = "page", time=None) -> dict:
+        """Append one decision (spacetime.review) and update the clips' state; returns the row."""
         clip = self.by_id.get(clip_id)
         if clip is None:
             raise KeyError(clip_id)
         with self.lock:
-            self.rows.append(review.append(self.decisions, clip_id, verdict, self.reviewer, dense=dense, short=short,
-                                           status=clip["status"], reason=clip["reason"]))
+            row = review.append(self.decisions, clip_id, verdict, reviewer, dense=dense, short=short,
+                                status=clip["status"], reason=clip["reason"], source=source, time=time)
+            self.rows.append(row)
             self.state = review.current(self.rows)
-        return self.view(clip)
+        return row
+
+    def decide(self, clip_id: str, verdict: str, dense: str | None = None, short: str | None = None) -> dict:
+        """A decision of this page's reviewer; returns the clip's view."""
+        self.record(clip_id, verdict, self.reviewer, dense, short)
+        return self.view(self.by_id[clip_id])
 
     def video(self, clip_id: str) -> bytes:
         clip = self.by_id[clip_id]
