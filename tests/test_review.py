@@ -183,10 +183,14 @@ def test_page_accept_reject_edit_survive_a_reload_in_chromium(out, tmp_path):
         page = Page(server.url + "/")
         page.wait_for("document.querySelectorAll('#list li').length === 3 && document.getElementById('dense')")
         ids = page.evaluate("Array.from(document.querySelectorAll('#list li')).map(li => li.dataset.clip)")
+        shows = "document.getElementById('detail').dataset.clip === '{}'"  # a person looks before deciding
+        page.wait_for(shows.format(ids[0]))
         page.press("a")  # the first clip: accepted, the page moves on
         page.wait_for(f"document.getElementById('msg').textContent === 'saved: {ids[0]} accept'")
+        page.wait_for(shows.format(ids[1]))
         page.press("r")  # the second: rejected
         page.wait_for(f"document.getElementById('msg').textContent === 'saved: {ids[1]} reject'")
+        page.wait_for(shows.format(ids[2]))
         page.press("e")  # the third: its dense caption rewritten
         page.wait_for("document.activeElement.id === 'dense'")
         page.evaluate("document.getElementById('dense').select()")
