@@ -42,6 +42,9 @@ CONFIG = ROOT / "configs/train/learn_cpu.yaml"
 # 336 px frames took 2.3x longer per sample here)
 TRAIN = {"bigbuckbunny.mp4": (256, 144), "bikes.mp4": (256, 144)}
 HELD_OUT = {"carphone_pristine.mp4": (176, 144)}
+# The VAE's run on top of the config: 8 clips a step (the config's loader is sized for the DiT), each cut
+# to the config's random window (vae_loss.crop_*), the learning rate decayed by a cosine over `steps`.
+VAE_SETS = ("loader.max_batch_size=8", "loader.token_budget=100000", "optim.lr=5e-3", "optim.schedule=cosine")
 
 
 def spacetime(*args: str, log: Path) -> float:
@@ -79,8 +82,8 @@ def evaluations(run: Path, key: str) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder, kept)")
-    p.add_argument("--vae-steps", type=int, default=300)
-    p.add_argument("--vae-every", type=int, default=50)
+    p.add_argument("--vae-steps", type=int, default=900)
+    p.add_argument("--vae-every", type=int, default=150)
     p.add_argument("--dit-steps", type=int, default=1000)
     p.add_argument("--dit-every", type=int, default=250)
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -97,9 +100,9 @@ def main() -> int:
 
     vae_run = work / "runs/vae"
     walls["vae"] = spacetime("train", "vae", "--config", str(CONFIG), "--data", str(train), "--output", str(vae_run),
-                             "--max-steps", str(args.vae_steps),
-                             *sets(f"eval.data=[{val}]", f"eval.every={args.vae_every}", "optim.lr=5e-3",
-                                   "log.progress=false", f"checkpoint.every={args.vae_every}"),
+                             *sets(*VAE_SETS, f"steps={args.vae_steps}", f"eval.data=[{val}]",
+                                   f"eval.every={args.vae_every}", "log.progress=false",
+                                   f"checkpoint.every={args.vae_every}"),
                              log=work / "train-vae.log")
     vae_evals = evaluations(vae_run, "val_psnr")
     for r in vae_evals:

@@ -14,7 +14,8 @@ from spacetime.config import ConfigError, load_config
 from tests.helpers import CONFIGS
 from tests.train_data import make_dataset
 from training.train_config import TrainConfig
-from training.vae import PerceptualLoss, VAEArch, VideoVAE, load_diffusers_vae, load_vae, save_vae
+from training.vae import (PerceptualLoss, VAEArch, VideoVAE, load_diffusers_vae, load_vae, patch_fold, patch_unfold,
+                          random_window, save_vae)
 
 TINY = VAEArch(latent_channels=4, channels=(8, 16, 16, 16), blocks_per_level=1)
 
@@ -48,6 +49,52 @@ def test_encoder_and_decoder_are_causal_in_time():
     assert torch.equal(da[:, :, :9], db[:, :, :9])  # decoded frames 0..8 depend on latents 0..2 only
     image = vae.encode(video[:, :, :1])  # an image is a 1-frame video: its latent is latent frame 0
     assert torch.allclose(image[:, :, 0], za[:, :, 0], atol=1e-5)
+
+
+def test_patch_fold_inverts_and_a_patched_vae_keeps_shapes_and_causality():
+    """patch_size 2 (pixel unshuffle before the encoder, shuffle after the decoder): the fold is
+    inverted exactly, sizes that are not multiples of the patch are replicated at the edge, and the
+    VAE keeps the 4x8x8 shapes and its causality."""
+    x = torch.randn(2, 3, 5, 14, 18)
+    folded = patch_fold(x, 2)
+    assert folded.shape == (2, 12, 5, 7, 9) and torch.equal(patch_unfold(folded, 2), x)
+    assert folded[:, ::4].equal(x[..., ::2, ::2])  # channels c * 4 + 0: each patch's top-left pixel
+    odd = patch_fold(x[..., :13, :17], 2)
+    assert odd.shape == (2, 12, 5, 7, 9) and torch.equal(patch_unfold(odd, 2)[..., :13, :17], x[..., :13, :17])
+
+    torch.manual_seed(0)
+    arch = VAEArch(latent_channels=4, patch_size=2, channels=(16, 16, 16), blocks_per_level=1)
+    vae = VideoVAE(arch)
+    for frames, height, width in [(1, 16, 16), (17, 24, 40), (9, 20, 36)]:
+        z = vae.encode(torch.randn(1, 3, frames, height, width))
+        assert z.shape == (1, 4, 1 + (frames - 1) // 4, math.ceil(height / 8), math.ceil(width / 8))
+        assert vae.decode(z).shape == (1, 3, 1 + (z.shape[2] - 1) * 4, 8 * z.shape[3], 8 * z.shape[4])
+    video = torch.randn(1, 3, 17, 16, 16)
+    changed = video.clone()
+    changed[:, :, 9:] = 0.0
+    per_frame = (vae.encode(video) - vae.encode(changed)).abs().amax(dim=(0, 1, 3, 4))
+    assert per_frame[:3].max() == 0 and per_frame[3:].min() > 0
+    with pytest.raises(ValueError, match="channels"):
+        VAEArch(patch_size=2, channels=(8, 8, 8, 8))  # 8 / 2 = 4x after the fold: 3 levels
+    with pytest.raises(ValueError, match="patch_size 16 exceeds"):
+        VAEArch(patch_size=16, channels=(8,))
+    with pytest.raises(ValueError, match="temporal_compression may not exceed"):
+        VAEArch(patch_size=4, channels=(8, 8))  # one downsampling left for two halvings of time
+
+
+def test_random_window_is_a_slice_drawn_from_the_generator():
+    video = torch.arange(2 * 3 * 16 * 24 * 40, dtype=torch.float32).reshape(2, 3, 16, 24, 40)
+    draw = lambda seed: random_window(video, 5, (8, 16), torch.Generator().manual_seed(seed))  # noqa: E731
+    a = draw(0)
+    assert a.shape == (2, 3, 5, 8, 16) and torch.equal(a, draw(0))  # a resumed generator draws the same
+    t, y, x = (int(a[0, 0, 0, 0, 0]) // s % n for s, n in ((24 * 40, 16), (40, 24), (1, 40)))
+    assert torch.equal(a, video[:, :, t:t + 5, y:y + 8, x:x + 16])
+    corners = {tuple(draw(seed)[0, 0, 0, 0, :1].tolist()) for seed in range(8)}
+    assert len(corners) > 1  # windows vary
+    assert random_window(video, None, None, torch.Generator()).equal(video)
+    assert random_window(video, 32, (8, 64), torch.Generator()).shape == (2, 3, 16, 8, 40)  # too small: whole
+    with pytest.raises(ConfigError, match="crop_size"):
+        load_config(TrainConfig, CONFIGS / "train/vae_tiny.yaml", ["vae_loss.crop_size=[0,8]"])
 
 
 def test_weights_round_trip_and_clear_errors(tmp_path):
@@ -119,3 +166,28 @@ def test_train_vae_reduces_reconstruction_error(tmp_path, tiny_models, monkeypat
     assert arch["scaling_factor"] != 1.0  # latent normalisation measured during training
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"recon", "kl", "mse", "loss/1x1_0p_16f", "lr", "grad_norm", "tokens_per_s"} <= set(records[-1])
+
+
+def test_vae_step_learns_from_the_configured_window(tmp_path):
+    """vae_loss.crop_frames / crop_size: a `train vae` step encodes a random window of the batch (its
+    latent tokens are the window's), the same one again from a generator in the same state."""
+    import contextlib
+
+    from training.parallel import Dist
+    from training.tasks import build_task
+
+    cfg = load_config(TrainConfig, CONFIGS / "train/vae_tiny.yaml", ["vae_loss.crop_frames=5", "vae_loss.crop_size=[8,16]"])
+    task = build_task("vae", cfg, tmp_path, Dist(0, 1, 0, torch.device("cpu"), False))
+    video = torch.rand(2, 3, 16, 32, 48) * 2 - 1
+
+    def step(seed):
+        loss, parts, tokens = task.loss(task.model, {"video": video}, torch.Generator().manual_seed(seed),
+                                        contextlib.nullcontext())
+        return float(loss), tokens
+
+    (loss, tokens), (again, _) = step(0), step(0)
+    # window 5 x 8 x 16 -> latent 2 x 1 x 2 -> 2 x 1 x 1 patches of loader.patch [1, 2, 2], for 2 clips
+    assert tokens == 2 * 2 and loss == again
+    cfg_whole = load_config(TrainConfig, CONFIGS / "train/vae_tiny.yaml")
+    full = build_task("vae", cfg_whole, tmp_path / "whole", Dist(0, 1, 0, torch.device("cpu"), False))
+    assert full.loss(full.model, {"video": video}, torch.Generator().manual_seed(0), contextlib.nullcontext())[2] == 2 * 4 * 2 * 3

@@ -40,7 +40,7 @@ from training.dit import DiT, flops_per_token
 from training.flow import flow_loss
 from training.parallel import Dist
 from training.train_config import TrainConfig
-from training.vae import PerceptualLoss, VideoVAE, kl_loss, load_diffusers_vae, load_vae, save_vae
+from training.vae import PerceptualLoss, VideoVAE, kl_loss, load_diffusers_vae, load_vae, random_window, save_vae
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,8 @@ class VAETask(Task):
 
     def loss(self, forward_model, batch: dict, generator: torch.Generator, amp) -> tuple[torch.Tensor, dict, int]:
         lc = self.cfg.vae_loss
-        video = batch["video"].to(self.d.device, non_blocking=True)
+        video = random_window(batch["video"].to(self.d.device, non_blocking=True), lc.crop_frames, lc.crop_size,
+                              generator)
         target = self.model.trim(video)  # the frames the encoder uses
         with amp:
             recon, mean, logvar = forward_model(video, generator=generator)

@@ -75,12 +75,22 @@ class VAELossConfig(StrictModel):
     # scaling_factor / shift_factor of the exported VAE: 1 / std and mean of the posterior means
     # over the last `stats_steps` steps
     stats_steps: int = Field(50, gt=0)
+    # Train on random windows of each clip instead of the whole clip: `crop_frames` frames (1 + k x
+    # the temporal compression: the first latent frame alone plus k groups) and `crop_size` [height,
+    # width] pixels, drawn from the step's generator (so a resumed run draws the same). The VAE is
+    # fully convolutional, so what it learns from windows holds for whole clips, and a window costs a
+    # fraction of a clip: more, and more varied, samples per second (benchmarks/learns.py). A clip
+    # smaller than the window is used whole in that dimension. null: whole clips.
+    crop_frames: int | None = Field(None, gt=0)
+    crop_size: tuple[int, int] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "VAELossConfig":
         if self.perceptual_weight > 0 and not self.perceptual_weights:
             raise ValueError("vae_loss.perceptual_weight > 0 needs vae_loss.perceptual_weights (a local "
                              "VGG16 state dict); set the weight to 0 to train without the perceptual term")
+        if self.crop_size is not None and min(self.crop_size) <= 0:
+            raise ValueError(f"vae_loss.crop_size {list(self.crop_size)}: give [height, width] in pixels, both > 0")
         return self
 
 
