@@ -14,8 +14,8 @@ from spacetime.config import ConfigError, load_config
 from tests.helpers import CONFIGS
 from tests.train_data import make_dataset
 from training.train_config import TrainConfig
-from training.vae import (PerceptualLoss, VAEArch, VideoVAE, load_diffusers_vae, load_vae, patch_fold, patch_unfold,
-                          random_window, save_vae)
+from training.vae import (PerceptualLoss, VAEArch, VideoVAE, average_down, block_fold, block_unfold, duplicate_up,
+                          load_diffusers_vae, load_vae, patch_fold, patch_unfold, random_window, save_vae)
 
 TINY = VAEArch(latent_channels=4, channels=(8, 16, 16, 16), blocks_per_level=1)
 
@@ -80,6 +80,48 @@ def test_patch_fold_inverts_and_a_patched_vae_keeps_shapes_and_causality():
         VAEArch(patch_size=16, channels=(8,))
     with pytest.raises(ValueError, match="temporal_compression may not exceed"):
         VAEArch(patch_size=4, channels=(8, 8))  # one downsampling left for two halvings of time
+
+
+def test_shortcuts_fold_blocks_causally_and_make_an_untrained_vae_a_block_average_codec():
+    """vae.arch.shortcuts (DC-AE's residual autoencoding): block_fold is inverted exactly, frame 0 is
+    a block of its own; with its networks' outputs zeroed the VAE decodes exactly the block averages
+    (duplicate_up(average_down(video))), so even untrained it reconstructs a smooth video better than
+    the same VAE without shortcuts; it stays causal and keeps its shapes; it adds no weights."""
+    x = torch.randn(2, 3, 9, 16, 24)
+    folded = block_fold(x, 4, 8)
+    assert folded.shape == (2, 3 * 4 * 64, 3, 2, 3) and torch.equal(block_unfold(folded, 4, 8), x)
+    assert torch.equal(folded[:, 0, 0], x[:, 0, 0, ::8, ::8])  # block 0: frame 0 (replicated), top-left pixels
+    assert torch.equal(folded[:, 3 * 64, 1], x[:, 0, 4, ::8, ::8])  # block 1 = frames 1..4: its last frame
+    assert block_fold(x[..., :13, :21], 4, 8).shape == (2, 768, 3, 2, 3)  # edges replicated
+    means = average_down(x, 4, 8, 16)
+    assert means.shape == (2, 16, 3, 2, 3) and torch.allclose(means[:, 0], folded[:, :48].mean(1))
+    # latent channel 0 = red, first frame of a block, rows 0..5: frame 1 (block 1) gets its copies there
+    assert torch.equal(duplicate_up(means, 4, 8, 3)[:, 0, 1, :6, :8], means[:, 0, 1, :1, :1].expand(2, 6, 8))
+
+    torch.manual_seed(0)
+    arch = VAEArch(latent_channels=16, patch_size=2, channels=(16, 16, 16), blocks_per_level=1, shortcuts=True)
+    vae, plain = VideoVAE(arch), VideoVAE(arch.model_copy(update={"shortcuts": False}))
+    assert vae.state_dict().keys() == plain.state_dict().keys()  # no weights of its own
+    t, y, xx = torch.meshgrid(torch.linspace(0, 1, 9), torch.linspace(0, 3, 32), torch.linspace(0, 3, 48), indexing="ij")
+    smooth = torch.stack([torch.sin(y + xx + t), torch.cos(y - t), torch.sin(xx)])[None] * 0.8
+    psnr = lambda a: (10 * torch.log10(4 / ((a - smooth) ** 2).mean())).item()  # noqa: E731
+    with torch.no_grad():
+        assert psnr(vae.decode(vae.encode(smooth))) > psnr(plain.decode(plain.encode(smooth))) + 2
+        for net in (vae.encoder, vae.decoder):
+            net.conv_out.conv.weight.zero_(), net.conv_out.conv.bias.zero_()
+        blocks = duplicate_up(average_down(smooth, 4, 8, 16), 4, 8, 3)
+        assert torch.allclose(vae.decode(vae.encode(smooth)), blocks, atol=1e-6) and psnr(blocks) > 20
+    vae = VideoVAE(arch)
+    video = torch.randn(1, 3, 17, 16, 16)
+    changed = video.clone()
+    changed[:, :, 9:] = 0.0
+    za, zb = vae.encode(video), vae.encode(changed)
+    assert za.shape == (1, 16, 5, 2, 2)
+    per_frame = (za - zb).abs().amax(dim=(0, 1, 3, 4))
+    assert per_frame[:3].max() == 0 and per_frame[3:].min() > 0
+    assert torch.equal(vae.decode(za)[:, :, :9], vae.decode(zb)[:, :, :9])
+    with pytest.raises(ValueError, match="latent_channels 5 must divide"):
+        VAEArch(latent_channels=5, channels=(8, 8, 8, 8), shortcuts=True)
 
 
 def test_random_window_is_a_slice_drawn_from_the_generator():

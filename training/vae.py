@@ -58,6 +58,13 @@ class VAEArch(StrictModel):
     # Channels per resolution level, the patch grid first; log2(spatial_compression / patch_size) + 1 levels.
     channels: tuple[int, ...] = (128, 256, 512, 512)
     blocks_per_level: int = Field(2, ge=1)
+    # Non-parametric shortcuts (the residual autoencoding of DC-AE, Chen et al. 2025; Wan2.2's VAE has
+    # the same AvgDown3D / DupUp3D): each downsampling adds the average of the values it folds together,
+    # each upsampling adds the copies it spreads, the latent mean adds the video's block averages
+    # (in_channels * temporal * spatial^2 folded values, averaged in latent_channels groups) and the
+    # decoder's output adds their copies back. The networks then learn the residual of a block-average
+    # codec instead of an identity through every layer. No weights: False is the VAE saved before it.
+    shortcuts: bool = False
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
 
@@ -75,6 +82,10 @@ class VAEArch(StrictModel):
         if self.temporal_levels > self.spatial_levels:
             raise ValueError("temporal_compression may not exceed spatial_compression / patch_size (time is "
                              "halved at the spatial downsamplings)")
+        folded = self.in_channels * self.temporal_compression * self.spatial_compression ** 2
+        if self.shortcuts and folded % self.latent_channels:
+            raise ValueError(f"shortcuts: latent_channels {self.latent_channels} must divide in_channels x "
+                             f"temporal x spatial^2 = {folded} (the block averages are grouped per latent channel)")
         return self
 
     @property
@@ -138,30 +149,72 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def block_fold(x: torch.Tensor, ft: int, fs: int) -> torch.Tensor:
+    """[B, C, 1 + k ft, H, W] -> [B, C ft fs^2, 1 + k, ceil(H / fs), ceil(W / fs)], causally: frame 0 is
+    replicated ft - 1 times in front (so it forms a block of its own, as the causal encoder treats it) and
+    the right and bottom edges up to a multiple of fs. Channel order (c, time, row, column)."""
+    if ft > 1:
+        x = torch.cat([x[:, :, :1].expand(-1, -1, ft - 1, -1, -1), x], dim=2)
+    b, c, t, h, w = x.shape
+    ph, pw = -h % fs, -w % fs
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph, 0, 0), mode="replicate")
+    t, h, w = t // ft, (h + ph) // fs, (w + pw) // fs
+    x = x.reshape(b, c, t, ft, h, fs, w, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(b, c * ft * fs * fs, t, h, w)
+
+
+def block_unfold(x: torch.Tensor, ft: int, fs: int) -> torch.Tensor:
+    """The inverse of block_fold (without its padding): [B, C ft fs^2, T, H, W] -> [B, C, 1 + (T - 1) ft,
+    fs H, fs W]."""
+    b, n, t, h, w = x.shape
+    c = n // (ft * fs * fs)
+    x = x.reshape(b, c, ft, fs, fs, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, c, t * ft, h * fs, w * fs)[:, :, ft - 1:]
+
+
+def average_down(x: torch.Tensor, ft: int, fs: int, channels: int) -> torch.Tensor:
+    """The shortcut of a downsampling by (ft, fs, fs) to `channels`: block_fold, then each run of
+    C ft fs^2 / channels folded channels averaged (DC-AE's space-to-channel shortcut, causal in time)."""
+    x = block_fold(x, ft, fs)
+    b, n, t, h, w = x.shape
+    return x.reshape(b, channels, n // channels, t, h, w).mean(dim=2)
+
+
+def duplicate_up(x: torch.Tensor, ft: int, fs: int, channels: int) -> torch.Tensor:
+    """The shortcut of an upsampling by (ft, fs, fs) to `channels`, average_down's adjoint: each channel
+    copied to the folded channels it averaged, then block_unfold."""
+    return block_unfold(x.repeat_interleave(channels * ft * fs * fs // x.shape[1], dim=1), ft, fs)
+
+
 class Downsample(nn.Module):
     """[B, C, T, H, W] -> [B, C, 1 + (T - 1) // 2 if time else T, ceil(H / 2), ceil(W / 2)]."""
 
-    def __init__(self, channels: int, time: bool):
+    def __init__(self, channels: int, time: bool, shortcut: bool = False):
         super().__init__()
+        self.time, self.shortcut = time, shortcut
         self.conv = CausalConv3d(channels, channels, 3, stride=(2 if time else 1, 2, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shortcut:
+            return self.conv(x) + average_down(x, 2 if self.time else 1, 2, x.shape[1])
         return self.conv(x)
 
 
 class Upsample(nn.Module):
     """[B, C, T, H, W] -> [B, C, 2T - 1 if time else T, 2H, 2W]: frame 0 stays one frame (causal)."""
 
-    def __init__(self, channels: int, time: bool):
+    def __init__(self, channels: int, time: bool, shortcut: bool = False):
         super().__init__()
-        self.time = time
+        self.time, self.shortcut = time, shortcut
         self.conv = CausalConv3d(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.time:
             x = x.repeat_interleave(2, dim=2)[:, :, 1:]
         x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        return self.conv(x)
+        # the copies (duplicate_up, which is what the line above computes) plus what the conv adds
+        return x + self.conv(x) if self.shortcut else self.conv(x)
 
 
 def patch_fold(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -200,20 +253,27 @@ class Encoder(nn.Module):
             level.blocks = nn.ModuleList(
                 ResBlock(ch[max(i - 1, 0)] if j == 0 else c, c) for j in range(arch.blocks_per_level))
             # time is halved at the first temporal_levels downsamplings (the cheapest place to shrink it)
-            level.down = Downsample(c, time=i < arch.temporal_levels) if i < len(ch) - 1 else nn.Identity()
+            level.down = (Downsample(c, time=i < arch.temporal_levels, shortcut=arch.shortcuts)
+                          if i < len(ch) - 1 else nn.Identity())
             self.levels.append(level)
         self.mid = nn.Sequential(ResBlock(ch[-1], ch[-1]), ResBlock(ch[-1], ch[-1]))
         self.norm_out = FrameNorm(_groups(ch[-1]), ch[-1])
         self.conv_out = CausalConv3d(ch[-1], 2 * arch.latent_channels)
+        self.arch = arch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, T, H, W] -> [B, 2C, T', H', W']
-        x = self.conv_in(patch_fold(x, self.patch))
+    def forward(self, video: torch.Tensor) -> torch.Tensor:  # [B, 3, T, H, W] -> [B, 2C, T', H', W']
+        x = self.conv_in(patch_fold(video, self.patch))
         for level in self.levels:
             for block in level.blocks:
                 x = block(x)
             x = level.down(x)
         x = self.mid(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        moments = self.conv_out(F.silu(self.norm_out(x)))
+        if not self.arch.shortcuts:
+            return moments
+        a, c = self.arch, self.arch.latent_channels
+        mean = moments[:, :c] + average_down(video, a.temporal_compression, a.spatial_compression, c)
+        return torch.cat([mean, moments[:, c:]], dim=1)
 
 
 class Decoder(nn.Module):
@@ -230,11 +290,13 @@ class Decoder(nn.Module):
             level.blocks = nn.ModuleList(ResBlock(cin if j == 0 else ch[i], ch[i])
                                          for j in range(arch.blocks_per_level))
             # mirror of the encoder: time doubles at the last temporal_levels upsamplings
-            level.up = Upsample(ch[i], time=i - 1 < arch.temporal_levels) if i > 0 else nn.Identity()
+            level.up = (Upsample(ch[i], time=i - 1 < arch.temporal_levels, shortcut=arch.shortcuts)
+                        if i > 0 else nn.Identity())
             self.levels.append(level)
         self.norm_out = FrameNorm(_groups(ch[0]), ch[0])
         self.patch = arch.patch_size
         self.conv_out = CausalConv3d(ch[0], arch.in_channels * self.patch ** 2)
+        self.arch = arch
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, C, T', H', W'] -> [B, 3, T, H, W]
         x = self.mid(self.conv_in(z))
@@ -242,7 +304,11 @@ class Decoder(nn.Module):
             for block in level.blocks:
                 x = block(x)
             x = level.up(x)
-        return patch_unfold(self.conv_out(F.silu(self.norm_out(x))), self.patch)
+        video = patch_unfold(self.conv_out(F.silu(self.norm_out(x))), self.patch)
+        if not self.arch.shortcuts:
+            return video
+        a = self.arch
+        return video + duplicate_up(z, a.temporal_compression, a.spatial_compression, a.in_channels)
 
 
 class VideoVAE(nn.Module):
