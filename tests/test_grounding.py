@@ -95,7 +95,8 @@ def _sampled(path, every: int = 12, height: int = 224):
         width = round(stream.width * height / stream.height / 2) * 2
         frames = [f.reformat(width=width, height=height, format="rgb24").to_ndarray()
                   for i, f in enumerate(container.decode(stream)) if i % every == 0]
-    return np.stack(frames), float(stream.average_rate)
+        fps = float(stream.average_rate)  # inside: PyAV >= 18.1.1 refuses a closed container's stream
+    return np.stack(frames), fps
 
 
 def test_the_filters_own_measurements_contradict_false_claims(tmp_path):

@@ -186,6 +186,37 @@ def test_rotated_portrait_is_resized_upright(curated):
     assert torch.allclose(raw["video"].float() / 127.5 - 1, batch["video"], atol=1e-6)
 
 
+def _decode_in_child(data: bytes, queue) -> None:
+    frames, _ = decode_clip(data, frames=4, stride=1, target=(64, 48))
+    queue.put(frames.shape)
+
+
+def test_a_forked_worker_decodes_after_its_parent_used_pyav_reformat(curated):
+    """DataLoader workers are forked. PyAV >= 18.1.1 keeps one swscale context per thread for
+    frame.reformat(), with slice threads; a child forked after its parent had resized through that
+    context waited for ever on threads it does not have (CI hung in the loader's tests). decode_clip
+    resizes in a context of its own, single-threaded: the forked child finishes."""
+    import multiprocessing as mp
+
+    row = curated["index"][0]
+    with tarfile.open(curated["out"] / row["shard"]) as tar:
+        data = tar.extractfile(f"{row['key']}.{contract.VIDEO_EXT}").read()
+    with av.open(io.BytesIO(data)) as c:
+        frame = next(c.decode(video=0))
+    frame.reformat(width=frame.width * 2, height=frame.height * 2, format="rgb24")  # PyAV's shared context
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_decode_in_child, args=(data, queue))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+        child.join()
+    assert not hung, "decode_clip in a forked child hung (killed after 60 s)"
+    assert child.exitcode == 0 and queue.get(timeout=10) == (3, 4, 48, 64)
+
+
 def test_frame_stride_and_decode_take_only_the_needed_frames(curated):
     assert frame_stride(25.0, 200, 32, 12.5) == 2
     assert frame_stride(30.0, 40, 32, 10.0) == 1  # a stride of 3 would run past the clip's end

@@ -17,7 +17,10 @@ is applied (spacetime.frames.upright).
 Decoding. PyAV decodes from the start of the clip (curated clips start on a keyframe) and stops
 after the last frame needed; each frame is resized and cropped by swscale and written planar into
 the caller's uint8 buffer (one slot of the batch: training.data.dataset converts the whole batch to
-the output dtype once).
+the output dtype once). Each clip gets its own single-threaded swscale context (a VideoReformatter
+made in decode_clip): `frame.reformat()` reuses one per thread (PyAV >= 18.1.1) with slice threads,
+and a DataLoader worker forked from a process that had used it inherited that context with its
+threads gone, and hung for ever on its first resize (seen on CI; tests/test_loader.py checks it).
 
 Captions. Drawn per (seed, epoch, clip id), so a resumed or re-sharded run draws the same ones:
 empty with probability caption_dropout, else the short caption with probability
@@ -30,6 +33,7 @@ import hashlib
 import io
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 
 from spacetime.contract import VIDEO_EXT
@@ -57,14 +61,17 @@ def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, i
     return max(tw, round(width * scale)), max(th, round(height * scale))
 
 
-def resize_crop(frame: av.VideoFrame, target: tuple[int, int], interpolation: str) -> tuple[np.ndarray, float]:
-    """Upright frame, resized to cover `target` and centre-cropped: ([H, W, 3] uint8, cropped fraction)."""
+def resize_crop(frame: av.VideoFrame, target: tuple[int, int], interpolation: str,
+                reformatter: VideoReformatter | None = None) -> tuple[np.ndarray, float]:
+    """Upright frame, resized to cover `target` and centre-cropped: ([H, W, 3] uint8, cropped fraction).
+    swscale runs single-threaded, in `reformatter` (a new one if None; never PyAV's shared one)."""
     rotation = int(getattr(frame, "rotation", 0) or 0)
     turned = rotation % 180 != 0
     w, h = (frame.height, frame.width) if turned else (frame.width, frame.height)
     rw, rh = cover_size(w, h, target)
     cw, ch = (rh, rw) if turned else (rw, rh)  # swscale works before the rotation
-    image = frame.reformat(width=cw, height=ch, format="rgb24", interpolation=interpolation).to_ndarray()
+    image = (reformatter or VideoReformatter()).reformat(frame, width=cw, height=ch, format="rgb24",
+                                                         interpolation=interpolation, threads=1).to_ndarray()
     image = upright(image, rotation)
     tw, th = target
     x0, y0 = (rw - tw) // 2, (rh - th) // 2
@@ -81,6 +88,7 @@ def decode_clip(data: bytes, frames: int, stride: int, target: tuple[int, int], 
     if out is None:
         out = np.empty((3, frames, th, tw), np.uint8)
     n, cropped = 0, 0.0
+    reformatter = VideoReformatter()
     with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
         if not container.streams.video:
             raise ValueError("no video stream")
@@ -91,7 +99,7 @@ def decode_clip(data: bytes, frames: int, stride: int, target: tuple[int, int], 
         for i, frame in enumerate(container.decode(stream), start=-skip):
             if i < 0 or i % stride:
                 continue
-            image, cropped = resize_crop(frame, target, interpolation)
+            image, cropped = resize_crop(frame, target, interpolation, reformatter)
             out[:, n] = image.transpose(2, 0, 1)
             n += 1
             if n == frames:
