@@ -90,8 +90,9 @@ def decode_floor(files: list[Path]) -> tuple[float, dict[Path, float], int]:
             stream = c.streams.video[0]
             stream.thread_type = "AUTO"
             frames = sum(1 for _ in c.decode(stream))
+            rate = float(stream.average_rate)  # inside: PyAV >= 18.1.1 refuses a closed container's stream
         seconds += time.perf_counter() - t0
-        video[path] = frames / float(stream.average_rate)
+        video[path] = frames / rate
         total += frames
     return seconds, video, total
 

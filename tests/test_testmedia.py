@@ -301,7 +301,8 @@ def test_portrait_rotation_metadata_reads_back(media_dir):
     assert len(frames) == gt.num_frames
     f = frames[0]
     assert f.rotation == -90 and (f.width, f.height) == (320, 180)
-    assert Type.DISPLAYMATRIX in [sd.type for sd in f.side_data]
+    # PyAV 18.1.0 iterates side data as entries with a .type; 18.1.1 as a mapping of their types
+    assert Type.DISPLAYMATRIX in [getattr(sd, "type", sd) for sd in f.side_data]
     up = tm.display_rotate(f.to_ndarray(format="rgb24"), f.rotation)
     assert up.shape == (320, 180, 3)  # displayed portrait: 180 wide, 320 tall
     ms = tm.ROTATION_MARKER[0]
