@@ -225,25 +225,13 @@ class Upsample(nn.Module):
 
 def patch_fold(x: torch.Tensor, p: int) -> torch.Tensor:
     """[B, C, T, H, W] -> [B, C p^2, T, ceil(H / p), ceil(W / p)]: each p x p patch of a frame becomes
-    channels (the right and bottom edges replicated up to a multiple of p first)."""
-    if p == 1:
-        return x
-    b, c, t, h, w = x.shape
-    ph, pw = -h % p, -w % p
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph, 0, 0), mode="replicate")
-    h, w = (h + ph) // p, (w + pw) // p
-    x = x.reshape(b, c, t, h, p, w, p).permute(0, 1, 4, 6, 2, 3, 5)
-    return x.reshape(b, c * p * p, t, h, w)
+    channels (the right and bottom edges replicated up to a multiple of p first): block_fold in space only."""
+    return x if p == 1 else block_fold(x, 1, p)
 
 
 def patch_unfold(x: torch.Tensor, p: int) -> torch.Tensor:
     """The inverse of patch_fold (without its edge padding): [B, C p^2, T, H, W] -> [B, C, T, p H, p W]."""
-    if p == 1:
-        return x
-    b, cp, t, h, w = x.shape
-    x = x.reshape(b, cp // (p * p), p, p, t, h, w).permute(0, 1, 4, 5, 2, 6, 3)
-    return x.reshape(b, cp // (p * p), t, h * p, w * p)
+    return x if p == 1 else block_unfold(x, 1, p)
 
 
 # ------------------------------------------------------------------------------ encoder/decoder
