@@ -406,19 +406,37 @@ def test_corrupt_mp4_in_a_shard_is_skipped_and_counted(curated, caplog):
 
 def test_a_corrupt_mp4_is_left_out_of_its_packed_sequence_and_counted(curated, caplog):
     """loader.packing: the broken clip is left out of its sequence (recorded with its id), every other
-    clip of the epoch is trained once, and every step still has its sequence."""
+    clip of the epoch is trained, and every step still has its sequence. Each clip in turn is the broken
+    one, so both cases occur: a sequence with other clips (they are trained once) and, where the broken
+    clip was packed alone, a substitute from the data (then one good clip is trained twice)."""
     from training.data.loader import make_loader
+    from training.data.packing import epoch_sequences
 
-    data, index = _rewrite(curated, "corrupt_packed", "4x3_240p_32f", broken=1)
-    broken = index[1]["clip_id"]
-    loader = make_loader(loader_cfg([data], packing=True, token_budget=4800, num_workers=1))
-    with caplog.at_level("ERROR", logger="training.data.loader"):
-        steps = run_packed(loader, loader.steps_per_epoch())
-    seen = [i for s in steps for i in s["ids"]]
-    assert sorted(seen) == sorted(r["clip_id"] for r in index if r["clip_id"] != broken)
-    assert sum(s["stats"]["corrupt"] for s in steps) == 1 and all(s["ids"] for s in steps)
-    [error] = [e for s in steps for e in s["stats"]["errors"]]
-    assert error["clip_id"] == broken and f"corrupt sample {broken}" in caplog.text
+    rows = [r for r in curated["index"] if r["bucket"] == "4x3_240p_32f"]
+    cases = []
+    for b in range(len(rows)):
+        data, index = _rewrite(curated, f"corrupt_packed{b}", "4x3_240p_32f", broken=b)
+        broken = index[b]["clip_id"]
+        loader = make_loader(loader_cfg([data], packing=True, token_budget=4800, num_workers=1))
+        caplog.clear()
+        with caplog.at_level("ERROR", logger="training.data.loader"):
+            steps = run_packed(loader, loader.steps_per_epoch())
+        seen = [i for s in steps for i in s["ids"]]
+        good = sorted(r["clip_id"] for r in index if r["clip_id"] != broken)
+        assert sorted(set(seen)) == good and broken not in seen  # none lost, the broken one left out
+        assert sum(s["stats"]["corrupt"] for s in steps) == 1 and all(s["ids"] for s in steps)
+        [error] = [e for s in steps for e in s["stats"]["errors"]]
+        assert error["clip_id"] == broken and f"corrupt sample {broken}" in caplog.text
+        # the plan: each step is its planned sequence less the broken clip, or a substitute if that was all
+        cfg, ids = loader.cfg, loader.samples.clip_id
+        planned = [[ids[i] for i in seq] for seq in epoch_sequences(loader.shapes.tokens, cfg.seed, 0,
+                                                                     cfg.token_budget, cfg.pack_window)]
+        alone = [broken] in planned
+        assert len(seen) == len(good) + alone
+        for seq, step in zip(planned, steps, strict=True):
+            assert step["ids"] == ([i for i in seq if i != broken] or step["ids"][:1])
+        cases.append(alone)
+    assert len(set(cases)) == 2, f"the curated clips did not give both cases (alone: {cases})"
 
 
 # ------------------------------------------------------------------------------------ planning
