@@ -14,8 +14,9 @@ from spacetime.config import ConfigError, load_config
 from tests.helpers import CONFIGS
 from tests.train_data import make_dataset
 from training.train_config import TrainConfig
-from training.vae import (PerceptualLoss, VAEArch, VideoVAE, average_down, block_fold, block_unfold, duplicate_up,
-                          load_diffusers_vae, load_vae, patch_fold, patch_unfold, random_window, save_vae)
+from training.vae import (PerceptualLoss, VAEArch, VideoVAE, average_down, block_fold, block_unfold, dct_basis, dct_down,
+                          dct_up, duplicate_up, load_diffusers_vae, load_vae, patch_fold, patch_unfold, random_window,
+                          save_vae)
 
 TINY = VAEArch(latent_channels=4, channels=(8, 16, 16, 16), blocks_per_level=1)
 
@@ -124,6 +125,47 @@ def test_shortcuts_fold_blocks_causally_and_make_an_untrained_vae_a_block_averag
         VAEArch(latent_channels=5, channels=(8, 8, 8, 8), shortcuts=True)
 
 
+def test_dct_shortcut_is_an_orthogonal_projection_and_beats_block_averages():
+    """vae.arch.shortcut_basis "dct": the latent shortcut keeps the lowest frequencies of each block's 4-D
+    DCT (orthonormal atoms, luma DC first); dct_up inverts dct_down on its span and dct_up(dct_down(.)) is
+    a projection; with its networks' outputs zeroed the VAE decodes exactly that projection, which is
+    closer to a smooth video than the block averages; it stays causal and adds no weights."""
+    basis = dct_basis(3, 4, 8, 16)
+    assert basis.shape == (16, 768) and torch.allclose(basis @ basis.T * 256, torch.eye(16), atol=1e-6)
+    assert torch.allclose(basis[0], torch.full((768,), (768 * 256) ** -0.5))  # the DC: sqrt(3) x the block's mean
+    x = torch.randn(2, 3, 9, 16, 24)
+    z = dct_down(x, basis, 4, 8)
+    assert z.shape == (2, 16, 3, 2, 3)
+    assert torch.allclose(z[:, 0], block_fold(x, 4, 8).mean(1) * 3 ** 0.5, atol=1e-5)
+    assert torch.allclose(dct_down(dct_up(z, basis, 4, 8), basis, 4, 8), z, atol=1e-5)  # inverse on the span
+    p = dct_up(z, basis, 4, 8)
+    assert torch.allclose(dct_up(dct_down(p, basis, 4, 8), basis, 4, 8), p, atol=1e-5)  # a projection
+    assert p.shape == x.shape
+
+    torch.manual_seed(0)
+    arch = VAEArch(latent_channels=16, patch_size=2, channels=(16, 16, 16), blocks_per_level=1, shortcuts=True,
+                   shortcut_basis="dct")
+    vae, averages = VideoVAE(arch), VideoVAE(arch.model_copy(update={"shortcut_basis": "average"}))
+    assert vae.state_dict().keys() == averages.state_dict().keys()  # the basis is not a weight
+    t, y, xx = torch.meshgrid(torch.linspace(0, 1, 9), torch.linspace(0, 3, 32), torch.linspace(0, 3, 48), indexing="ij")
+    smooth = torch.stack([torch.sin(y + xx + t), torch.cos(y - t), torch.sin(xx)])[None] * 0.8
+    psnr = lambda a: (10 * torch.log10(4 / ((a - smooth) ** 2).mean())).item()  # noqa: E731
+    with torch.no_grad():
+        for net in (vae.encoder, vae.decoder, averages.encoder, averages.decoder):
+            net.conv_out.conv.weight.zero_(), net.conv_out.conv.bias.zero_()
+        projection = dct_up(dct_down(smooth, basis, 4, 8), basis, 4, 8)
+        assert torch.allclose(vae.decode(vae.encode(smooth)), projection, atol=1e-5)
+        assert psnr(projection) > psnr(averages.decode(averages.encode(smooth))) + 5
+    vae = VideoVAE(arch)
+    video = torch.randn(1, 3, 17, 16, 16)
+    changed = video.clone()
+    changed[:, :, 9:] = 0.0
+    per_frame = (vae.encode(video) - vae.encode(changed)).abs().amax(dim=(0, 1, 3, 4))
+    assert per_frame[:3].max() == 0 and per_frame[3:].min() > 0
+    with pytest.raises(ValueError, match="latent_channels 800 exceeds"):
+        VAEArch(latent_channels=800, channels=(8, 8, 8, 8), shortcuts=True, shortcut_basis="dct")
+
+
 def test_random_window_is_a_slice_drawn_from_the_generator():
     video = torch.arange(2 * 3 * 16 * 24 * 40, dtype=torch.float32).reshape(2, 3, 16, 24, 40)
     draw = lambda seed: random_window(video, 5, (8, 16), torch.Generator().manual_seed(seed))  # noqa: E731
@@ -153,6 +195,16 @@ def test_weights_round_trip_and_clear_errors(tmp_path):
         load_vae(folder / "model.safetensors")
     with pytest.raises(ValueError, match="do not fit"):
         load_vae(folder / "model.safetensors", TINY.model_copy(update={"latent_channels": 8}))
+    # per-channel normalisation (as `spacetime train vae` writes it) round-trips and applies per channel
+    per_channel = VideoVAE(TINY.model_copy(update={"scaling_factor": [1.0, 2.0, 0.5, 4.0], "shift_factor": [0.0, 0.1, -0.2, 0.3]}))
+    per_channel.load_state_dict(vae.state_dict())
+    again = load_vae(save_vae(per_channel, tmp_path / "per_channel"))
+    assert again.arch == per_channel.arch
+    z = torch.randn(1, 4, 2, 2, 2)
+    expected = (z - torch.tensor([0.0, 0.1, -0.2, 0.3]).view(4, 1, 1, 1)) * torch.tensor([1.0, 2.0, 0.5, 4.0]).view(4, 1, 1, 1)
+    assert torch.allclose(again.normalize(z), expected) and torch.allclose(again.denormalize(expected), z, atol=1e-6)
+    with pytest.raises(ValueError, match="3 values for 4 latent channels"):
+        VAEArch(**TINY.model_dump() | {"scaling_factor": [1.0, 1.0, 1.0]})
 
 
 @pytest.mark.skipif(importlib.util.find_spec("diffusers") is not None, reason="diffusers is installed")
@@ -186,7 +238,7 @@ def test_train_vae_reduces_reconstruction_error(tmp_path, tiny_models, monkeypat
 
     monkeypatch.setenv("SPACETIME_TINY_MODELS", tiny_models["root"])
     data = make_dataset(tmp_path / "data")
-    cfg = load_config(TrainConfig, CONFIGS / "train/vae_tiny.yaml", ["log.progress=false"])
+    cfg = load_config(TrainConfig, CONFIGS / "train/vae_tiny.yaml", ["log.progress=false", "vae_loss.latent_norm=channel"])
     loader = BucketLoader(cfg.loader.model_copy(update={"data": [str(data)]}))
     videos = next(b["video"] for b in loader if b["video"].shape[2] > 1)  # the 4 clips [4, 3, 16, 16, 16]
     assert videos.shape[0] == 4
@@ -205,9 +257,44 @@ def test_train_vae_reduces_reconstruction_error(tmp_path, tiny_models, monkeypat
     assert summary["step"] == 120 and before / after >= 5.0, (before, after)
     assert after < videos.var() / 2
     arch = json.loads((run / "vae" / "config.json").read_text())["arch"]
-    assert arch["scaling_factor"] != 1.0  # latent normalisation measured during training
+    # latent normalisation measured during training, per channel: the training clips' latents come out
+    # about centred with unit spread in every channel
+    scale, shift = arch["scaling_factor"], arch["shift_factor"]
+    assert len(scale) == len(shift) == cfg.vae.arch.latent_channels and len(set(scale)) == len(scale)
+    with torch.no_grad():
+        z = trained.normalize(trained.posterior(videos)[0])
+    std, centre = z.std(dim=(0, 2, 3, 4)), z.mean(dim=(0, 2, 3, 4))
+    assert ((std > 0.5) & (std < 2)).all() and (centre.abs() < 0.5).all(), (std, centre)
+    assert torch.allclose(trained.denormalize(z), trained.posterior(videos)[0], atol=1e-4)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"recon", "kl", "mse", "loss/1x1_0p_16f", "lr", "grad_norm", "tokens_per_s"} <= set(records[-1])
+
+
+def test_exported_latent_normalisation_is_global_or_per_channel(tmp_path):
+    """RUN/vae's scaling_factor / shift_factor: 1 / std and mean of the posterior means the last steps
+    saw, over all channels (vae_loss.latent_norm: global, the default) or per channel."""
+    import contextlib
+
+    from training.parallel import Dist
+    from training.tasks import build_task
+
+    video = torch.rand(2, 3, 9, 16, 32) * 2 - 1
+    exported = {}
+    for norm in ("global", "channel"):
+        cfg = load_config(TrainConfig, CONFIGS / "train/vae_tiny.yaml", [f"vae_loss.latent_norm={norm}"])
+        torch.manual_seed(0)
+        task = build_task("vae", cfg, tmp_path / norm, Dist(0, 1, 0, torch.device("cpu"), False))
+        task.loss(task.model, {"video": video}, torch.Generator().manual_seed(0), contextlib.nullcontext())
+        task.export(tmp_path / norm, task.model.state_dict())
+        exported[norm] = json.loads((tmp_path / norm / "vae" / "config.json").read_text())["arch"]
+        with torch.no_grad():
+            mean = task.model.posterior(video)[0].double()
+    per_channel = mean.transpose(0, 1).reshape(mean.shape[1], -1)
+    g, c = exported["global"], exported["channel"]
+    assert g["shift_factor"] == pytest.approx(float(mean.mean()), rel=1e-4)
+    assert g["scaling_factor"] == pytest.approx(1 / float(mean.std(unbiased=False)), rel=1e-4)
+    assert c["shift_factor"] == pytest.approx(per_channel.mean(1).tolist(), rel=1e-4, abs=1e-6)
+    assert c["scaling_factor"] == pytest.approx((1 / per_channel.std(1, unbiased=False)).tolist(), rel=1e-4)
 
 
 def test_vae_step_learns_from_the_configured_window(tmp_path):

@@ -294,7 +294,8 @@ class VAETask(Task):
             loss = loss + lc.perceptual_weight * perc
             parts["perceptual"] = perc.detach()
         m = mean.detach().float()
-        self.latent_stats.append(torch.stack([m.mean(), m.square().mean()]))
+        dims = (0, *range(2, m.dim()))  # per channel: [2, C]
+        self.latent_stats.append(torch.stack([m.mean(dims), m.square().mean(dims)]))
         return loss, parts, _patch_tokens(mean.shape, self.patch) * mean.shape[0]
 
     def state(self) -> dict:
@@ -302,7 +303,9 @@ class VAETask(Task):
 
     def load_state(self, state: dict) -> None:
         self.latent_stats.clear()
-        self.latent_stats.extend(t.to(self.d.device) for t in state.get("latent_stats", []))
+        # a checkpoint from before per-channel statistics holds [2] entries: they are dropped (refilled
+        # within stats_steps steps)
+        self.latent_stats.extend(t.to(self.d.device) for t in state.get("latent_stats", []) if t.dim() == 2)
 
     def on_checkpoint(self, run_dir: Path) -> None:
         """Export RUN/vae: gathering the full weights is a collective, only rank 0 writes."""
@@ -319,9 +322,14 @@ class VAETask(Task):
             stats /= self.d.world_size
         if model_state is None:
             return
-        mean, sq = float(stats[0]), float(stats[1])
-        std = math.sqrt(max(sq - mean * mean, 1e-12))
-        arch = self.model.arch.model_copy(update={"scaling_factor": 1.0 / std, "shift_factor": mean})
+        if self.cfg.vae_loss.latent_norm == "global":  # every channel has as many elements: the mean of means
+            stats = stats.mean(dim=1, keepdim=True)
+        mean, sq = stats[0].double(), stats[1].double()
+        std = (sq - mean * mean).clamp_min(1e-12).sqrt()
+        scale, shift = (1.0 / std).tolist(), mean.tolist()
+        if self.cfg.vae_loss.latent_norm == "global":
+            scale, shift = scale[0], shift[0]
+        arch = self.model.arch.model_copy(update={"scaling_factor": scale, "shift_factor": shift})
         vae = VideoVAE(arch)
         vae.load_state_dict(model_state)
         save_vae(vae, run_dir / VAE_DIR, note=f"trained by spacetime train vae ({run_dir})")

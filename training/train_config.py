@@ -73,8 +73,14 @@ class VAELossConfig(StrictModel):
     perceptual_weight: float = Field(0.0, ge=0)
     perceptual_weights: str | None = None
     # scaling_factor / shift_factor of the exported VAE: 1 / std and mean of the posterior means
-    # over the last `stats_steps` steps
+    # over the last `stats_steps` steps, over all channels ("global") or per latent channel ("channel", as
+    # Wan's latents_mean / latents_std). Per channel, every channel gets the same signal-to-noise ratio
+    # at each flow timestep; globally, low-power channels (a DCT shortcut's high frequencies) are
+    # drowned first and resolved last, as high frequencies are in pixel space. benchmarks/learns.py: the
+    # DiT's held-out loss fell 73% (global) and 28% (channel) on the same VAE; the losses are in different
+    # units, and which samples better is not measured here.
     stats_steps: int = Field(50, gt=0)
+    latent_norm: Literal["channel", "global"] = "global"
     # Train on random windows of each clip instead of the whole clip: `crop_frames` frames (1 + k x
     # the temporal compression: the first latent frame alone plus k groups) and `crop_size` [height,
     # width] pixels, drawn from the step's generator (so a resumed run draws the same). The VAE is
