@@ -11,7 +11,8 @@ curated by `spacetime curate` (configs/curate/tiny.yaml, captioning off, near-du
 split into 0.7-1 s clips: 16-frame buckets). Then, every step through the `spacetime` command as a user runs it:
 
 1. `spacetime train vae` (learn_cpu.yaml) with `eval.data` = the held-out output: PSNR, SSIM and L1
-   of the held-out reconstructions at step 0 (untrained) and every `--vae-every` steps;
+   of the held-out reconstructions at step 0 (untrained) and every `--vae-every` steps, and two
+   held-out clips beside their reconstructions (RUN/samples/step-N/NN.mp4) every `--vae-every` steps;
 2. `spacetime train cache` of both outputs through the trained VAE;
 3. `spacetime train dit` on the training cache with `eval.data` = the held-out cache: the flow loss
    at 8 fixed timestep quantiles with fixed noise, at step 0 and every `--dit-every` steps;
@@ -105,13 +106,15 @@ def main() -> int:
     walls["vae"] = spacetime("train", "vae", "--config", str(CONFIG), "--data", str(train), "--output", str(vae_run),
                              *sets(*VAE_SETS, f"steps={args.vae_steps}", f"eval.data=[{val}]",
                                    f"eval.every={args.vae_every}", "log.progress=false",
-                                   f"checkpoint.every={args.vae_every}", *args.vae_set),
+                                   f"checkpoint.every={args.vae_every}", f"eval.sample_every={args.vae_every}",
+                                   *args.vae_set),
                              log=work / "train-vae.log")
     vae_evals = evaluations(vae_run, "val_psnr")
     for r in vae_evals:
         print(f"vae step {r['step']:5d}: held-out PSNR {r['val_psnr']:.2f} dB, SSIM {r['val_ssim']:.3f}, "
               f"L1 {r['val_l1']:.4f} ({r['val_clips']} clips)", flush=True)
-    print(f"vae: {args.vae_steps} steps in {walls['vae']:.0f} s", flush=True)
+    print(f"vae: {args.vae_steps} steps in {walls['vae']:.0f} s; held-out clips beside their reconstructions: "
+          f"{vae_run / 'samples'}/step-*/NN.mp4", flush=True)
     if args.vae_only:
         return 0 if vae_evals[-1]["val_psnr"] >= 24.0 else 1
 

@@ -1,4 +1,5 @@
-"""Sample videos during DiT training: what the model makes of fixed prompts, step after step.
+"""Sample videos during training: what the model makes of fixed prompts (a DiT) or of held-out clips (a
+VAE), step after step.
 
 Every `eval.sample_every` steps (a multiple of checkpoint.every: samples are drawn from the
 checkpoint just written, with its EMA weights, through the same Sampler `spacetime sample` uses),
@@ -14,6 +15,12 @@ at its clip's bucket size, next to that clip's reconstruction. Seeds are fixed (
 two steps' samples differ only by the weights. Drawing them does not touch the training: the global
 RNGs are restored afterwards and the model trained is not used (a run with samples is bitwise one
 without: tests/test_validate.py).
+
+A VAE run (`write_reconstructions`) writes, from the same checkpoint's EMA weights, the first
+`eval.sample_count` evaluated held-out clips each beside its reconstruction (posterior mean, decoded):
+
+    RUN/samples/step-NNNNNNN/NN.mp4               held-out clip | reconstruction (NN.png for images)
+    RUN/samples/step-NNNNNNN/reconstructions.json clip ids, files and each clip's L1, PSNR and SSIM
 """
 
 from __future__ import annotations
@@ -82,6 +89,40 @@ def write_samples(checkpoint: Path, run_dir: Path, step: int, cfg: TrainConfig, 
     (out / "prompts.json").write_text(json.dumps({"step": step, "steps": e.sample_steps, "cfg_scale": e.sample_cfg,
                                                   "checkpoint": str(checkpoint), "samples": written}, indent=1))
     log.info("step %d: %d samples -> %s", step, len(written), out)
+    return out
+
+
+@torch.no_grad()
+def write_reconstructions(checkpoint: Path, run_dir: Path, step: int, cfg: TrainConfig, valset,
+                          device: torch.device | None = None, show=None) -> Path:
+    """A VAE run's samples from `checkpoint` into RUN/samples/step-N (rank 0 only; module docstring).
+    `show(tag, video, fps)`, if given, gets each clip beside its reconstruction, for TensorBoard."""
+    from training.checkpoint import load_model_weights
+    from training.sample import write_output
+    from training.vae import VideoVAE
+    from training.validate import reconstruction_metrics, rng_untouched
+
+    out = sample_dir(run_dir, step)
+    with rng_untouched():
+        vae = VideoVAE(cfg.vae.arch)
+        load_model_weights(checkpoint, vae, ema=True)
+        device = device or torch.device("cpu")
+        vae.to(device).eval()
+        written = []
+        for k, i in enumerate(valset.items[: cfg.eval.sample_count]):
+            batch = valset.batch(i)
+            target = vae.trim(batch["video"].to(device).float())
+            recon = vae.decoder(vae.posterior(target)[0]).float().clamp(-1, 1)
+            pair = torch.cat([target[0], recon[0]], dim=-1).cpu()  # [3, T, H, 2W]
+            fps = batch["fps"][0]
+            path = write_output(pair, out / f"{k:02d}.mp4", fps)
+            if show is not None:
+                show(f"samples/{k:02d}", pair, fps)
+            written.append({"clip_id": batch["clip_id"][0], "file": path.name, "fps": fps,
+                            **reconstruction_metrics(recon, target)})
+    (out / "reconstructions.json").write_text(json.dumps({"step": step, "checkpoint": str(checkpoint),
+                                                          "weights": "ema", "samples": written}, indent=1))
+    log.info("step %d: %d held-out clips beside their reconstructions -> %s", step, len(written), out)
     return out
 
 

@@ -14,7 +14,8 @@ written (training.checkpoint) and the task's checkpoint hook runs (the VAE task 
 With held-out data (`eval.fraction` of the sources, or `eval.data`), the loader never reads it, and
 every `eval.every` steps (and at step 0 and the last step) the EMA weights are validated on it
 (training.validate): a record of its own in metrics.jsonl, and a log line. A DiT run draws sample
-videos from its checkpoints every `eval.sample_every` steps (training.eval_samples: RUN/samples/).
+videos from its checkpoints every `eval.sample_every` steps, a VAE run writes held-out clips beside
+their reconstructions (training.eval_samples: RUN/samples/).
 
 Rerunning the same command on an existing RUN resumes from its newest checkpoint (model, EMA,
 optimizer, scheduler, loader position, RNG and the task's extra state): on the same world size on
@@ -45,7 +46,7 @@ import torch.distributed as dist
 from spacetime.config import ConfigError, dump_config, load_config
 from training.checkpoint import latest_checkpoint, load_checkpoint, remove_stale, save_checkpoint
 from training.dit import num_params
-from training.eval_samples import write_samples
+from training.eval_samples import write_reconstructions, write_samples
 from training.flow import EMA
 from training.metrics import Metrics, Window, peak_tflops
 from training.optim import build_optimizer, clip_grad_norm
@@ -237,9 +238,12 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
                 evaluate()
             if step % cfg.checkpoint.every == 0 or step == max_steps:
                 last_ckpt = trainer.checkpoint(run_dir, step, loader, meta)
-                if kind == "dit" and cfg.eval.sample_every and step % cfg.eval.sample_every == 0 and d.is_main:
-                    write_samples(last_ckpt, run_dir, step, cfg, valset,
-                                  show=lambda tag, video, fps: metrics.video(tag, video, fps, step))
+                if cfg.eval.sample_every and step % cfg.eval.sample_every == 0 and d.is_main:
+                    show = lambda tag, video, fps: metrics.video(tag, video, fps, step)  # noqa: E731
+                    if kind == "dit":
+                        write_samples(last_ckpt, run_dir, step, cfg, valset, show=show)
+                    else:
+                        write_reconstructions(last_ckpt, run_dir, step, cfg, valset, d.device, show=show)
     finally:
         batches.close()  # stops the loader's workers
         bar.close()

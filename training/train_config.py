@@ -175,7 +175,8 @@ class EvalConfig(StrictModel):
     raw: bool = False  # also evaluate the raw weights (the EMA's always are)
     # DiT samples (training.eval_samples) every N steps, a multiple of checkpoint.every (0: none):
     # `prompts` at `sample_size` ([width, height, frames]; default the first evaluated held-out clip's
-    # bucket), or else the captions of the first `sample_count` evaluated held-out clips at their size
+    # bucket), or else the captions of the first `sample_count` evaluated held-out clips at their size.
+    # A VAE run writes its first `sample_count` evaluated held-out clips beside their reconstructions.
     sample_every: int = Field(0, ge=0)
     prompts: list[str] = Field(default_factory=list)
     sample_size: tuple[int, int, int] | None = None
