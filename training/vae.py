@@ -84,7 +84,8 @@ class VAEArch(StrictModel):
     # At init, on held-out real footage at 4x8x8 and 16 channels: 27.1 dB against 19.9 dB for "average".
     shortcut_basis: Literal["average", "dct"] = "average"
     # Latent normalisation for the DiT, (z - shift_factor) * scaling_factor: one number, or one per latent
-    # channel (as Wan's latents_mean / latents_std; `spacetime train vae` writes per-channel ones)
+    # channel (as Wan's latents_mean / latents_std; `spacetime train vae` writes those with
+    # vae_loss.latent_norm: channel)
     scaling_factor: float | list[float] = 1.0
     shift_factor: float | list[float] = 0.0
 
