@@ -111,8 +111,8 @@ def write_reconstructions(checkpoint: Path, run_dir: Path, step: int, cfg: Train
         written = []
         for k, i in enumerate(valset.items[: cfg.eval.sample_count]):
             batch = valset.batch(i)
-            target = vae.trim(batch["video"].to(device).float())
-            recon = vae.decoder(vae.posterior(target)[0]).float().clamp(-1, 1)
+            target, recon = vae.reconstruct(batch["video"].to(device).float())
+            recon = recon.float().clamp(-1, 1)
             pair = torch.cat([target[0], recon[0]], dim=-1).cpu()  # [3, T, H, 2W]
             fps = batch["fps"][0]
             path = write_output(pair, out / f"{k:02d}.mp4", fps)

@@ -432,6 +432,12 @@ class VideoVAE(nn.Module):
         """Normalised latents [B, C, T', H', W'] -> video [B, 3, 1 + (T'-1)*ct, cs*H', cs*W'] (not clamped)."""
         return self.decoder(self.denormalize(z))
 
+    def reconstruct(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(trim(video), its reconstruction): the decoder on the posterior mean, unnormalised (as the
+        decoder is trained), not clamped. What validation and the VAE's samples measure."""
+        target = self.trim(video)
+        return target, self.decoder(self.posterior(target)[0])
+
     def forward(self, video: torch.Tensor, generator: torch.Generator | None = None):
         """Training pass: (reconstruction of trim(video), mean, logvar), with z drawn from q(z | video)."""
         mean, logvar = self.posterior(video)

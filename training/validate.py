@@ -278,10 +278,8 @@ def _vae_sums(task, model, valset: ValSet, cfg: TrainConfig, d: Dist, amp):
     vae = getattr(model, "module", model)
     for _, weight, batch in _batches(valset, d):
         video = batch["video"].to(d.device).float()
-        target = vae.trim(video)
         with amp:
-            mean, _ = vae.posterior(video)
-            recon = vae.decoder(mean)  # the posterior mean, unnormalised (as the decoder is trained)
+            target, recon = vae.reconstruct(video)
         values = reconstruction_metrics(recon.float().clamp(-1, 1), target)
         b = valset.buckets.index(batch["bucket"])
         sums[b] += weight * torch.tensor([values[m] for m in VAE_METRICS], dtype=torch.float64, device=d.device)
