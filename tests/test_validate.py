@@ -133,10 +133,12 @@ def test_samples_and_validation_reach_tensorboard_and_the_console(evaluated):
         gif = Image.open(io.BytesIO(images[-1].encoded_image_string))
         assert gif.format == "GIF" and gif.size == (2 * sample["width"], sample["height"])
         assert 0.75 * sample["frames"] < getattr(gif, "n_frames", 1) <= sample["frames"]  # a causal VAE: 4k+1
-    lines = re.findall(r"step (\d+)/8 loss \S+ val_loss (\S+) .* eta (\S+)", evaluated["log"])
-    assert [int(s) for s, _, _ in lines] == [2, 4, 6, 8] and lines[-1][2] == "0s"
+    lines = re.findall(r"step (\d+)/8 epoch (\d+) loss \S+ val_loss (\S+) .* eta (\S+)", evaluated["log"])
+    assert [int(s) for s, _, _, _ in lines] == [2, 4, 6, 8] and lines[-1][3] == "0s"
+    steps = records(run, "loss")
+    assert [int(e) for _, e, _, _ in lines] == [steps[s]["epoch"] for s in (2, 4, 6, 8)]  # the loader's epoch
     val = records(run, "val_loss")
-    assert float(lines[0][1]) == pytest.approx(val[0]["val_loss"], rel=1e-3)
+    assert float(lines[0][2]) == pytest.approx(val[0]["val_loss"], rel=1e-3)
 
 
 def test_validation_leaves_the_training_stream_alone(evaluated):

@@ -186,8 +186,9 @@ def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) 
     valset = ValSet(cfg) if cfg.eval.every or cfg.eval.sample_every else None
     if valset is not None:
         write_heldout(run_dir, valset, d)
-        log.info("held out %d clips; validation every %d steps on %d of them (%d tokens); samples every %d steps",
-                 len(valset.samples), cfg.eval.every, len(valset.items), valset.tokens, cfg.eval.sample_every)
+        every = lambda n: f"every {n} steps" if n else "off"  # noqa: E731
+        log.info("held out %d clips; validation %s (%d of them, %d tokens); samples %s", len(valset.samples),
+                 every(cfg.eval.every), len(valset.items), valset.tokens, every(cfg.eval.sample_every))
     trainer = _Trainer(task, cfg, d, _plan_memory(kind, cfg, task, loader, d))
     metrics = Metrics(run_dir, cfg.log.tensorboard, d.is_main)
     step, last_ckpt = trainer.resume(run_dir, loader, metrics)
@@ -282,8 +283,8 @@ def _flops_per_token(task: Task, batches: list[dict]) -> float | None:
 
 
 def _report(metrics: Metrics, bar, step: int, max_steps: int, record: dict, d: Dist, val: dict, eta: float) -> None:
-    """The log step's record to metrics.jsonl; one console line: step, loss, the last validation figure,
-    tokens/s, MFU and the rest of the scalars, and the ETA."""
+    """The log step's record to metrics.jsonl; one console line: step, the loader's epoch, loss, the last
+    validation figure, tokens/s, MFU and the rest of the scalars, and the ETA."""
     metrics.write(step, record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
     if d.is_main:
@@ -292,7 +293,7 @@ def _report(metrics: Metrics, bar, step: int, max_steps: int, record: dict, d: D
             scalars[val["name"]] = val["value"]
         first = [k for k in ("loss", val.get("name"), "tokens_per_s", "mfu") if k in scalars]
         line = " ".join(f"{k} {scalars[k]:.4g}" for k in first + sorted(scalars.keys() - set(first)))
-        log.info("step %d/%d %s eta %s", step, max_steps, line, _duration(eta))
+        log.info("step %d/%d epoch %d %s eta %s", step, max_steps, record["epoch"], line, _duration(eta))
 
 
 def _duration(seconds: float) -> str:

@@ -191,8 +191,8 @@ class BucketLoader:
         if not (same_epoch or next_epoch):  # a broken worker order would silently reorder data
             raise RuntimeError(f"loader: got step {stats['step']} of epoch {stats['epoch']}, expected step "
                                f"{self.state.step} of epoch {self.state.epoch}")
-        if next_epoch and self.rank == 0:
-            log.info("loader: epoch %d starts", stats["epoch"])
+        if next_epoch and self.rank == 0:  # the trainer's step lines carry the epoch
+            log.debug("loader: epoch %d starts", stats["epoch"])
         self.state = after
         self.stats.add(stats)
         self._log_step(stats)
