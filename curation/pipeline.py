@@ -345,14 +345,17 @@ def _apply(ds, spec: StageSpec, key: tuple[str, int]):
 
 
 def _on_this_node(actor=None):
-    """Ray options (or `actor`'s .options) that hold an actor with run state on the driver's node, with
-    no CPU slot: a node's loss must not lose its state, and the driver's ends the run anyway."""
+    """Ray Data's options (or `actor`'s .options) that hold an actor with run state on the driver's node,
+    with no CPU slot: a node's loss must not lose its state, and the driver's ends the run anyway. Ray
+    Data takes the node as a label selector (its named parameter; a scheduling_strategy would go through
+    **ray_remote_args, removed in Ray 2.64); a plain actor takes a hard node affinity."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    options = dict(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False))
-    return actor.options(**options) if actor is not None else options
+    node = ray.get_runtime_context().get_node_id()
+    if actor is not None:
+        return actor.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+    return dict(num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: node})  # "ray.io/node-id"
 
 
 def init_ray(cfg: CurateConfig, address: str | None) -> bool:

@@ -46,7 +46,7 @@ class Page:
                     self.close()
                     raise RuntimeError("chromium did not start")
                 time.sleep(0.2)
-        self.ws = connect(ws, max_size=None)
+        self.ws = connect(ws, max_size=None, legacy=True)  # the connection itself, closed in close()
         self.next_id = 0
         self.errors: list[str] = []
         for domain in ("Page", "Runtime", "Log"):

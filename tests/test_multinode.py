@@ -159,14 +159,17 @@ class RayCluster:
         atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)
 
 
-def pipeline_actors() -> list[tuple[str, str]]:
-    """(node ID, class name) of the live Ray Data map actors (MapWorker(...)), read from the GCS
-    (Ray's state API needs the dashboard, which these nodes do not run)."""
+def live_actors() -> list[dict]:
+    """The live actors' GCS records (Ray's state API needs the dashboard, which these nodes do not run)."""
     from ray._private import state
 
-    actors = state.actors(actor_state_name="ALIVE").values()
+    return list(state.actors(actor_state_name="ALIVE").values())
+
+
+def pipeline_actors() -> list[tuple[str, str]]:
+    """(node ID, class name) of the live Ray Data map actors (MapWorker(...))."""
     return [(a["Address"]["NodeID"], a["ActorClassName"])
-            for a in actors if a["ActorClassName"].startswith("MapWorker(")]
+            for a in live_actors() if a["ActorClassName"].startswith("MapWorker(")]
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -266,6 +269,10 @@ def test_curation_survives_a_worker_node_dying(reference, output):
                 break
             time.sleep(0.05)
         assert run.is_alive(), f"the run ended before the fault (actors seen: {sorted(seen)}): {result}"
+        # the actors that hold the run's state live on the driver's node, whose loss ends the run anyway
+        head = cluster.cluster.head_node.node_id
+        assert [node for node, name in actors if "(DedupGate)" in name] == [head], actors
+        assert [a["Address"]["NodeID"] for a in live_actors() if a["ActorClassName"] == "FirstClaims"] == [head]
         on_node = Counter(node for node, _ in actors)
         victim = max(cluster.workers, key=lambda w: on_node[w.node_id])
         timings["fault_at_s"] = time.time() - t0

@@ -312,7 +312,7 @@ def test_vae_step_learns_from_the_configured_window(tmp_path):
     def step(seed):
         loss, parts, tokens = task.loss(task.model, {"video": video}, torch.Generator().manual_seed(seed),
                                         contextlib.nullcontext())
-        return float(loss), tokens
+        return float(loss.detach()), tokens
 
     (loss, tokens), (again, _) = step(0), step(0)
     # window 5 x 8 x 16 -> latent 2 x 1 x 2 -> 2 x 1 x 1 patches of loader.patch [1, 2, 2], for 2 clips

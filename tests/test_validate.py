@@ -224,7 +224,7 @@ def test_a_vae_run_validates_reconstruction(data, tiny_models, tmp_path):
         if path.suffix == ".png":
             from PIL import Image
 
-            pixels = np.asarray(Image.open(path))[None]
+            pixels = np.array(Image.open(path))[None]
         else:
             with av.open(str(path)) as container:
                 pixels = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
