@@ -35,7 +35,7 @@ from captioner.core import CaptionResult, Captioner, ClipTask
 from captioner.frames import from_mp4
 from spacetime import contract
 from spacetime.contract import CAPTION_SUMMARY, CAPTIONS_MANIFEST, CAPTIONS_SCHEMA, read_record, read_shard
-from spacetime.errors import UserError, describe
+from spacetime.errors import MissingInput, UserError, describe
 from spacetime.io import atomic_write, write_parquet
 from spacetime.record import Caption
 
@@ -95,7 +95,7 @@ def run_recaption(input_dir: str | Path, output_dir: str | Path, cfg: CaptionCon
     input_dir, out = Path(input_dir).resolve(), Path(output_dir).resolve()
     index_path = input_dir / contract.INDEX_PATH
     if not index_path.exists():
-        raise FileNotFoundError(f"{input_dir}: no {contract.INDEX_PATH}; expected the --output of `spacetime curate`")
+        raise MissingInput(f"{input_dir}: no {contract.INDEX_PATH}; expected the --output of `spacetime curate`")
     index = pq.read_table(index_path).to_pylist()
     _claim(out, input_dir, cfg)
     records = _Records(out)

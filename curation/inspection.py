@@ -18,13 +18,14 @@ from collections import Counter
 import pyarrow.parquet as pq
 
 from spacetime import contract
+from spacetime.errors import MissingInput
 from spacetime.store import Store
 
 
 def _table(store: Store, rel: str) -> list[dict]:
     path = contract.published_file(store, rel)
     if not store.exists(path):
-        raise FileNotFoundError(f"{store.uri_of(path)}: missing; is {store.uri} the --output of `spacetime curate`?")
+        raise MissingInput(f"{store.uri_of(path)}: missing; is {store.uri} the --output of `spacetime curate`?")
     return pq.read_table(store.path(path), filesystem=store.fs).to_pylist()
 
 

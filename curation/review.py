@@ -31,6 +31,7 @@ from typing import Literal
 
 from spacetime import contract, review
 from spacetime.config import S3Config, StrictModel
+from spacetime.errors import MissingInput
 from spacetime.store import Store
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class Review:
     def __init__(self, out: str, reviewer: str, s3: S3Config | None = None):
         self.store = Store(out, s3)
         if not self.store.exists(contract.CLIPS_MANIFEST):
-            raise FileNotFoundError(f"{self.store.uri_of(contract.CLIPS_MANIFEST)}: no clips manifest; "
+            raise MissingInput(f"{self.store.uri_of(contract.CLIPS_MANIFEST)}: no clips manifest; "
                                     "is this a `spacetime curate` output?")
         self.decisions = review.review_store(self.store.uri_of(contract.REVIEW_DIR), s3)
         self.reviewer = reviewer

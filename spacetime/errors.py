@@ -13,6 +13,11 @@ class UserError(Exception):
     """An error the user can fix (bad input, config, output folder, missing model)."""
 
 
+class MissingInput(UserError, FileNotFoundError):
+    """A file or folder a command reads is not there: the message names it and what it should be (the
+    output of which command). Still a FileNotFoundError for callers that handle absence."""
+
+
 def describe(err: BaseException) -> str:
     """`TypeName: message` (just `TypeName` when the message is empty): one line for manifests and logs."""
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__

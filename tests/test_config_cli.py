@@ -118,3 +118,27 @@ def test_the_process_entry_point_exits_without_a_final_collection():
     scripts = (ROOT / "pyproject.toml").read_text()
     assert 'spacetime = "spacetime.cli:entry"' in scripts
     assert "sys.exit(entry())" in (ROOT / "spacetime/__main__.py").read_text()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "dit", "--config", "configs/train/tiny.yaml", "--output", "{tmp}/run", "--set", "loader.data=[{missing}]"],
+    ["sample", "--checkpoint", "{missing}", "--prompt", "a cat", "--out", "{tmp}/x.mp4"],
+    ["eval", "--checkpoint", "{missing}"],
+    ["inspect", "{missing}"],
+    ["caption", "--input", "{missing}", "--output", "{tmp}/captions"],
+    ["review", "{missing}", "export", "--to", "{tmp}/tasks.json"],
+], ids=lambda argv: argv[0])
+def test_a_missing_input_is_one_line_naming_it_not_a_traceback(argv, tmp_path, tiny_models, capsys):
+    """Each command given a path that is not there exits 2 with `spacetime: <path>: ...` and what the
+    path should be, on one line (spacetime.errors.MissingInput), and writes nothing."""
+    from spacetime.cli import main
+
+    missing = tmp_path / "not-here"
+    code = main([a.format(tmp=tmp_path, missing=missing) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    [line] = [x for x in err.splitlines() if x.startswith("spacetime")]
+    assert line.startswith(f"spacetime: {missing}") and "Traceback" not in err, err
+    assert "spacetime curate" in line or "checkpoint" in line  # what it should have been
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["run"])  # a run folder at most, nothing in it
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.pt"))

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from spacetime.errors import MissingInput
 from spacetime.io import atomic_dir
 from training.flow import EMA
 from training.parallel import Dist
@@ -77,7 +78,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (no meta.json) nor a run folder with checkpoints")
+        raise MissingInput(f"{path}: neither a checkpoint (no meta.json) nor a run folder with checkpoints")
     return latest
 
 

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from spacetime.config import StrictModel
+from spacetime.errors import MissingInput
 from spacetime.io import atomic_path, atomic_write
 
 
@@ -536,11 +537,11 @@ def load_vae(path: str | Path, arch: VAEArch | None = None) -> VideoVAE:
     path = Path(path).expanduser()
     if path.is_dir():
         if not (path / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; is it a folder written by `spacetime train vae`?")
+            raise MissingInput(f"{path}: no {CONFIG_FILE}; is it a folder written by `spacetime train vae`?")
         arch = VAEArch.model_validate(json.loads((path / CONFIG_FILE).read_text())["arch"])
         path = path / WEIGHTS_FILE
     elif not path.exists():
-        raise FileNotFoundError(f"{path}: VAE weights not found")
+        raise MissingInput(f"{path}: VAE weights not found")
     elif arch is None:
         raise ValueError(f"{path}: a weights file needs the architecture (vae.arch) to load into")
     vae = VideoVAE(arch)

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from spacetime import contract
 from spacetime.config import S3Config
+from spacetime.errors import MissingInput
 from spacetime.store import Store
 from training.config import LoaderConfig
 
@@ -96,7 +97,7 @@ def _read_index_table(root: str, s3: S3Config):
         return pq.read_table(store.path(contract.CACHE_INDEX), filesystem=store.fs), store.uri_of(contract.CACHE_INDEX)
     rel = contract.published_index(store)
     if not store.exists(rel):
-        raise FileNotFoundError(f"{store.uri_of(rel)}: no index; is {root} the --output of `spacetime curate`?")
+        raise MissingInput(f"{store.uri_of(rel)}: no index; is {root} the --output of `spacetime curate`?")
     return pq.read_table(store.path(rel), filesystem=store.fs), store.uri_of(rel)
 
 
