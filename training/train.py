@@ -172,12 +172,15 @@ class _Trainer:
 def _train(kind: str, cfg: TrainConfig, run_dir: Path, max_steps: int, d: Dist) -> dict:
     from tqdm import tqdm
 
+    from training.data.index import index_path
     from training.data.loader import make_loader
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    for root in cfg.loader.data:  # a wrong path fails here, not after the models have loaded
+        index_path(root, cfg.loader.s3)
     task = build_task(kind, cfg, run_dir, d)
     cfg = sync_loader(cfg, *task.compression, task.patch)
     _prepare_run_dir(cfg, run_dir, d)

@@ -89,15 +89,25 @@ class Samples:
         return len(self.key)
 
 
-def _read_index_table(root: str, s3: S3Config):
-    """The index of the version latest.json points at (readers never see a half-published one), or
-    a latent cache's index (its cache.json says state complete only once the index is written)."""
+def index_path(root: str, s3: S3Config) -> tuple[Store, str]:
+    """(store, relative path) of a data root's index: the version latest.json points at (readers never
+    see a half-published one), or a latent cache's (its cache.json says state complete only once the
+    index is written). MissingInput, naming the root, if there is none: the trainer checks every root
+    this way before it loads a model."""
     store = Store(root, s3)
     if contract.is_cache(store):
-        return pq.read_table(store.path(contract.CACHE_INDEX), filesystem=store.fs), store.uri_of(contract.CACHE_INDEX)
+        if not store.exists(contract.CACHE_INDEX):
+            raise MissingInput(f"{store.uri_of(contract.CACHE_INDEX)}: no index: the latent cache is unfinished; "
+                               "rerun the same `spacetime train cache` command to complete it")
+        return store, contract.CACHE_INDEX
     rel = contract.published_index(store)
     if not store.exists(rel):
         raise MissingInput(f"{store.uri_of(rel)}: no index; is {root} the --output of `spacetime curate`?")
+    return store, rel
+
+
+def _read_index_table(root: str, s3: S3Config):
+    store, rel = index_path(root, s3)
     return pq.read_table(store.path(rel), filesystem=store.fs), store.uri_of(rel)
 
 
