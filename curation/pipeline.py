@@ -594,7 +594,9 @@ def run_curation(inputs: list[str], output: str, cfg: CurateConfig, ray_address:
         raise UserError(f"--output: {err}") from None
     uris = list_inputs(inputs, cfg.sources)
     if not uris:
-        raise RuntimeError(f"no video found in inputs {inputs} (extensions: {cfg.sources.extensions})")
+        raise UserError(f"--input {' '.join(map(str, inputs))}: no video or image there (files ending in "
+                        f"{', '.join(cfg.sources.extensions)}); give folders, files or text files listing them, or set "
+                        "sources.extensions")
     preflight(cfg)
     with Lease(out.uri, cfg.sources.s3) as lease:
         summary = _curate(uris, out, cfg, ray_address, lease, wall_start, ray_log, retry_failed)

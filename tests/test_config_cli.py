@@ -148,3 +148,19 @@ def test_a_missing_input_is_one_line_naming_it_not_a_traceback(argv, tmp_path, t
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["run"])  # a run folder at most, nothing in it
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.pt"))
     assert not [r for r in caplog.records if r.name == "training.tasks"]  # no model was built
+
+
+def test_inputs_without_a_video_are_one_line_naming_them(tmp_path, capsys):
+    """A folder with no file of a video or image extension: exit 2 naming the input and the extensions,
+    before any output is created (no lease, no Ray)."""
+    from spacetime.cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not a video")
+    code = main(["curate", "--config", str(ROOT / "configs/curate/tiny.yaml"), "--input", str(tmp_path / "in"),
+                 "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    [line] = [x for x in err.splitlines() if x.startswith("spacetime")]
+    assert line.startswith(f"spacetime: --input {tmp_path / 'in'}: no video") and ".mp4" in line
+    assert not (tmp_path / "out").exists()
