@@ -46,7 +46,7 @@ from typing import Any, Coroutine, TypeVar
 from captioner.config import CaptionConfig
 from captioner.frames import ClipVideo
 from spacetime import lifeline
-from spacetime.errors import describe
+from spacetime.errors import UserError, describe
 from spacetime.faults import is_infrastructure
 
 log = logging.getLogger(__name__)
@@ -372,8 +372,8 @@ class TransformersEngine(Engine):
             try:
                 from peft import PeftModel
             except ImportError:
-                raise RuntimeError(f"caption.adapter={cfg.adapter}: the transformers engine needs `peft` "
-                                   "to load a LoRA adapter (pip install peft), or use engine vllm") from None
+                raise UserError(f"caption.adapter={cfg.adapter}: the transformers engine needs `peft` "
+                                "to load a LoRA adapter (pip install peft), or use engine vllm") from None
             model = PeftModel.from_pretrained(model, cfg.adapter)
         self.model = model.to(self.device).eval()
         tokenizer = self.processor.tokenizer

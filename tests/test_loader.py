@@ -459,6 +459,20 @@ def test_token_weights_and_image_mix(curated):
     assert rows["4x3_240p_1f"]["epoch_samples_planned"] > 3 * rows["4x3_240p_1f"]["samples"]
 
 
+def test_a_set_smaller_than_one_global_batch_is_a_user_error_naming_the_buckets():
+    """Every bucket holds fewer samples than one global batch: the plan cannot yield a step. That is
+    the config's or the data's to fix (spacetime.errors.UserError: one line on the CLI), not a bug."""
+    from spacetime.errors import UserError
+    from training.data.index import BucketSpec
+
+    specs = [BucketSpec("16x9_144p_16f", 16, (256, 144), 576, batch=3, members=np.arange(3), length=3),
+             BucketSpec("4x3_240p_1f", 1, (320, 240), 300, batch=8, members=np.arange(3, 5), length=2)]
+    with pytest.raises(UserError, match=r"world size 2\): 16x9_144p_16f: 3 < 6, 4x3_240p_1f: 2 < 16; lower"):
+        next(plan_steps(specs, LoaderState(seed=0), world_size=2))
+    first = next(plan_steps(specs, LoaderState(seed=0), world_size=1))  # one rank: the video bucket fills a batch
+    assert first.bucket == 0 and sorted(first.samples.tolist()) == [0, 1, 2]
+
+
 def test_loader_config_rejects_unknown_keys_and_bad_probabilities(tmp_path):
     with pytest.raises(ConfigError, match="token_budgt"):
         load_config(LoaderConfig, None, ["token_budgt=100"])

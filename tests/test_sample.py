@@ -12,6 +12,7 @@ from PIL import Image
 
 from spacetime.cli import main
 from spacetime.config import load_config
+from spacetime.errors import UserError
 from tests.helpers import CONFIGS
 from tests.train_data import make_dataset
 from training.sample import (
@@ -134,7 +135,7 @@ def test_upsample_runs_the_captioner(checkpoint, sampler, tiny_models):
     """--upsample: the real captioner (tiny VLM, transformers engine) rewrites the prompt."""
     from tests.caption_support import caption_config
 
-    with pytest.raises(RuntimeError, match="--caption-config"):
+    with pytest.raises(UserError, match="--caption-config"):
         sample(checkpoint, "a cat", 16, 16, 1, None, steps=1, upsample=True, sampler=sampler)
     cfg = caption_config(tiny_models["vlm"]["path"], engine="transformers")
     result = sample(checkpoint, "a cat", 16, 16, 1, None, steps=1, upsample=True, caption_config=cfg,

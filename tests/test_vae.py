@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from spacetime.config import ConfigError, load_config
+from spacetime.errors import UserError
 from tests.helpers import CONFIGS
 from tests.train_data import make_dataset
 from training.train_config import TrainConfig
@@ -209,7 +210,7 @@ def test_weights_round_trip_and_clear_errors(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("diffusers") is not None, reason="diffusers is installed")
 def test_diffusers_vae_path_is_guarded():
-    with pytest.raises(RuntimeError, match="pip install diffusers"):
+    with pytest.raises(UserError, match="pip install diffusers"):
         load_diffusers_vae("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     with pytest.raises(ConfigError, match="vae.path"):
         load_config(TrainConfig, None, ["vae.source=diffusers"])

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spacetime.errors import UserError
 from spacetime.io import atomic_path
 from training.checkpoint import load_model_weights, resolve_checkpoint
 from training.dit import DiT, DiTConfig
@@ -246,8 +247,8 @@ def upsample_prompt(prompt: str, caption_config=None) -> str:
     from captioner.upsample import upsample
 
     if caption_config is None:
-        raise RuntimeError("--upsample needs --caption-config FILE: the captioner config that writes dense "
-                           "captions (e.g. configs/caption/default.yaml)")
+        raise UserError("--upsample needs --caption-config FILE: the captioner config that writes dense "
+                        "captions (e.g. configs/caption/default.yaml)")
     return upsample(prompt, caption_config)
 
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from spacetime.config import StrictModel
-from spacetime.errors import MissingInput
+from spacetime.errors import MissingInput, UserError
 from spacetime.io import atomic_path, atomic_write
 
 
@@ -615,8 +615,8 @@ def load_diffusers_vae(hf_id: str, subfolder: str | None = "vae", dtype: torch.d
     import importlib.util
 
     if importlib.util.find_spec("diffusers") is None:
-        raise RuntimeError(f"vae {hf_id!r} (source: diffusers) needs the `diffusers` package, which is not "
-                           "installed: pip install diffusers, or use a VAE saved by `spacetime train vae`")
+        raise UserError(f"vae {hf_id!r} (source: diffusers) needs the `diffusers` package, which is not "
+                        "installed: pip install diffusers, or use a VAE saved by `spacetime train vae`")
     from diffusers import AutoModel
 
     model = AutoModel.from_pretrained(hf_id, subfolder=subfolder, torch_dtype=dtype)

@@ -35,6 +35,7 @@ from typing import Iterator
 
 import numpy as np
 
+from spacetime.errors import UserError
 from training.data.index import BucketSpec
 
 
@@ -101,7 +102,7 @@ def plan_steps(specs: list[BucketSpec], state: LoaderState, world_size: int) -> 
             yield planned
         if fresh and not produced:
             need = ", ".join(f"{s.name}: {s.length} < {s.batch * world_size}" for s in specs)
-            raise RuntimeError(f"no bucket holds one full global batch (world size {world_size}): {need}; "
-                               "lower token_budget / max_batch_size or add data")
+            raise UserError(f"no bucket holds one full global batch (world size {world_size}): {need}; "
+                            "lower token_budget / max_batch_size or add data")
         epoch, step = epoch + 1, 0
         cursors[:] = 0
