@@ -473,6 +473,13 @@ def test_a_set_smaller_than_one_global_batch_is_a_user_error_naming_the_buckets(
     assert first.bucket == 0 and sorted(first.samples.tolist()) == [0, 1, 2]
 
 
+def test_a_loader_whose_buckets_cannot_fill_a_global_batch_says_so_before_any_worker(curated):
+    from spacetime.errors import UserError
+
+    with pytest.raises(UserError, match="no bucket fills one global batch .*lower token_budget"):
+        BucketLoader(loader_cfg([curated["out"]]), rank=0, world_size=10_000)
+
+
 def test_loader_config_rejects_unknown_keys_and_bad_probabilities(tmp_path):
     with pytest.raises(ConfigError, match="token_budgt"):
         load_config(LoaderConfig, None, ["token_budgt=100"])

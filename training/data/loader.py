@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from spacetime.errors import UserError
 from training.config import LoaderConfig
 from training.data.dataset import BucketDataset
 from training.data.index import bucket_specs, read_index
@@ -109,8 +110,8 @@ class BucketLoader:
         if not self.steps_per_epoch():
             sizes = ", ".join(f"{r['bucket']}: {r['epoch_samples_planned']} < {self.world_size} x {r['batch_per_rank']}"
                               for r in self.describe())
-            raise ValueError(f"{cfg.data}: no bucket fills one global batch ({sizes}); lower token_budget or "
-                             "max_batch_size, or add data")
+            raise UserError(f"{cfg.data}: no bucket fills one global batch ({sizes}); lower token_budget or "
+                            "max_batch_size, or add data")
 
     # ---- plan information
     def describe(self) -> list[dict]:
