@@ -75,7 +75,7 @@ class Review:
         self.store = Store(out, s3)
         if not self.store.exists(contract.CLIPS_MANIFEST):
             raise MissingInput(f"{self.store.uri_of(contract.CLIPS_MANIFEST)}: no clips manifest; "
-                                    "is this a `spacetime curate` output?")
+                               "is this a `spacetime curate` output?")
         self.decisions = review.review_store(self.store.uri_of(contract.REVIEW_DIR), s3)
         self.reviewer = reviewer
         self.table = self.store.read_table(contract.CLIPS_MANIFEST)
